@@ -66,9 +66,7 @@ def depthwise_conv2d_xla(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)),
 IMPLEMENTATIONS = {"xla": depthwise_conv2d_xla}
 
 
-def depthwise_conv2d(
-    x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), impl="fast"
-):
+def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), impl="fast"):
     """Depthwise convolution dispatching to ``impl`` (a key of ``IMPLEMENTATIONS``)."""
     impl = "xla" if impl == "fast" and "fast" not in IMPLEMENTATIONS else impl
     if impl not in IMPLEMENTATIONS:

@@ -1,0 +1,82 @@
+"""Building blocks shared by the medjax architectures.
+
+Everything here is channels-last (NHWC). The depthwise convolution lives in :mod:`depthwise` and is
+re-exported here so model files import their blocks from one place.
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medjax.models.depthwise import DepthwiseConv
+
+__all__ = ["DepthwiseConv", "DropPath", "GlobalPool", "SEVector"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per example with probability ``rate``.
+
+    Survivors are scaled by ``1 / (1 - rate)`` so the expected value is unchanged (timm's ``drop_path``).
+    Uses the ``'dropout'`` RNG stream.
+    """
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class GlobalPool(nn.Module):
+    """Global pooling of an NHWC map to a vector.
+
+    Attributes:
+      mode: 'avg' (the canonical head), 'max', or 'avg+max' (study A's dual pooling).
+      fusion: how 'avg+max' fuses the two vectors: 'concat' (2C features, study A default in PAPERS.md)
+        or 'sum' (C features, for ablation).
+    """
+
+    mode: str = "avg"
+    fusion: str = "concat"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        avg = jnp.mean(x, axis=(1, 2))
+        if self.mode == "avg":
+            return avg
+        mx = jnp.max(x, axis=(1, 2))
+        if self.mode == "max":
+            return mx
+        if self.mode != "avg+max":
+            raise ValueError(f"pooling must be 'avg', 'max' or 'avg+max', got {self.mode!r}")
+        if self.fusion == "concat":
+            return jnp.concatenate([avg, mx], axis=-1)
+        if self.fusion == "sum":
+            return avg + mx
+        raise ValueError(f"fusion must be 'concat' or 'sum', got {self.fusion!r}")
+
+
+class SEVector(nn.Module):
+    """Squeeze-and-excitation on a pooled feature vector (study A's SEVector).
+
+    ``v * sigmoid(W2 relu(W1 v))`` with hidden width ``max(1, C // ratio)``. The vector is already
+    "squeezed" (it is the pooled feature), so unlike a classic SE block there is no spatial pooling.
+    The gate's bias starts at zero, i.e. every channel starts half-open.
+    """
+
+    ratio: int = 16
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.compact
+    def __call__(self, v: jax.Array) -> jax.Array:
+        channels = v.shape[-1]
+        h = self.activation(nn.Dense(max(1, channels // self.ratio), name="reduce")(v))
+        gate = nn.sigmoid(nn.Dense(channels, name="expand")(h))
+        return v * gate
