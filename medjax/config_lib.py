@@ -1,0 +1,220 @@
+"""Experiment configuration: the shared defaults every ``configs/*.py`` starts from, and checks on them.
+
+Configs are ml_collections ``ConfigDict``s (big_vision / Flax-examples style). A config file defines
+``get_config(arg)``; ``arg`` is the text after ``:`` in ``--config=configs/x.py:smoke`` and selects a
+variant. Every knob the library reads lives here with its default, so a config file states only what
+differs, and ``validate`` can reject a misspelt key before any work starts.
+"""
+
+import difflib
+import importlib.util
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+# Keys that change how a run is *watched*, not what it computes; a workdir may be resumed with them changed.
+RESUMABLE_WITH_CHANGES = ("train.progress_bar", "train.log_every_steps", "data.num_workers")
+
+REQUIRED_KEYS = (
+    "seed",
+    "model_name",
+    "model",
+    "data.name",
+    "data.image_size",
+    "data.channels",
+    "data.batch_size",
+    "loss",
+    "optim.name",
+    "optim.learning_rate",
+    "train.num_epochs",
+)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses ``'smoke'`` or ``'variant=smoke,seed=3'`` into a ConfigDict over ``defaults``.
+
+    A bare word sets the first default key (usually ``variant``), as in big_vision's ``common.parse_arg``.
+
+    Raises:
+      ValueError: for a key not in ``defaults`` (the message lists the accepted ones).
+    """
+    result = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return result
+    first_key = next(iter(defaults))
+    for item in arg.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, value = first_key, item
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r}; accepted: {', '.join(defaults)}.")
+        default = defaults[key]
+        result[key] = type(default)(value) if default is not None and not isinstance(default, str) else value
+    return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The defaults every experiment config starts from (documented field by field)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Parameter init, data order and augmentation all derive from this.
+
+    c.model_name = "mobilenet_v2"  # A module in medjax/models (see medjax.models.available_models()).
+    c.model = ml_collections.ConfigDict()  # Keyword arguments of that module's Model.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic_ct"  # A module in medjax/data/builders.
+    c.data.builder_kwargs = ml_collections.ConfigDict()  # Dataset preparation settings of that builder.
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $MEDJAX_DATA_DIR or TFDS'.
+    c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # Where manual downloads live.
+    c.data.image_size = 224
+    c.data.channels = 3
+    c.data.batch_size = 32  # Global batch size, split over the ('data',) mesh.
+    c.data.eval_batch_size = 64
+    c.data.num_workers = 0  # Grain worker processes; 0 decodes in the training process.
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.test_split = "test"
+    c.data.normalize = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})  # After scaling to [0, 1].
+    c.data.augment = ml_collections.ConfigDict(
+        {
+            "hflip": False,
+            "vflip": False,
+            "rotation_degrees": 0.0,
+            "random_resized_crop_scale": ml_collections.FieldReference(None, field_type=tuple),
+            "brightness": 0.0,
+            "contrast": 0.0,
+        }
+    )
+
+    # Loss terms by name (see medjax.losses.TERMS); each has a 'weight' plus the term's own arguments.
+    c.loss = ml_collections.ConfigDict({"cross_entropy": {"weight": 1.0, "label_smoothing": 0.0}})
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # 'adam' | 'adamw' | 'sgd'
+    c.optim.learning_rate = 1e-3  # Peak learning rate, reached after warm-up.
+    c.optim.weight_decay = 0.05  # Decoupled (AdamW) or L2-into-gradient (SGD); ignored by 'adam'.
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.momentum = 0.9  # SGD only.
+    c.optim.nesterov = False  # SGD only.
+    c.optim.schedule = "cosine"  # 'cosine' (annealing to min_lr_ratio * lr) | 'constant'
+    c.optim.warmup_epochs = 0.0
+    c.optim.min_lr_ratio = 0.0
+    c.optim.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)  # Global-norm clip.
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_epochs = 10.0
+    c.train.eval_every_epochs = 1.0
+    c.train.log_every_steps = 10
+    c.train.checkpoint_every_steps = 0  # 0: checkpoint only at evaluations (plus the end).
+    c.train.keep_checkpoints = 2  # Latest checkpoints kept; the best-on-validation one is kept besides.
+    c.train.progress_bar = True  # A bar on a terminal, plain log lines otherwise.
+    c.train.early_stopping = ml_collections.ConfigDict(
+        {"monitor": "loss", "patience": 0, "min_delta": 0.0}  # patience 0 disables; counted in evaluations.
+    )
+    c.train.select_best_on = "loss"  # Validation metric for the best checkpoint ('loss' is minimised).
+    return c
+
+
+def flatten(config: Mapping | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """``{'optim.learning_rate': 1e-3, ...}``: the dotted leaves of a (Config)dict."""
+    items = config.items() if isinstance(config, Mapping) else config.to_dict().items()
+    flat = {}
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping | ml_collections.ConfigDict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def close_matches(key: str, known: Iterable[str]) -> list[str]:
+    """The known dotted keys that look like ``key`` (for 'did you mean' messages)."""
+    known = list(known)
+    leaf_matches = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    return sorted(set(difflib.get_close_matches(key, known, n=4, cutoff=0.6) + leaf_matches))[:5]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks that the keys the library reads are present.
+
+    Raises:
+      ValueError: naming every missing key.
+    """
+    flat = flatten(config)
+    missing = [k for k in REQUIRED_KEYS if k not in flat and not _is_empty_section(config, k)]
+    if missing:
+        raise ValueError(f"Config is missing required keys: {', '.join(missing)}.")
+
+
+def _is_empty_section(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, ml_collections.ConfigDict)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """Stable JSON text of a config (what a run writes as ``config.json``)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_WITH_CHANGES``."""
+    a, b = flatten(saved), flatten(json.loads(json.dumps(current, default=str)))
+    keys = (set(a) | set(b)) - set(RESUMABLE_WITH_CHANGES)
+    return sorted(k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``'configs/x.py[:arg]'`` the way ``--config`` does (for tests, notebooks and messages)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if module_spec is None or not Path(path).is_file():
+        raise FileNotFoundError(f"Config file {path!r} not found.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def unknown_override_keys(config: ml_collections.ConfigDict, argv: Iterable[str]) -> dict[str, list[str]]:
+    """``--config.a.b=v`` overrides whose key the config lacks, each with its close matches."""
+    known = flatten(config)
+    known_all = set(known) | {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    unknown = {}
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if key not in known_all:
+                unknown[key] = close_matches(key, known)
+    return unknown
+
+
+def use_synthetic_data(config: ml_collections.ConfigDict, *, image_size: int = 64) -> None:
+    """Switches ``config`` to the generated ``synthetic_ct`` dataset (the offline demo; not medical data).
+
+    One grey channel at ``image_size``, the builder's default counts (1600/400/400).
+    """
+    config.data.name = "synthetic_ct"
+    config.data.builder_kwargs = ml_collections.ConfigDict({"image_size": image_size})
+    config.data.image_size = image_size
+    config.data.channels = 1
+    config.data.normalize = ml_collections.ConfigDict({"mean": 0.5, "std": 0.25})
+
+
+def make_smoke(config: ml_collections.ConfigDict) -> None:
+    """Shrinks ``config`` to a run of seconds on tiny synthetic data, for tests (``:smoke`` variants)."""
+    use_synthetic_data(config, image_size=32)
+    config.data.builder_kwargs.update({"num_train": 64, "num_validation": 24, "num_test": 24})
+    config.data.batch_size = 8
+    config.data.eval_batch_size = 8
+    config.train.num_epochs = 1.0
+    config.train.eval_every_epochs = 0.5
+    config.train.log_every_steps = 2
+    config.train.progress_bar = False

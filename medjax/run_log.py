@@ -1,0 +1,91 @@
+"""What a run reports while it trains: metrics files and the console.
+
+``MetricWriter`` appends one JSON line per log step or evaluation to ``metrics.jsonl`` (what notebooks
+read) and mirrors scalars into TensorBoard event files through tensorboardX (no TensorFlow).
+``Progress`` draws a tqdm bar with steps/s, ETA and loss on a terminal, and prints plain lines when
+stdout is a file or pipe, so CI logs stay readable.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import tensorboardX
+import tqdm
+
+
+class MetricWriter:
+    """Appends metrics to ``<workdir>/metrics.jsonl`` and TensorBoard files in ``<workdir>/tensorboard``."""
+
+    def __init__(self, workdir: Path, *, resume_step: int | None = None):
+        self.path = Path(workdir) / "metrics.jsonl"
+        if resume_step is not None:
+            self._drop_after(resume_step)
+        self._tb = tensorboardX.SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def _drop_after(self, step: int) -> None:
+        """Forgets lines written after the checkpoint a resumed run restarts from (they will be redone)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, kind: str, scalars: dict) -> None:
+        """Writes ``scalars`` (numbers; lists such as confusion matrices go to JSON only)."""
+        record = {"step": int(step), "kind": kind, **scalars}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        for key, value in scalars.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+class Progress:
+    """Console progress for steps ``initial..total``: a bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, *, total: int, initial: int, every: int, enabled: bool = True):
+        self.total, self.every = total, max(1, every)
+        self._interactive = enabled and sys.stdout.isatty()
+        self._bar = (
+            tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            if self._interactive
+            else None
+        )
+        self._t0, self._step0 = time.perf_counter(), initial
+
+    def update(self, step: int, **values: float) -> None:
+        """Called after each completed ``step`` (1-based count of steps done)."""
+        if self._bar is not None:
+            self._bar.update(1)
+            if step % self.every == 0:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+            return
+        if step % self.every == 0 or step == self.total:
+            rate = (step - self._step0) / max(time.perf_counter() - self._t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else math.inf
+            shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+            print(f"step {step}/{self.total}  {shown}  {rate:.2f} steps/s  ETA {_hms(eta)}", flush=True)
+
+    def message(self, text: str) -> None:
+        """Prints a line without breaking the bar."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
