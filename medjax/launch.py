@@ -1,0 +1,67 @@
+"""Command-line entry point: ``python -m medjax.launch --config=configs/covid_ct.py:synthetic``.
+
+Only parses flags and calls :func:`medjax.train.train_and_evaluate` (Flax-examples style), so tests and
+notebooks run exactly what the command runs. Overrides use ml_collections syntax, e.g.
+``--config.optim.learning_rate=3e-4``; the config is locked, so a misspelt key is an error that lists
+the keys it may have meant. Running again with the same ``--workdir`` resumes from the latest checkpoint.
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from medjax import config_lib
+from medjax.errors import MedjaxError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/covid_ct.py:smoke."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>-<variant>).")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_spec: str) -> Path:
+    """``runs/covid_ct-synthetic`` for ``configs/covid_ct.py:synthetic``."""
+    path, _, arg = config_spec.partition(":")
+    name = Path(path).stem + (f"-{arg.replace(',', '_').replace('=', '-')}" if arg else "")
+    return Path("runs") / name
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, turning a bad ``--config.key`` override into a message with close matches."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error):
+        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        unknown = {}
+        if spec is not None:
+            try:
+                unknown = config_lib.unknown_override_keys(config_lib.load_config_file(spec), argv)
+            except Exception:  # The config itself is broken: the original error says more.
+                unknown = {}
+        if not unknown:
+            raise
+        lines = [
+            f"  --config.{key}: not a key of {spec}; did you mean: {', '.join(m) or 'no close match'}?"
+            for key, m in unknown.items()
+        ]
+        sys.exit("Unknown config keys:\n" + "\n".join(lines))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from medjax import train  # Imported late so that --help stays fast.
+
+    spec = flags.FLAGS["config"].serialize().split("=", 1)[1]
+    workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(spec)
+    print(f"medjax: config {spec}, workdir {workdir}", flush=True)
+    try:
+        train.train_and_evaluate(_CONFIG.value, workdir)
+    except MedjaxError as e:
+        sys.exit(f"medjax: error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,85 @@
+"""Every config loads, carries the keys the library reads, and bad keys get helpful errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medjax import config_lib, losses, models
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
+VARIANTS = ("", "synthetic", "smoke")
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_config_loads_and_validates(path, variant):
+    config = config_lib.load_config_file(f"{path}:{variant}" if variant else str(path))
+    config_lib.validate(config)
+    assert config.model_name in models.available_models()
+    assert set(config.loss) <= set(losses.TERMS)
+    assert config.data.channels in (1, 3)
+    assert config.data.batch_size % 1 == 0 and config.data.eval_batch_size > 0
+    if variant:
+        assert config.data.name == "synthetic_ct"
+    if variant == "smoke":
+        assert config.data.image_size <= 32 and config.train.num_epochs <= 1
+
+
+def test_config_files_document_their_command():
+    for path in CONFIG_FILES:
+        text = path.read_text()
+        assert f"--config=configs/{path.name}" in text, f"{path.name} docstring should show how to run it"
+
+
+def test_validate_names_missing_keys():
+    config = config_lib.base_config()
+    del config.optim["learning_rate"]
+    with pytest.raises(ValueError, match="optim.learning_rate"):
+        config_lib.validate(config)
+
+
+def test_parse_arg():
+    args = config_lib.parse_arg("smoke", variant="real", seed=0)
+    assert args.variant == "smoke" and args.seed == 0
+    args = config_lib.parse_arg("variant=synthetic,seed=3", variant="real", seed=0)
+    assert args.variant == "synthetic" and args.seed == 3
+    with pytest.raises(ValueError, match="accepted: variant, seed"):
+        config_lib.parse_arg("sed=3", variant="real", seed=0)
+
+
+def test_differing_keys_ignores_watch_only_keys():
+    a = config_lib.base_config().to_dict()
+    b = config_lib.base_config()
+    b.train.progress_bar = False
+    b.optim.learning_rate = 0.5
+    b.data.image_size = 32
+    assert config_lib.differing_keys(a, b.to_dict()) == ["data.image_size", "optim.learning_rate"]
+
+
+def test_close_matches():
+    known = config_lib.flatten(config_lib.base_config())
+    assert "optim.learning_rate" in config_lib.close_matches("optim.learnig_rate", known)
+    assert "optim.weight_decay" in config_lib.close_matches("train.weight_decay", known)
+
+
+def test_launcher_rejects_unknown_override_with_suggestions():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medjax.launch",
+            "--config=configs/covid_ct.py:smoke",
+            "--config.optim.learnig_rate=0.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--config.optim.learnig_rate" in result.stderr
+    assert "optim.learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr
