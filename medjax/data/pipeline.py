@@ -1,0 +1,211 @@
+"""Input pipelines: ``tfds.data_source`` (ArrayRecord, random access) -> Grain -> static-shape batches.
+
+Training (:func:`make_train_loader`) is a Grain ``MapDataset`` chain: source, shard, seed, shuffle,
+repeat, decode-side transforms, per-record random augmentations, batch with ``drop_remainder``. Every
+batch is a pure function of (seed, batch number), so output is identical for any ``num_workers`` and the
+iterator state is just a position: ``get_state`` / ``set_state`` or Orbax's
+``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)`` resume it exactly.
+
+Evaluation (:func:`iterate_eval`) visits every example once in storage order and pads the last batch
+with repeats marked ``mask=False``, so jitted eval steps see one batch shape and metrics count each
+example exactly once.
+
+``data_cfg`` (``config.data``) fields read here: ``name``, ``data_dir``, ``manual_dir``,
+``builder_kwargs``, ``image_size``, ``channels``, ``batch_size``, ``eval_batch_size``, ``num_workers``,
+``augment``, ``normalize`` (see :mod:`medjax.data.transforms`), and optionally ``interpolation``
+('bilinear'), ``read_threads`` (2: threads per process producing batches) and ``prefetch_batches``
+(4: batches buffered per process).
+
+Performance on this 2-core machine (synthetic_ct, batch 32, full augmentation, 3 channels): 64 px ~1000
+images/s, 224 px ~380 images/s with ``num_workers=0``; two worker processes were slower here (~250
+images/s at 224) because the two read threads already use both cores. Worker processes are spawned,
+so a script using ``num_workers > 0`` needs the usual ``if __name__ == '__main__':`` guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+from medjax.data import builders, transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMetadata:
+    """What the trainer needs to know about a dataset before it sees a batch.
+
+    Attributes:
+      num_classes: number of labels.
+      class_names: label names, index = label id.
+      num_examples: examples per split, e.g. ``{'train': 1600, ...}``.
+      label_counts: per split, examples per label id (for class weights and for reporting imbalance).
+    """
+
+    num_classes: int
+    class_names: tuple[str, ...]
+    num_examples: dict[str, int]
+    label_counts: dict[str, tuple[int, ...]]
+
+
+def _builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    key = json.dumps(
+        [data_cfg.name, data_cfg.data_dir, data_cfg.manual_dir, dict(data_cfg.builder_kwargs or {})],
+        sort_keys=True,
+        default=list,
+    )
+    return _prepared_builder(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared_builder(key: str) -> tfds.core.DatasetBuilder:
+    """One prepared builder per dataset setting: a run's many evaluations reuse it instead of re-reading
+    the dataset's metadata each time. Prepared data never changes under a builder, so caching is safe."""
+    name, data_dir, manual_dir, builder_kwargs = json.loads(key)
+    builder = builders.get_builder(
+        name, data_dir=data_dir or None, manual_dir=manual_dir or None, builder_kwargs=builder_kwargs
+    )
+    builders.prepare(builder)
+    return builder
+
+
+def load_source(
+    data_cfg: ml_collections.ConfigDict, split: str
+) -> tuple[Sequence[dict], tfds.core.DatasetInfo]:
+    """Returns ``(random-access source of decoded records, DatasetInfo)``, preparing the dataset on first use.
+
+    Records are dicts of numpy values, e.g. ``image`` uint8 (H, W, C), ``label`` int, ``id`` bytes.
+    """
+    builder = _builder(data_cfg)
+    return builder.as_data_source(split=split), builder.info
+
+
+def dataset_metadata(data_cfg: ml_collections.ConfigDict) -> DatasetMetadata:
+    """Class names, split sizes and per-split label counts (reads labels only; images stay encoded)."""
+    builder = _builder(data_cfg)
+    info = builder.info
+    label_feature = info.features["label"]
+    skip_images = {
+        key: tfds.decode.SkipDecoding()
+        for key, feature in info.features.items()
+        if isinstance(feature, tfds.features.Image)
+    }
+    num_examples, label_counts = {}, {}
+    for split, split_info in info.splits.items():
+        source = builder.as_data_source(split=split, decoders=skip_images)
+        labels = [record["label"] for record in source.__getitems__(range(len(source)))]
+        num_examples[split] = split_info.num_examples
+        counts = np.bincount(np.asarray(labels, np.int64), minlength=label_feature.num_classes)
+        label_counts[split] = tuple(int(c) for c in counts)
+    return DatasetMetadata(
+        num_classes=label_feature.num_classes,
+        class_names=tuple(label_feature.names),
+        num_examples=num_examples,
+        label_counts=label_counts,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageAndLabel(grain.transforms.Map):
+    """Drops everything but image and label (ids and masks would only cost batching time)."""
+
+    def map(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalRecord(grain.transforms.MapWithIndex):
+    """Image, label, position in the split and ``mask``; positions past the split end are padding."""
+
+    num_examples: int
+
+    def map_with_index(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "image": np.asarray(record["image"]),
+            "label": np.int32(record["label"]),
+            "index": np.int32(index % self.num_examples),
+            "mask": np.bool_(index < self.num_examples),
+        }
+
+
+def _apply(ds: grain.MapDataset, steps: Sequence[grain.transforms.Transformation]) -> grain.MapDataset:
+    for step in steps:
+        ds = ds.random_map(step) if isinstance(step, grain.transforms.RandomMap) else ds.map(step)
+    return ds
+
+
+def _to_iter_dataset(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict) -> grain.IterDataset:
+    """Background threads, and worker processes when ``num_workers > 0``; buffers are counted in batches."""
+    threads = data_cfg.get("read_threads", 2)
+    read = grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(data_cfg.get("prefetch_batches", 4), threads)
+    )
+    iter_ds = ds.to_iter_dataset(read)
+    if data_cfg.num_workers > 0:
+        # Grain's worker processes read absl flags; outside an absl app (pytest, notebooks) they are
+        # unparsed, so accept the defaults instead of failing.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+    return iter_ds
+
+
+def make_train_loader(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    split: str = "train",
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Endless, shuffled, augmented training batches ``{'image': f32 (B, H, W, C), 'label': i32 (B,)}``.
+
+    Each epoch is reshuffled from ``seed``; augmentations draw from per-record generators Grain derives
+    from ``seed`` and the record's position. ``B = data_cfg.batch_size`` per shard (one shard per JAX
+    process; shard ``i`` reads records ``i, i + shard_count, ...``). Call ``iter()`` on the result; the
+    iterator's ``get_state()`` / ``set_state()`` (or Orbax via ``grain.checkpoint``) resume it exactly.
+    """
+    source, _ = load_source(data_cfg, split)
+    ds = grain.MapDataset.source(source)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    ds = ds.seed(seed).shuffle().repeat().map(_ImageAndLabel())
+    ds = _apply(ds, transforms.build_train_transforms(data_cfg))
+    # Batching before the processes split the work keeps batch k a function of k alone.
+    ds = ds.batch(data_cfg.batch_size, drop_remainder=True)
+    return _to_iter_dataset(ds, data_cfg)
+
+
+def iterate_eval(
+    data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of ``split`` once, in storage order, without augmentation, in equal-size batches.
+
+    Yields ``{'image': f32 (B, H, W, C), 'label': i32 (B,), 'index': i32 (B,), 'mask': bool (B,)}`` with
+    ``B = batch_size or data_cfg.eval_batch_size``. The last batch is filled up with repeats of the first
+    examples whose ``mask`` is False; ``index`` is the position in the split (``source[index]``).
+    """
+    source, _ = load_source(data_cfg, split)
+    num_examples = len(source)
+    if num_examples == 0:
+        raise ValueError(f"Split {split!r} of {data_cfg.name!r} is empty.")
+    batch = batch_size or data_cfg.eval_batch_size
+    padded = -(-num_examples // batch) * batch
+    ds = grain.MapDataset.source(source).repeat(-(-padded // num_examples))[:padded]
+    ds = _apply(ds.map_with_index(_EvalRecord(num_examples)), transforms.build_eval_transforms(data_cfg))
+    return _closing(iter(_to_iter_dataset(ds.batch(batch, drop_remainder=True), data_cfg)))
+
+
+def _closing(iterator: grain.DatasetIterator) -> Iterator[dict[str, np.ndarray]]:
+    try:
+        yield from iterator
+    finally:
+        iterator.close()  # Stops worker processes when the pass ends rather than at garbage collection.
