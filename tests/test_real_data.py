@@ -1,0 +1,88 @@
+"""The builders on the real datasets in ../shared/data (skipped when absent): counts pinned to the README.
+
+Also pins facts of those files found while writing the builders: PneumoniaMNIST has 8 pixel-identical
+groups straddling its official train/val split, BreastMNIST one train/test group with conflicting labels,
+and the Kermany train+test folders hold 30 duplicate groups (32 extra copies), none across splits.
+"""
+
+import time
+
+import pytest
+import tensorflow_datasets as tfds
+
+from medjax.data.builders import chest_xray, medmnist
+from tests.conftest import shared_data_dir
+
+DATA = shared_data_dir()
+pytestmark = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}"),
+]
+
+
+def prepare(module, manual_dir, data_dir, **builder_kwargs):
+    builder = module.Builder(data_dir=str(data_dir), config=module.Builder.make_config(**builder_kwargs))
+    start = time.perf_counter()
+    builder.download_and_prepare(
+        file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+    print(f"{builder.name}/{builder.builder_config.name}: prepared in {time.perf_counter() - start:.1f} s")
+    return builder
+
+
+@pytest.mark.parametrize(
+    "subset, counts, straddling, conflicts",
+    [
+        (
+            "pneumoniamnist",
+            {
+                "train": {"normal": 1214, "pneumonia": 3494},
+                "validation": {"normal": 135, "pneumonia": 389},
+                "test": {"normal": 234, "pneumonia": 390},
+            },
+            8,
+            0,
+        ),
+        (
+            "breastmnist",  # This copy stores labels 1-D.
+            {
+                "train": {"malignant": 147, "normal, benign": 399},
+                "validation": {"malignant": 21, "normal, benign": 57},
+                "test": {"malignant": 42, "normal, benign": 114},
+            },
+            1,
+            1,
+        ),
+    ],
+)
+def test_medmnist_official_counts(tmp_path, subset, counts, straddling, conflicts):
+    builder = prepare(medmnist, DATA / subset, tmp_path, subset=subset)
+    report = builder.info.metadata["preparation"]
+    assert report["counts"] == counts
+    assert (report["straddling_groups"], report["label_conflict_groups"]) == (straddling, conflicts)
+    sources = builder.as_data_source()
+    assert {s: len(v) for s, v in sources.items()} == {s: sum(c.values()) for s, c in counts.items()}
+    assert sources["test"][0]["image"].shape == (28, 28, 1)
+
+
+@pytest.mark.slow
+def test_chest_xray_kermany(tmp_path):
+    """About 25 s on 2 shared cores (5,840 JPEGs decoded, resized to 64 and re-encoded)."""
+    builder = prepare(chest_xray, DATA / "chest_xray", tmp_path, image_size=64)
+    report = builder.info.metadata["preparation"]
+    assert report["counts"] == {
+        "train": {"NORMAL": 1073, "PNEUMONIA": 3100},  # 80 % of the official train, per class.
+        "validation": {"NORMAL": 268, "PNEUMONIA": 775},
+        "test": {"NORMAL": 234, "PNEUMONIA": 390},  # Official test, untouched.
+    }
+    assert (report["duplicate_groups"], report["duplicate_items"], report["straddling_groups"]) == (30, 32, 0)
+    sources = builder.as_data_source()
+    split_of = {}
+    for split, source in sources.items():
+        for i in range(len(source)):
+            example = source[i]
+            assert example["image"].shape == (64, 64, 3)
+            split_of[example["id"].decode() if isinstance(example["id"], bytes) else example["id"]] = split
+    assert len(split_of) == 5840
+    for group in report["duplicate_examples"]:
+        assert len({split_of[i] for i in group}) == 1
