@@ -1,0 +1,415 @@
+"""Tests for the classification architectures (MobileNetV2, ConvNeXt) and the model registry.
+
+Facts at 224x224 (parameter counts, MACs, shapes) come from ``jax.eval_shape`` / ``jax.make_jaxpr`` so
+nothing large is compiled; real forward passes use narrow models at 28-64 pixels, and each jitted
+function is compiled once and shared through fixtures.
+"""
+
+import functools
+from types import SimpleNamespace
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+from jax.extend.core import ClosedJaxpr, Jaxpr
+
+from medjax.models import available_models, get_model
+from medjax.models.convnext import Block
+from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
+
+IMPROVED = {"pooling": "avg+max", "fusion": "concat", "sevector_ratio": 16}  # study A's head
+TINY = {
+    "mobilenet_v2": {"width_multiplier": 0.35},
+    "convnext": {"depths": (1, 1, 1, 1), "widths": (8, 16, 24, 32)},
+}
+
+
+@functools.cache
+def _variables_shape_cached(name: str, channels: int, kwargs: tuple):
+    model = get_model(name, **dict(kwargs))
+    x = jax.ShapeDtypeStruct((1, 224, 224, channels), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def _variables_shape(name: str, *, channels: int = 3, **kwargs):
+    """Shapes of the variables at 224x224 (no computation); cached, several tests ask for the same."""
+    return _variables_shape_cached(name, channels, tuple(sorted(kwargs.items())))
+
+
+def _size(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def _host_variables(model, x: jax.Array, *, seed: int = 0):
+    """Random, well-scaled variables with the model's structure, drawn with numpy.
+
+    XLA on CPU compiles every random initialiser separately (about 0.1 s each on this machine), so a
+    jitted ``init`` of even a narrow MobileNetV2 costs 10+ s; tests that only need *some* weights draw
+    them here (kernels ~ N(0, 1/fan_in); scales and layer-scale gammas ~ 1 so every residual branch is
+    visible; BatchNorm running statistics at their initial 0 / 1). The models' own initialisers are
+    tested once, on a one-stage ConvNeXt.
+    """
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name in ("mean", "var"):
+            return np.full(shape, float(name == "var"), np.float32)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if len(shape) == 1:
+            return noise * 0.1 + (1.0 if name in ("scale", "gamma") else 0.0)
+        return noise / np.sqrt(np.prod(shape[:-1]))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _batch(size: int, channels: int = 3) -> jax.Array:
+    return jax.random.normal(jax.random.key(size * 10 + channels), (2, size, size, channels))
+
+
+@pytest.fixture(scope="module", params=["mobilenet_v2", "convnext"])
+def tiny(request):
+    """A narrow model of each family at 32x32 with host-drawn variables and one jitted ``evaluate``.
+
+    ``evaluate`` is shared by several tests (one compilation) and must never trace twice.
+    """
+    name = request.param
+    model = get_model(name, num_classes=3, **TINY[name])
+    x = _batch(32)
+    # chex counts traces per source location, shared by both parametrisations: start this one at zero.
+    chex.clear_trace_counter()
+    evaluate = jax.jit(chex.assert_max_traces(lambda v, x: model.apply(v, x, train=False), n=1))
+    return SimpleNamespace(
+        name=name, model=model, x=x, variables=_host_variables(model, x), evaluate=evaluate
+    )
+
+
+# --- golden parameter counts and MACs at 224 ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("mobilenet_v2", {"num_classes": 1000}, 3_504_872),  # torchvision / PAPERS.md
+        ("mobilenet_v2", {"num_classes": 2}, 2_226_434),
+        ("mobilenet_v2", {"num_classes": 4}, 2_228_996),
+        ("mobilenet_v2", {"num_classes": 1000, "width_multiplier": 0.35}, 1_677_128),
+        ("mobilenet_v2", {"num_classes": 1000, "width_multiplier": 1.4}, 6_108_776),
+        ("mobilenet_v2", {"num_classes": 2, "width_multiplier": 0.35}, 398_690),
+        ("mobilenet_v2", {"num_classes": 2, "width_multiplier": 1.4}, 4_319_362),
+        ("mobilenet_v2", {"num_classes": 2, "channels": 1}, 2_225_858),  # stem kernel 3x3x1x32
+        ("convnext", {"num_classes": 1000}, 28_589_128),  # official ConvNeXt-T / PAPERS.md
+        ("convnext", {"num_classes": 2}, 27_821_666),
+        ("convnext", {"num_classes": 1000, **IMPROVED}, 29_655_208),
+        ("convnext", {"num_classes": 2, **IMPROVED}, 28_121_282),
+        ("convnext", {"num_classes": 4, **IMPROVED}, 28_124_356),
+        ("convnext", {"num_classes": 2, **IMPROVED, "fusion": "sum"}, 27_896_210),
+        ("convnext", {"num_classes": 1000, "variant": "small"}, 50_223_688),  # official 50.22 M
+        ("convnext", {"num_classes": 1000, "variant": "base"}, 88_591_464),  # official 88.59 M
+    ],
+)
+def test_golden_parameter_counts(name, kwargs, expected):
+    assert _size(_variables_shape(name, **kwargs)["params"]) == expected
+
+
+def test_improved_head_adds_layernorm_sevector_and_wider_classifier():
+    """Hand count: LayerNorm over 1536 instead of 768, SEVector 1536->96->1536, Dense 1536 wide."""
+    sevector = 1536 * 96 + 96 + 96 * 1536 + 1536
+    extra = 2 * 768 + sevector + 768 * 1000
+    improved = _size(_variables_shape("convnext", num_classes=1000, **IMPROVED)["params"])
+    assert improved - 28_589_128 == extra
+
+
+@pytest.mark.parametrize(("width", "millions"), [(0.35, 1.66), (1.0, 3.47), (1.4, 6.06)])
+def test_mobilenet_widths_match_published_table(width, millions):
+    """The TF-slim/Keras checkpoint table counts weights without BatchNorm (1000 classes)."""
+    variables = _variables_shape("mobilenet_v2", num_classes=1000, width_multiplier=width)
+    # BatchNorm has scale+bias in 'params' and mean+var in 'batch_stats': the same number of values.
+    without_bn = _size(variables["params"]) - _size(variables["batch_stats"])
+    assert round(without_bn / 1e6, 2) == millions
+
+
+def _macs(jaxpr: Jaxpr) -> int:
+    """Multiply-accumulates of the convolutions and matmuls in a jaxpr (recursing into sub-jaxprs)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        out = eqn.outvars[0].aval.shape
+        if eqn.primitive.name == "conv_general_dilated":
+            kh, kw, cin, _ = eqn.invars[1].aval.shape  # HWIO
+            total += int(np.prod(out)) * kh * kw * cin
+        elif eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            total += int(np.prod(out)) * int(np.prod([eqn.invars[0].aval.shape[i] for i in contract]))
+        for param in eqn.params.values():
+            if isinstance(param, ClosedJaxpr | Jaxpr):
+                total += _macs(param.jaxpr if isinstance(param, ClosedJaxpr) else param)
+    return total
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "macs"),
+    [
+        ("mobilenet_v2", {"width_multiplier": 0.35}, 59_285_808),  # Keras table: 59 M
+        ("mobilenet_v2", {}, 300_774_272),  # 300 M
+        ("mobilenet_v2", {"width_multiplier": 1.4}, 582_195_824),  # 582 M
+        ("convnext", {}, 4_455_531_264),  # official: 4.5 G
+    ],
+)
+def test_macs_at_224(name, kwargs, macs):
+    """Counts the MACs of the traced graph (no compilation); pins strides, paddings and widths."""
+    model = get_model(name, num_classes=1000, depthwise_impl="xla", **kwargs)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    variables = _variables_shape(name, num_classes=1000, **kwargs)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr
+    assert _macs(jaxpr) == macs
+
+
+# --- parameter names (converters from Keras/torchvision depend on them) --------------------------------
+
+
+def test_mobilenet_parameter_tree():
+    params = _variables_shape("mobilenet_v2", num_classes=2)["params"]
+    blocks = [f"block_{i}" for i in range(17)]
+    assert sorted(params) == sorted(["stem", "stem_bn", *blocks, "head_conv", "head_bn", "classifier"])
+    assert sorted(params["block_0"]) == ["depthwise", "depthwise_bn", "project", "project_bn"]
+    assert jax.tree.map(lambda a: a.shape, params["block_1"]) == {
+        "expand": {"kernel": (1, 1, 16, 96)},
+        "expand_bn": {"scale": (96,), "bias": (96,)},
+        "depthwise": {"kernel": (3, 3, 1, 96)},
+        "depthwise_bn": {"scale": (96,), "bias": (96,)},
+        "project": {"kernel": (1, 1, 96, 24)},
+        "project_bn": {"scale": (24,), "bias": (24,)},
+    }
+
+
+def test_convnext_parameter_tree():
+    params = _variables_shape("convnext", num_classes=2, **IMPROVED)["params"]
+    blocks = [f"stage_{s}_block_{b}" for s, depth in enumerate((3, 3, 9, 3)) for b in range(depth)]
+    downsample = [f"downsample_{s}_{layer}" for s in (1, 2, 3) for layer in ("norm", "conv")]
+    expected = ["stem_conv", "stem_norm", *downsample, *blocks, "head_norm", "sevector", "classifier"]
+    assert sorted(params) == sorted(expected)
+    assert jax.tree.map(lambda a: a.shape, params["stage_1_block_0"]) == {
+        "dwconv": {"kernel": (7, 7, 1, 192), "bias": (192,)},
+        "norm": {"scale": (192,), "bias": (192,)},
+        "pwconv1": {"kernel": (192, 768), "bias": (768,)},
+        "pwconv2": {"kernel": (768, 192), "bias": (192,)},
+        "gamma": (192,),
+    }
+    assert params["downsample_1_conv"]["kernel"].shape == (2, 2, 96, 192)
+    assert params["sevector"]["reduce"]["kernel"].shape == (1536, 96)
+
+
+# --- shapes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "num_classes", "features", "feature_map"),
+    [
+        ("mobilenet_v2", {}, 2, 1280, (7, 7, 1280)),
+        ("mobilenet_v2", {"width_multiplier": 1.4}, 1000, 1792, (7, 7, 1792)),
+        ("mobilenet_v2", {"width_multiplier": 0.35, "padding_style": "tf"}, 4, 1280, (7, 7, 1280)),
+        ("convnext", {}, 2, 768, (7, 7, 768)),
+        ("convnext", IMPROVED, 4, 1536, (7, 7, 768)),
+        ("convnext", {**IMPROVED, "fusion": "sum"}, 1000, 768, (7, 7, 768)),
+    ],
+)
+def test_shapes_at_224(name, kwargs, num_classes, features, feature_map):
+    model = get_model(name, num_classes=num_classes, **kwargs)
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    variables = _variables_shape(name, num_classes=num_classes, **kwargs)
+    logits, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert logits.shape == (2, num_classes)
+    assert aux["features"].shape == (2, features)
+    assert aux["feature_map"].shape == (2, *feature_map)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "convnext"])
+@pytest.mark.parametrize(("size", "channels", "num_classes", "spatial"), [(28, 1, 2, 1), (64, 3, 5, 2)])
+def test_forward_small_inputs(name, size, channels, num_classes, spatial):
+    """MedMNIST-sized grey images run end to end (ConvNeXt: 28 -> 7 -> 4 -> 2 -> 1, no empty maps)."""
+    model = get_model(name, num_classes=num_classes, **TINY[name])
+    x = _batch(size, channels)
+    logits, aux = jax.jit(lambda v, x: model.apply(v, x, train=False))(_host_variables(model, x), x)
+    assert logits.shape == (2, num_classes)
+    assert aux["feature_map"].shape[:3] == (2, spatial, spatial)
+    assert aux["features"].shape == (2, aux["feature_map"].shape[-1])
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_initialisation():
+    """The models' own initialisers, on a one-stage ConvNeXt (cheap to compile): zero head, gamma 1e-6."""
+    model = get_model("convnext", num_classes=3, depths=(1,), widths=(8,))
+    x = _batch(28, channels=1)
+    (logits, aux), variables = jax.jit(lambda x: model.init_with_output(jax.random.key(0), x, train=False))(x)
+    params = variables["params"]
+    np.testing.assert_array_equal(logits, 0.0)  # uniform predictions at the start of fine-tuning
+    chex.assert_trees_all_equal(params["classifier"], jax.tree.map(jnp.zeros_like, params["classifier"]))
+    np.testing.assert_array_equal(params["stage_0_block_0"]["gamma"], np.float32(1e-6))
+    assert 0.005 < float(jnp.std(params["stage_0_block_0"]["pwconv1"]["kernel"])) < 0.03  # trunc_normal(.02)
+    assert float(jnp.std(aux["features"])) > 0
+
+
+# --- train / eval behaviour --------------------------------------------------------------------------
+
+
+def test_evaluation_is_deterministic_and_traced_once(tiny):
+    logits, aux = tiny.evaluate(tiny.variables, tiny.x)
+    for shift in (0.0, 1.0, 2.0):  # new values, same shapes: no retrace (assert_max_traces in the fixture)
+        tiny.evaluate(tiny.variables, tiny.x + shift)
+    np.testing.assert_array_equal(tiny.evaluate(tiny.variables, tiny.x)[0], logits)
+    assert logits.shape == (2, 3) and float(jnp.abs(logits).max()) > 0
+    assert set(aux) >= {"features", "feature_map"}
+
+
+def test_depthwise_impls_agree(tiny):
+    """'fast' and the XLA reference give the same outputs for the same parameters."""
+    xla = get_model(tiny.name, num_classes=3, depthwise_impl="xla", **TINY[tiny.name])
+    reference = jax.jit(lambda v, x: xla.apply(v, x, train=False))(tiny.variables, tiny.x)
+    chex.assert_trees_all_close(tiny.evaluate(tiny.variables, tiny.x), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode(tiny):
+    """Dropout (MobileNetV2) / drop path (ConvNeXt) draw from the 'dropout' stream; BatchNorm learns.
+
+    Evaluation is deterministic and never writes 'batch_stats' (it is immutable there, so a write would
+    raise): both are exercised by the shared ``evaluate`` of the fixture.
+    """
+    overrides = {"dropout_rate": 0.5} if tiny.name == "mobilenet_v2" else {"drop_path_rate": 0.5}
+    model = get_model(tiny.name, num_classes=3, **TINY[tiny.name], **overrides)
+
+    @jax.jit
+    def train(seed):
+        rngs = {"dropout": jax.random.key(seed)}
+        (logits, _), state = model.apply(
+            tiny.variables, tiny.x, train=True, rngs=rngs, mutable=["batch_stats"]
+        )
+        return logits, state
+
+    outputs = [train(seed) for seed in range(4)]
+    assert any(not np.allclose(outputs[0][0], other[0]) for other in outputs[1:])
+    if tiny.name == "convnext":
+        assert outputs[0][1] == {}  # LayerNorm only: no running statistics
+        return
+    # Independent recomputation of the stem: 3x3 stride-2 conv with torchvision's symmetric padding.
+    stem = jax.lax.conv_general_dilated(
+        tiny.x,
+        tiny.variables["params"]["stem"]["kernel"],
+        (2, 2),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    stats = outputs[0][1]["batch_stats"]["stem_bn"]
+    # Flax momentum 0.9 (= PyTorch 0.1): running <- 0.9 * running + 0.1 * batch, from mean 0 / var 1.
+    np.testing.assert_allclose(stats["mean"], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * stem.var(axis=(0, 1, 2)), rtol=1e-4)
+
+
+# --- blocks against numpy references ----------------------------------------------------------------
+
+
+def _np_depthwise(x: np.ndarray, kernel: np.ndarray, stride: int, pads) -> np.ndarray:
+    """Depthwise convolution as a sum of shifted, strided slices (kernel ``(kh, kw, 1, C)``)."""
+    xp = np.pad(x, ((0, 0), *pads, (0, 0)))
+    kh, kw = kernel.shape[:2]
+    ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    return sum(
+        xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride] * kernel[i, j, 0]
+        for i in range(kh)
+        for j in range(kw)
+    )
+
+
+def _np_bn(x, p, s, eps):
+    return (x - s["mean"]) / np.sqrt(s["var"] + eps) * p["scale"] + p["bias"]
+
+
+@pytest.mark.parametrize(
+    ("style", "stride", "pads"),
+    [("torch", 2, ((1, 1), (1, 1))), ("tf", 2, ((1, 1), (0, 1))), ("tf", 1, ((1, 1), (1, 1)))],
+)
+def test_inverted_residual_matches_numpy(style, stride, pads):
+    """A 7x8 map: TensorFlow padding is symmetric on the odd axis and (0, 1) on the even one (Keras)."""
+    block = InvertedResidual(out_channels=4, expansion=6, stride=stride, padding_style=style, bn_epsilon=1e-3)
+    x = np.asarray(_batch(8, 4))[:, :7]
+    v = _host_variables(block, x)
+    rng = np.random.default_rng(1)  # non-trivial running statistics (positive, so valid variances)
+    v["batch_stats"] = jax.tree.map(
+        lambda a: np.abs(a + rng.normal(size=a.shape)).astype(np.float32), v["batch_stats"]
+    )
+    p, s = v["params"], v["batch_stats"]
+    h = np.clip(_np_bn(x @ p["expand"]["kernel"][0, 0], p["expand_bn"], s["expand_bn"], 1e-3), 0, 6)
+    h = _np_depthwise(h, p["depthwise"]["kernel"], stride, pads)
+    h = np.clip(_np_bn(h, p["depthwise_bn"], s["depthwise_bn"], 1e-3), 0, 6)
+    h = _np_bn(h @ p["project"]["kernel"][0, 0], p["project_bn"], s["project_bn"], 1e-3)
+    expected = h + x if stride == 1 else h
+    np.testing.assert_allclose(
+        jax.jit(lambda v, x: block.apply(v, x, train=False))(v, x), expected, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_convnext_block_matches_numpy():
+    """Depthwise 7x7 (pad 3), LayerNorm eps 1e-6, exact-erf GELU, layer scale, residual."""
+    block = Block()
+    x = np.asarray(_batch(9, 4))
+    p = _host_variables(block, x)["params"]
+    h = _np_depthwise(x, p["dwconv"]["kernel"], 1, ((3, 3), (3, 3))) + p["dwconv"]["bias"]
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    h = h * p["norm"]["scale"] + p["norm"]["bias"]
+    h = h @ p["pwconv1"]["kernel"] + p["pwconv1"]["bias"]
+    h = 0.5 * h * (1 + scipy.special.erf(h / np.sqrt(2)))
+    expected = x + p["gamma"] * (h @ p["pwconv2"]["kernel"] + p["pwconv2"]["bias"])
+    np.testing.assert_allclose(
+        jax.jit(lambda v, x: block.apply(v, x, train=False))({"params": p}, x), expected, rtol=1e-4, atol=1e-4
+    )
+
+
+# --- padding, registry, configuration errors --------------------------------------------------------
+
+
+def test_padding_rules():
+    assert (make_divisible(32 * 0.35), make_divisible(24 * 0.75), make_divisible(96 * 1.4)) == (16, 24, 136)
+    assert conv_padding((224, 224), kernel=3, stride=2, style="torch") == ((1, 1), (1, 1))
+    assert conv_padding((224, 224), kernel=3, stride=2, style="tf") == ((0, 1), (0, 1))
+    assert conv_padding((7, 8), kernel=3, stride=2, style="tf") == ((1, 1), (0, 1))  # TF 'SAME' at odd size
+    assert conv_padding((7, 8), kernel=3, stride=1, style="tf") == ((1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("tiny", ["mobilenet_v2"], indirect=True)
+def test_padding_style_changes_outputs_not_parameters(tiny):
+    """Same weights, 'torch' vs 'tf' padding: the image border is sampled differently."""
+    tf_model = get_model("mobilenet_v2", num_classes=3, padding_style="tf", **TINY["mobilenet_v2"])
+    chex.assert_trees_all_equal_shapes(tiny.variables, _host_variables(tf_model, tiny.x))
+    tf_xla = get_model(
+        "mobilenet_v2", num_classes=3, padding_style="tf", depthwise_impl="xla", **TINY["mobilenet_v2"]
+    )
+    features_tf, reference = jax.jit(
+        lambda v, x: [m.apply(v, x, train=False)[1]["features"] for m in (tf_model, tf_xla)]
+    )(tiny.variables, tiny.x)
+    np.testing.assert_allclose(features_tf, reference, rtol=1e-4, atol=1e-5)  # asymmetric pads, both impls
+    assert not np.allclose(tiny.evaluate(tiny.variables, tiny.x)[1]["features"], features_tf)
+    with pytest.raises(ValueError, match="padding_style"):
+        get_model("mobilenet_v2", num_classes=3, padding_style="keras").apply(
+            tiny.variables, tiny.x, train=False
+        )
+
+
+def test_registry():
+    assert {"convnext", "mobilenet_v2"} <= set(available_models())
+    assert "layers" not in available_models() and "depthwise" not in available_models()
+    with pytest.raises(ValueError, match=r"Unknown model_name 'resnet'.*convnext.*mobilenet_v2"):
+        get_model("resnet", num_classes=2)
+
+
+def test_convnext_config_errors():
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    with pytest.raises(ValueError, match="variant"):
+        jax.eval_shape(
+            get_model("convnext", num_classes=2, variant="huge").init, jax.random.key(0), x, train=False
+        )
+    mismatched = get_model("convnext", num_classes=2, depths=(1, 1), widths=(8, 16, 24))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        jax.eval_shape(mismatched.init, jax.random.key(0), x, train=False)
