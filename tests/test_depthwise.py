@@ -1,0 +1,110 @@
+"""Parity of the fast depthwise convolution (forward and both gradients) against XLA's grouped convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medjax.models.depthwise import DepthwiseConv, depthwise_conv2d, resolve_padding
+
+jax.config.update("jax_platforms", "cpu")
+
+RTOL = 1e-5
+
+
+def _rel_err(a, b) -> float:
+    """max|a - b| / max|b|: robust to entries that are near zero, unlike an elementwise relative error."""
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def _fwd_and_grads(impl, x, kernel, **conv):
+    def f(x, kernel):
+        return depthwise_conv2d(x, kernel, impl=impl, **conv)
+
+    y, vjp = jax.vjp(f, x, kernel)
+    # A fixed, non-uniform cotangent so every output position carries a different weight.
+    g = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
+    return (y, *vjp(g))
+
+
+def _jit_fwd_and_grads(impl, x, kernel, **conv):
+    return jax.jit(lambda x, kernel: _fwd_and_grads(impl, x, kernel, **conv))(x, kernel)
+
+
+def _cases():
+    """Kernels 3-11, strides 1-2, dilation 1 and 3 (the MedNeXt branch), symmetric/valid/TF-style padding.
+
+    Not the full product (compiling a large-kernel gradient takes seconds), but every kernel size, dilation
+    and padding kind appears. Small kernels run on an odd-by-even 7x8 input, large or dilated ones on 13x13;
+    the rectangular test below covers even sizes, mixed strides and asymmetric explicit padding.
+    """
+    grid = [(3, s, 1, pad) for s in (1, 2) for pad in ("SAME", "VALID", "TF")]
+    grid += [(5, 2, 1, "TF"), (7, 1, 1, "SAME"), (7, 2, 1, "TF")]
+    grid += [(11, 1, 1, "SAME"), (11, 2, 1, "VALID"), (7, 1, 3, "SAME"), (7, 2, 3, "SAME")]
+    grid += [(3, s, 3, pad) for s in (1, 2) for pad in ("SAME", "TF")]
+    cases = []
+    for k, stride, dil, pad in grid:
+        hw = (13, 13) if k >= 7 or dil > 1 else (7, 8)
+        padding = ((0, 1), (0, 1)) if pad == "TF" else resolve_padding(pad, (k, k), (dil, dil))
+        cases.append(pytest.param(hw, k, stride, dil, padding, id=f"k{k}-s{stride}-d{dil}-{pad}"))
+    return cases
+
+
+@pytest.mark.parametrize(("hw", "k", "stride", "dil", "padding"), _cases())
+def test_matches_xla(hw, k, stride, dil, padding):
+    channels = 3 if k % 2 else 8
+    kx, kk = jax.random.split(jax.random.key(k * 100 + stride * 10 + dil))
+    x = jax.random.normal(kx, (2, *hw, channels))
+    kernel = jax.random.normal(kk, (k, k, 1, channels))
+    conv = dict(strides=(stride, stride), padding=padding, dilation=(dil, dil))
+    fast, ref = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("fast", "xla"))
+    for name, a, b in zip(("y", "dx", "dkernel"), fast, ref, strict=True):
+        assert a.shape == b.shape, name
+        assert _rel_err(a, b) < RTOL, (name, _rel_err(a, b))
+
+
+def test_rectangular_kernel_and_mixed_strides():
+    x = jax.random.normal(jax.random.key(0), (3, 9, 12, 8))
+    kernel = jax.random.normal(jax.random.key(1), (3, 5, 1, 8))
+    conv = dict(strides=(2, 1), padding=((1, 2), (0, 3)), dilation=(2, 1))
+    fast, ref = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("fast", "xla"))
+    for a, b in zip(fast, ref, strict=True):
+        assert _rel_err(a, b) < RTOL
+
+
+def test_hand_computed_value():
+    """A 2x2 all-ones kernel on a 3x3 ramp sums each 2x2 window: pins the correlation orientation."""
+    x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    y = depthwise_conv2d(x, jnp.ones((2, 2, 1, 1)), impl="fast")
+    np.testing.assert_allclose(np.asarray(y)[0, :, :, 0], [[8.0, 12.0], [20.0, 24.0]])
+
+
+def test_remat_and_bfloat16_run():
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+    kernel = jax.random.normal(jax.random.key(3), (3, 3, 1, 4))
+
+    def loss(kernel, x, impl):
+        return jnp.sum(depthwise_conv2d(x, kernel, padding=((1, 1), (1, 1)), impl=impl) ** 2)
+
+    grad = jax.jit(jax.grad(loss), static_argnums=2)
+    g_remat = jax.jit(jax.grad(jax.checkpoint(lambda k: loss(k, x, "fast"))))(kernel)
+    assert _rel_err(g_remat, grad(kernel, x, "xla")) < RTOL
+    g16 = grad(kernel.astype(jnp.bfloat16), x.astype(jnp.bfloat16), "fast")
+    assert g16.dtype == jnp.bfloat16
+    assert _rel_err(g16.astype(jnp.float32), g_remat) < 5e-2
+
+
+def test_module_same_output_for_both_impls():
+    x = jax.random.normal(jax.random.key(4), (2, 10, 10, 6))
+    fast = DepthwiseConv(kernel_size=7, strides=2, dilation=1, impl="fast")
+    params = jax.jit(fast.init)(jax.random.key(5), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero bias
+    y_fast = jax.jit(fast.apply)(params, x)
+    y_xla = jax.jit(DepthwiseConv(kernel_size=7, strides=2, dilation=1, impl="xla").apply)(params, x)
+    assert params["params"]["kernel"].shape == (7, 7, 1, 6)
+    assert _rel_err(y_fast, y_xla) < RTOL
+
+
+def test_unknown_impl_raises():
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        depthwise_conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="cuda")
