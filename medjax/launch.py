@@ -9,7 +9,7 @@ the keys it may have meant. Running again with the same ``--workdir`` resumes fr
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medjax import config_lib
@@ -19,6 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/covid_ct.py:smoke."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>-<variant>).")
+_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir",
+    "~/.cache/medjax/jax",
+    "Persistent XLA compilation cache ('' disables): a resumed or repeated run skips recompiling its steps.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -52,6 +57,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax and TFDS log every file operation at INFO; a run's console shows medjax's own lines.
+        logging.set_verbosity(logging.WARNING)
+    if _CACHE_DIR.value:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(_CACHE_DIR.value).expanduser()))
     from medjax import train  # Imported late so that --help stays fast.
 
     spec = flags.FLAGS["config"].serialize().split("=", 1)[1]

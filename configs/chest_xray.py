@@ -1,0 +1,61 @@
+"""Study C: MobileNetV2 for pneumonia on the Kermany pediatric chest X-ray (NORMAL vs PNEUMONIA).
+
+Recipe from the study: 224x224, pixels scaled to [0, 1], random rotations and horizontal flips, Adam with
+cosine annealing, early stopping on validation loss, a validation split carved 80/20 out of train (the
+official 16-image ``val/`` is too small and often missing). ImageNet weights can be loaded with
+``config.init_from`` and layers unfrozen selectively with ``config.optim.trainable`` (patterns).
+
+Variants (``--config=configs/chest_xray.py:<variant>``):
+  (none)     the real archive under ``data.manual_dir`` (default ``~/medjax_data/chest_xray``), laid out as
+             ``[chest_xray/]train|test[|val]/NORMAL|PNEUMONIA/*.jpeg``. With the copy in ../shared/data:
+             ``--config.data.manual_dir=../shared/data/chest_xray``.
+  synthetic  the same recipe on generated ``synthetic_ct`` slices (not medical data), 64x64.
+  smoke      seconds on a tiny synthetic set; used by the tests.
+
+Example:
+  python -m medjax.launch --config=configs/chest_xray.py:synthetic
+"""
+
+import ml_collections
+
+from medjax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = config_lib.parse_arg(arg, variant="real")
+    config = config_lib.base_config()
+    config.name = "chest_xray"
+
+    config.model_name = "mobilenet_v2"
+    config.model = ml_collections.ConfigDict({"width_multiplier": 1.0, "dropout_rate": 0.2})
+
+    config.data.name = "chest_xray"
+    config.data.manual_dir = "~/medjax_data/chest_xray"
+    config.data.builder_kwargs = ml_collections.ConfigDict(
+        {"image_size": 224, "channels": 3, "validation_fraction": 0.2, "seed": 0}
+    )
+    config.data.image_size = 224
+    config.data.channels = 3
+    config.data.normalize = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})  # [0, 1] as in the study.
+    config.data.augment.hflip = True
+    config.data.augment.rotation_degrees = 15.0
+
+    config.optim.name = "adam"
+    config.optim.learning_rate = 1e-3
+    config.optim.schedule = "cosine"
+    config.train.num_epochs = 15.0
+    config.train.early_stopping = ml_collections.ConfigDict(
+        {"monitor": "loss", "patience": 3, "min_delta": 1e-3}
+    )
+
+    if args.variant == "synthetic":
+        config_lib.use_synthetic_data(config, image_size=64)
+        config.data.augment.rotation_degrees = 10.0
+        config.model.width_multiplier = 0.35
+        config.train.num_epochs = 8.0
+    elif args.variant == "smoke":
+        config_lib.make_smoke(config)
+        config.model.width_multiplier = 0.35
+    elif args.variant != "real":
+        raise ValueError(f"Unknown variant {args.variant!r} of chest_xray; use real, synthetic or smoke.")
+    return config

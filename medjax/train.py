@@ -1,0 +1,339 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)`` is what the launcher, the tests and
+notebooks call.
+
+The step functions are module-level pure functions, jitted once with the train state donated (its
+buffers are reused in place, which halves peak memory for the parameters and optimizer state). Step
+RNGs are ``fold_in(seed_key, step)``, so a resumed run needs no RNG in its checkpoint and replays the
+same steps bit for bit.
+"""
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from medjax import config_lib, losses, metrics, models, optim, sharding
+from medjax.checkpointing import RunCheckpointer
+from medjax.data import pipeline
+from medjax.errors import ConfigError, NonFiniteLossError
+from medjax.run_log import MetricWriter, Progress
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (the model and optimizer definitions are static)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def train_step(
+    state: TrainState, batch: dict, seed_key: jax.Array, *, model, tx, loss_fn
+) -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch``; returns the new state and a flat dict of scalar metrics."""
+    rng = jax.random.fold_in(seed_key, state.step)
+
+    def compute_loss(params):
+        (logits, aux), updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
+        total, terms = loss_fn(logits, batch["label"], aux)
+        return total, (terms, updates.get("batch_stats", state.batch_stats), logits)
+
+    (total, (terms, batch_stats, logits)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    step_metrics = {
+        "loss": total,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "grad_norm": optax.global_norm(grads),
+        **{f"loss_{name}": value for name, value in terms.items()},
+    }
+    return new_state, step_metrics
+
+
+def eval_step(variables: dict, batch: dict, *, model, loss_fn) -> dict:
+    """Logits and the masked loss sum of one (possibly padded) evaluation batch."""
+    logits, aux = model.apply(variables, batch["image"], train=False)
+    weights = batch["mask"].astype(jnp.float32)
+    total, _ = loss_fn(logits, batch["label"], aux, weights)
+    return {"logits": logits, "loss_sum": total * weights.sum()}
+
+
+def make_steps(model, tx, loss_fn) -> tuple[Callable, Callable]:
+    """Jitted ``(train_step, eval_step)``; the train state (argument 0) is donated."""
+    p_train = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn), donate_argnums=0)
+    p_eval = jax.jit(functools.partial(eval_step, model=model, loss_fn=loss_fn))
+    return p_train, p_eval
+
+
+def init_variables(model, *, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
+    """Parameters (and BatchNorm statistics) for NHWC inputs of ``image_shape``.
+
+    Jitted: one compilation instead of one per initializer call, which eager Flax init costs on CPU.
+    """
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    return jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))(rng)
+
+
+def create_train_state(model, tx, *, rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
+    """A fresh train state: initialised variables and the optimizer state for them."""
+    variables = init_variables(model, rng=rng, image_shape=image_shape)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
+
+
+def evaluate(p_eval: Callable, variables: dict, data_cfg, *, split: str, mesh, class_names) -> dict:
+    """Metrics over every example of ``split`` exactly once (padding masked out)."""
+    all_labels, all_logits, loss_sum = [], [], 0.0
+    for batch in pipeline.iterate_eval(data_cfg, split=split):
+        mask = np.asarray(batch["mask"], bool)
+        out = jax.device_get(p_eval(variables, sharding.shard_batch(batch, mesh)))
+        all_logits.append(np.asarray(out["logits"])[mask])
+        all_labels.append(np.asarray(batch["label"])[mask])
+        loss_sum += float(out["loss_sum"])
+    labels = np.concatenate(all_labels)
+    logits = np.concatenate(all_logits).astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    result = metrics.classification_metrics(labels=labels, probs=probs, class_names=class_names)
+    result["loss"] = loss_sum / max(len(labels), 1)
+    return result
+
+
+def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json``, or refuses a workdir that an incompatible config wrote."""
+    path = workdir / "config.json"
+    if path.exists():
+        differing = config_lib.differing_keys(json.loads(path.read_text()), config.to_dict())
+        if differing:
+            raise ConfigError(
+                f"Workdir {workdir} was written by a different config; keys that differ: "
+                f"{', '.join(differing)}. Use another --workdir, or delete this one to start over."
+            )
+    path.write_text(config_lib.to_json(config))
+
+
+class EarlyStopping:
+    """Counts evaluations without improvement of a validation metric by more than ``min_delta``."""
+
+    def __init__(self, *, monitor: str, patience: int, min_delta: float, state: Mapping | None = None):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.sign = 1.0 if monitor == "loss" else -1.0  # Minimise loss, maximise everything else.
+        state = dict(state or {})
+        self.best = state.get("best", math.inf)
+        self.bad_evals = state.get("bad_evals", 0)
+
+    def update(self, value: float) -> bool:
+        """Records one evaluation; returns True when training should stop."""
+        signed = self.sign * value
+        if signed < self.best - self.min_delta:
+            self.best, self.bad_evals = signed, 0
+        else:
+            self.bad_evals += 1
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, extra_loss_terms: Mapping | None = None
+) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates on test.
+
+    Args:
+      config: an experiment config (see ``configs/`` and :func:`medjax.config_lib.base_config`).
+      workdir: where checkpoints, metrics and the report go; an existing one is resumed.
+      extra_loss_terms: loss terms by name beyond :data:`medjax.losses.TERMS` (e.g. from a notebook).
+
+    Returns:
+      The report also written to ``<workdir>/report.json``.
+
+    Raises:
+      ConfigError: for a workdir written by a different config.
+      NonFiniteLossError: naming the step; the last good checkpoint stays in the workdir.
+    """
+    config_lib.validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir_config(workdir, config)
+    t_start = time.perf_counter()
+
+    data_cfg = config.data
+    meta = pipeline.dataset_metadata(data_cfg)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(data_cfg.batch_size, mesh)
+    sharding.check_batch_size(data_cfg.eval_batch_size, mesh, what="data.eval_batch_size")
+    steps_per_epoch = meta.num_examples[data_cfg.train_split] // data_cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size={data_cfg.batch_size} exceeds the {meta.num_examples[data_cfg.train_split]} "
+            f"training examples of {data_cfg.name}."
+        )
+    total_steps = max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
+    eval_every = max(1, round(config.train.eval_every_epochs * steps_per_epoch))
+
+    model = models.get_model(config.model_name, num_classes=meta.num_classes, **config.model)
+    loss_fn = losses.make_loss_fn(
+        config.loss, class_counts=meta.label_counts[data_cfg.train_split], extra_terms=extra_loss_terms
+    )
+    seed_key = jax.random.key(config.seed, impl=config.rng_impl)
+    image_shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
+    init_key = jax.random.fold_in(seed_key, -1 & 0x7FFFFFFF)
+    abstract_params = jax.eval_shape(lambda: init_variables(model, rng=init_key, image_shape=image_shape))[
+        "params"
+    ]
+    tx, schedule = optim.make_optimizer(
+        config.optim, abstract_params, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+    )
+    state = sharding.replicate(create_train_state(model, tx, rng=init_key, image_shape=image_shape), mesh)
+    p_train, p_eval = make_steps(model, tx, loss_fn)
+
+    train_iter = iter(
+        pipeline.make_train_loader(
+            data_cfg, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count()
+        )
+    )
+    ckpt = RunCheckpointer(
+        workdir / "checkpoints",
+        keep=config.train.keep_checkpoints,
+        best_metric=config.train.select_best_on,
+        best_mode="min" if config.train.select_best_on == "loss" else "max",
+    )
+    loop_state: dict = {}
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        state, loop_state = ckpt.restore(start_step, abstract_state=state, data_iterator=train_iter)
+        print(f"Resuming from the checkpoint at step {start_step} in {workdir / 'checkpoints'}.", flush=True)
+    start_step = start_step or 0
+    stopper = EarlyStopping(**config.train.early_stopping, state=loop_state.get("early_stopping"))
+    writer = MetricWriter(workdir, resume_step=start_step if start_step else None)
+    progress = Progress(
+        total=total_steps,
+        initial=start_step,
+        every=config.train.log_every_steps,
+        enabled=config.train.progress_bar,
+    )
+
+    def save(step: int) -> None:
+        loop = {"early_stopping": stopper.state(), "stopped": stopped}
+        ckpt.save(step, state=state, data_iterator=train_iter, loop_state=loop)
+
+    stopped = loop_state.get("stopped", False)
+    window: list[dict] = []
+    last_saved = start_step
+    try:
+        step = start_step
+        while step < total_steps and not stopped:
+            batch = sharding.shard_batch(next(train_iter), mesh)
+            state, step_metrics = p_train(state, batch, seed_key)
+            step += 1
+            step_metrics = jax.device_get(step_metrics)
+            if not all(np.isfinite(v) for v in step_metrics.values()):
+                raise NonFiniteLossError(
+                    f"Non-finite training metrics at step {step}: {step_metrics}. The last good checkpoint "
+                    f"(step {last_saved}) is kept in {workdir / 'checkpoints'}; lower optim.learning_rate or "
+                    "set optim.grad_clip_norm and rerun to resume from it."
+                )
+            window.append(step_metrics)
+            progress.update(step, loss=float(step_metrics["loss"]))
+            if step % config.train.log_every_steps == 0:
+                summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                summary["learning_rate"] = float(schedule(step - 1))
+                writer.write(step, "train", summary)
+                window = []
+            if step % eval_every == 0 or step == total_steps:
+                val = evaluate(
+                    p_eval,
+                    state.variables,
+                    data_cfg,
+                    split=data_cfg.eval_split,
+                    mesh=mesh,
+                    class_names=meta.class_names,
+                )
+                writer.write(step, "validation", val)
+                progress.message(
+                    f"step {step}: validation loss {val['loss']:.4f} "
+                    f"accuracy {val['accuracy']:.4f} auc {val['auc']:.4f}"
+                )
+                stopped = stopper.update(val[config.train.early_stopping.monitor])
+                ckpt.save_best(
+                    step, variables=state.variables, metrics={k: v for k, v in val.items() if np.isscalar(v)}
+                )
+                save(step)
+                last_saved = step
+                if stopped:
+                    progress.message(
+                        f"Early stopping at step {step}: no improvement in {stopper.patience} evaluations."
+                    )
+            elif config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0:
+                save(step)
+                last_saved = step
+        progress.close()
+
+        best_step = ckpt.best_step()
+        variables = (
+            ckpt.restore_best(abstract_variables=state.variables)
+            if best_step is not None
+            else state.variables
+        )
+        report = {
+            "config": config.get("name", config.model_name),
+            "dataset": data_cfg.name,
+            "model": config.model_name,
+            "steps": step,
+            "total_steps": total_steps,
+            "stopped_early": bool(stopped),
+            "best_step": best_step,
+            "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        }
+        for split_name, split in (("validation", data_cfg.eval_split), ("test", data_cfg.test_split)):
+            report[split_name] = evaluate(
+                p_eval, variables, data_cfg, split=split, mesh=mesh, class_names=meta.class_names
+            )
+            writer.write(step, split_name + "_best", report[split_name])
+        report["wall_time_s"] = time.perf_counter() - t_start
+        (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        print(
+            f"Test ({data_cfg.test_split}) with the best checkpoint (step {best_step}): "
+            f"accuracy {report['test']['accuracy']:.4f} auc {report['test']['auc']:.4f}. "
+            f"Report: {workdir / 'report.json'}",
+            flush=True,
+        )
+        return report
+    finally:
+        ckpt.close()
+        writer.close()

@@ -1,0 +1,136 @@
+"""End to end: the smoke config trains, evaluates, writes its outputs, compiles once, resumes exactly
+(also after SIGKILL), and stops on a non-finite loss keeping the last good checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax.numpy as jnp
+import pytest
+
+from medjax import config_lib, train
+from medjax.errors import ConfigError, NonFiniteLossError
+
+from .conftest import ROOT
+
+SMOKE = f"{ROOT}/configs/covid_ct.py:smoke"
+COMPARED = ("steps", "best_step", "stopped_early", "validation", "test")
+
+
+def smoke_config(data_dir, **train_overrides):
+    config = config_lib.load_config_file(SMOKE)
+    config.data.data_dir = str(data_dir)
+    config.train.update(train_overrides)
+    return config
+
+
+def _same_results(a: dict, b: dict) -> None:
+    for key in COMPARED:
+        assert a[key] == b[key], key
+
+
+def test_smoke_run_writes_outputs_compiles_once_and_resumes(tmp_path, tfds_data_dir, monkeypatch):
+    monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
+    workdir = tmp_path / "run"
+    config = smoke_config(tfds_data_dir, num_epochs=3 / 8, eval_every_epochs=3 / 8, log_every_steps=1)
+    report = train.train_and_evaluate(config, workdir)
+
+    assert report["steps"] == 3 and report["total_steps"] == 3
+    assert report["test"]["num_examples"] == 24  # Padded eval batches count every example once.
+    for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "loss"):
+        assert key in report["test"]
+    assert json.loads((workdir / "report.json").read_text())["test"] == report["test"]
+    assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "synthetic_ct"
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["kind"] for r in lines if r["kind"] != "train"] == [
+        "validation",
+        "validation_best",
+        "test_best",
+    ]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints" / "latest" / "3").is_dir()
+    assert (workdir / "checkpoints" / "best" / "3").is_dir()
+
+    # Same workdir again: resumes at the final step, trains nothing, reports the same numbers.
+    chex.clear_trace_counter()
+    again = train.train_and_evaluate(
+        smoke_config(tfds_data_dir, num_epochs=3 / 8, eval_every_epochs=3 / 8, log_every_steps=1), workdir
+    )
+    _same_results(report, again)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, tfds_data_dir):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    other = smoke_config(tfds_data_dir)
+    other.optim.learning_rate = 0.5
+    (workdir / "config.json").write_text(config_lib.to_json(other))
+    with pytest.raises(ConfigError, match="keys that differ: optim.learning_rate"):
+        train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
+    tmp_path, tfds_data_dir, monkeypatch
+):
+    original = train.train_step
+
+    def poisoned(state, batch, seed_key, **kwargs):
+        new_state, metrics = original(state, batch, seed_key, **kwargs)
+        metrics["loss"] = jnp.where(state.step >= 5, jnp.nan, metrics["loss"])
+        return new_state, metrics
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    workdir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"step 6.*last good checkpoint \(step 4\)"):
+        train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["4"]
+    assert not (workdir / "report.json").exists()
+
+
+def _launch(workdir, data_dir, cache_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "medjax.launch",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.num_epochs=4",
+        "--config.train.checkpoint_every_steps=1",
+        f"--compilation_cache_dir={cache_dir}",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path, tfds_data_dir, compilation_cache):
+    reference = _launch(tmp_path / "reference", tfds_data_dir, compilation_cache)
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+    expected = json.loads((tmp_path / "reference" / "report.json").read_text())
+
+    workdir = tmp_path / "killed"
+    victim = _launch(workdir, tfds_data_dir, compilation_cache)
+    latest = workdir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while not (latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())):
+        assert victim.poll() is None, "run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (workdir / "report.json").exists(), "the run finished before it could be killed"
+
+    resumed = _launch(workdir, tfds_data_dir, compilation_cache)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "Resuming from the checkpoint at step" in out
+    _same_results(json.loads((workdir / "report.json").read_text()), expected)
