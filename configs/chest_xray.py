@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "chest_xray"
 
     config.model_name = "mobilenet_v2"
-    config.model = ml_collections.ConfigDict({"width_multiplier": 1.0, "dropout_rate": 0.2})
+    config.model = config_lib.model_config("mobilenet_v2", width_multiplier=1.0, dropout_rate=0.2)
 
     config.data.name = "chest_xray"
     config.data.manual_dir = "~/medjax_data/chest_xray"

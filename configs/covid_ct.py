@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "covid_ct"
 
     config.model_name = "mobilenet_v2"
-    config.model = ml_collections.ConfigDict({"width_multiplier": 1.0, "dropout_rate": 0.2})
+    config.model = config_lib.model_config("mobilenet_v2", width_multiplier=1.0, dropout_rate=0.2)
 
     config.data.name = "sars_cov2_ct"
     config.data.manual_dir = "~/medjax_data/sars_cov2_ct"

@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "pneumoniamnist"
 
     config.model_name = "mobilenet_v2"
-    config.model = ml_collections.ConfigDict({"width_multiplier": 0.5, "dropout_rate": 0.2})
+    config.model = config_lib.model_config("mobilenet_v2", width_multiplier=0.5, dropout_rate=0.2)
     config_lib.use_medmnist(config, "pneumoniamnist")
     config.data.augment.rotation_degrees = 10.0
 

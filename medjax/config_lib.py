@@ -6,6 +6,7 @@ variant. Every knob the library reads lives here with its default, so a config f
 differs, and ``validate`` can reject a misspelt key before any work starts.
 """
 
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -107,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_epochs = 0.0
     c.optim.min_lr_ratio = 0.0
     c.optim.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)  # Global-norm clip.
+    # Selective unfreezing: regexes over '/'-joined parameter paths that train, e.g.
+    # ('block_1[4-6]/.*', 'head_.*', 'classifier/.*') for MobileNetV2's last 3 blocks + head; None: all.
+    c.optim.trainable = ml_collections.FieldReference(None, field_type=tuple)
+    c.optim.freeze_batch_stats = True  # Frozen BatchNorms keep their running statistics.
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 10.0
@@ -247,3 +252,34 @@ def use_medmnist(config: ml_collections.ConfigDict, subset: str) -> None:
     config.data.image_size = 64
     config.data.channels = 1
     config.data.normalize = ml_collections.ConfigDict({"mean": 0.5, "std": 0.25})
+
+
+def model_config(model_name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """Every keyword argument of ``medjax.models.<model_name>.Model`` with its default, then ``overrides``.
+
+    Spelling out all fields makes each one overridable from the command line (the config is locked) and
+    recorded in ``config.json``.
+
+    Raises:
+      ValueError: for an override that is not a field of the model (listing the fields).
+    """
+    module = importlib.import_module(f"medjax.models.{model_name}")
+    fields = {
+        f.name: f.default
+        for f in dataclasses.fields(module.Model)
+        if f.init
+        and f.name not in ("num_classes", "parent", "name")
+        and isinstance(f.default, bool | int | float | str | tuple | type(None))
+    }
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{model_name}.Model has no field(s) {unknown}; fields: {', '.join(sorted(fields))}."
+        )
+    fields.update(overrides)
+    return ml_collections.ConfigDict(
+        {
+            k: ml_collections.FieldReference(None, field_type=object) if v is None else v
+            for k, v in fields.items()
+        }
+    )

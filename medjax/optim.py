@@ -97,3 +97,22 @@ def make_optimizer(optim_cfg: Mapping, params, *, total_steps: int, steps_per_ep
         labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(params, list(patterns)))
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     return tx, schedule
+
+
+def frozen_statistics_mask(trainable: dict, batch_stats: dict) -> dict:
+    """Pytree over ``batch_stats``: True where the BatchNorm that owns the statistic is frozen.
+
+    A BatchNorm counts as frozen when none of its own parameters (scale, bias) train. Its running
+    statistics then stay as loaded, so a frozen pretrained block keeps the normalisation it was trained
+    with. (In training mode the block still normalises with batch statistics, as PyTorch does for a
+    module with ``requires_grad=False`` left in ``train()`` mode.)
+    """
+    flat_trainable = traverse_util.flatten_dict(trainable, sep="/")
+    module_trains: dict[str, bool] = {}
+    for path, trains in flat_trainable.items():
+        module = path.rsplit("/", 1)[0]
+        module_trains[module] = module_trains.get(module, False) or trains
+    flat_stats = traverse_util.flatten_dict(batch_stats, sep="/")
+    return traverse_util.unflatten_dict(
+        {path: not module_trains.get(path.rsplit("/", 1)[0], True) for path in flat_stats}, sep="/"
+    )

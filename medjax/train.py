@@ -44,9 +44,13 @@ class TrainState:
 
 
 def train_step(
-    state: TrainState, batch: dict, seed_key: jax.Array, *, model, tx, loss_fn
+    state: TrainState, batch: dict, seed_key: jax.Array, *, model, tx, loss_fn, frozen_stats=None
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch``; returns the new state and a flat dict of scalar metrics."""
+    """One optimizer step on ``batch``; returns the new state and a flat dict of scalar metrics.
+
+    ``frozen_stats`` (a pytree of Python bools over ``batch_stats``, see
+    :func:`medjax.optim.frozen_statistics_mask`) keeps the running statistics of frozen BatchNorms.
+    """
     rng = jax.random.fold_in(seed_key, state.step)
 
     def compute_loss(params):
@@ -63,6 +67,10 @@ def train_step(
     (total, (terms, batch_stats, logits)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
         state.params
     )
+    if frozen_stats is not None:
+        batch_stats = jax.tree.map(
+            lambda frozen, new, old: old if frozen else new, frozen_stats, batch_stats, state.batch_stats
+        )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
@@ -87,9 +95,10 @@ def eval_step(variables: dict, batch: dict, *, model, loss_fn) -> dict:
     return {"logits": logits, "loss_sum": total * weights.sum()}
 
 
-def make_steps(model, tx, loss_fn) -> tuple[Callable, Callable]:
+def make_steps(model, tx, loss_fn, *, frozen_stats=None) -> tuple[Callable, Callable]:
     """Jitted ``(train_step, eval_step)``; the train state (argument 0) is donated."""
-    p_train = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn), donate_argnums=0)
+    step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, frozen_stats=frozen_stats)
+    p_train = jax.jit(step, donate_argnums=0)
     p_eval = jax.jit(functools.partial(eval_step, model=model, loss_fn=loss_fn))
     return p_train, p_eval
 
@@ -220,7 +229,11 @@ def train_and_evaluate(
         config.optim, abstract_params, total_steps=total_steps, steps_per_epoch=steps_per_epoch
     )
     state = sharding.replicate(create_train_state(model, tx, rng=init_key, image_shape=image_shape), mesh)
-    p_train, p_eval = make_steps(model, tx, loss_fn)
+    frozen_stats = None
+    if config.optim.trainable is not None and config.optim.freeze_batch_stats:
+        trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
+        frozen_stats = optim.frozen_statistics_mask(trainable, state.batch_stats)
+    p_train, p_eval = make_steps(model, tx, loss_fn, frozen_stats=frozen_stats)
 
     train_iter = iter(
         pipeline.make_train_loader(

@@ -25,9 +25,8 @@ depthwise/project layers sit one index earlier (``features.1.conv.0.{0,1}``, ``f
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from medjax.models.layers import DepthwiseConv
+from medjax.models.layers import DepthwiseConv, GlobalPool
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper / torchvision.
 INVERTED_RESIDUAL_SETTINGS = (
@@ -136,9 +135,12 @@ class Model(nn.Module):
       head_zero_init: zero the classifier kernel and bias (big_vision), so fine-tuning starts from
         uniform predictions; False uses torchvision's normal(0, 0.01).
       depthwise_impl: :class:`DepthwiseConv` implementation, 'fast' or 'xla' (the reference).
+      pooling, fusion: the global pooling of :class:`medjax.models.layers.GlobalPool`; 'avg' is the
+        canonical head, 'avg+max' study A's dual pooling (max pooling keeps small, local findings such
+        as a lesion from being averaged away).
 
-    ``aux['features']`` is the pooled 1280-vector (before dropout), ``aux['feature_map']`` the map after
-    the last 1x1 convolution (Grad-CAM's target layer).
+    ``aux['features']`` is the pooled 1280-vector (2560 with 'avg+max' concat; before dropout),
+    ``aux['feature_map']`` the map after the last 1x1 convolution (Grad-CAM's target layer).
     """
 
     num_classes: int
@@ -149,6 +151,8 @@ class Model(nn.Module):
     padding_style: str = "torch"
     head_zero_init: bool = True
     depthwise_impl: str = "fast"
+    pooling: str = "avg"
+    fusion: str = "concat"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -188,7 +192,7 @@ class Model(nn.Module):
         x = nn.Conv(last_channels, (1, 1), use_bias=False, kernel_init=_conv_init, name="head_conv")(x)
         feature_map = jax.nn.relu6(nn.BatchNorm(**bn_kwargs, name="head_bn")(x))
 
-        features = jnp.mean(feature_map, axis=(1, 2))
+        features = GlobalPool(self.pooling, self.fusion)(feature_map)
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
         head_init = nn.initializers.zeros_init() if self.head_zero_init else nn.initializers.normal(0.01)
         logits = nn.Dense(self.num_classes, kernel_init=head_init, name="classifier")(y)
