@@ -67,6 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model_name = "mobilenet_v2"  # A module in medjax/models (see medjax.models.available_models()).
     c.model = ml_collections.ConfigDict()  # Keyword arguments of that module's Model.
+    # Pretrained weights loaded at the start of a fresh run (see medjax.models.convert.load_pretrained):
+    # a Keras .weights.h5/.keras/.h5, or a torchvision/timm/official .pth/.safetensors state dict.
+    c.init_from = ml_collections.ConfigDict(
+        {
+            "path": ml_collections.FieldReference(None, field_type=str),
+            "source": ml_collections.FieldReference(None, field_type=str),  # None: detect from the keys.
+            "reinit_head": ml_collections.FieldReference(None, field_type=bool),  # None: when shapes differ.
+        }
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synthetic_ct"  # A module in medjax/data/builders.

@@ -26,6 +26,7 @@ from medjax import config_lib, losses, metrics, models, optim, sharding
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.errors import ConfigError, NonFiniteLossError
+from medjax.models import convert
 from medjax.run_log import MetricWriter, Progress
 
 
@@ -112,9 +113,8 @@ def init_variables(model, *, rng: jax.Array, image_shape: tuple[int, ...]) -> di
     return jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))(rng)
 
 
-def create_train_state(model, tx, *, rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
-    """A fresh train state: initialised variables and the optimizer state for them."""
-    variables = init_variables(model, rng=rng, image_shape=image_shape)
+def create_train_state(tx, variables: dict) -> TrainState:
+    """A fresh train state from initialised (or pretrained) variables and the optimizer state for them."""
     params = variables["params"]
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
@@ -122,6 +122,24 @@ def create_train_state(model, tx, *, rng: jax.Array, image_shape: tuple[int, ...
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
     )
+
+
+def _initial_variables(config, model, init_key, image_shape) -> dict:
+    """Freshly initialised variables, overwritten by ``config.init_from`` pretrained weights when set.
+
+    (A resumed run restores its checkpoint over these, so the pretrained file is only read, not trusted,
+    after the first start.)
+    """
+    variables = init_variables(model, rng=init_key, image_shape=image_shape)
+    if config.init_from.path:
+        variables = convert.load_pretrained(
+            str(Path(config.init_from.path).expanduser()),
+            model_name=config.model_name,
+            target_variables=variables,
+            source=config.init_from.source,
+            reinit_head=config.init_from.reinit_head,
+        )
+    return variables
 
 
 def evaluate(p_eval: Callable, variables: dict, data_cfg, *, split: str, mesh, class_names) -> dict:
@@ -228,7 +246,9 @@ def train_and_evaluate(
     tx, schedule = optim.make_optimizer(
         config.optim, abstract_params, total_steps=total_steps, steps_per_epoch=steps_per_epoch
     )
-    state = sharding.replicate(create_train_state(model, tx, rng=init_key, image_shape=image_shape), mesh)
+    state = sharding.replicate(
+        create_train_state(tx, _initial_variables(config, model, init_key, image_shape)), mesh
+    )
     frozen_stats = None
     if config.optim.trainable is not None and config.optim.freeze_batch_stats:
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))

@@ -134,3 +134,22 @@ def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path, tfds_data_dir, 
     assert resumed.returncode == 0, out
     assert "Resuming from the checkpoint at step" in out
     _same_results(json.loads((workdir / "report.json").read_text()), expected)
+
+
+def test_init_from_keras_weights_file(tmp_path, tfds_data_dir, capsys):
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras = pytest.importorskip("keras")
+    source = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, include_top=True, weights=None, classes=5
+    )
+    weights = tmp_path / "mobilenet.weights.h5"
+    source.save_weights(weights)
+
+    config = smoke_config(tfds_data_dir, num_epochs=1 / 8, eval_every_epochs=1 / 8)
+    config.model.update({"padding_style": "tf", "bn_epsilon": 1e-3})
+    config.init_from.path = str(weights)
+    report = train.train_and_evaluate(config, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "Loaded" in out and "(scheme 'keras')" in out
+    assert "params/classifier/kernel" in out  # 5-class head kept fresh for the 2-class task.
+    assert report["steps"] == 1
