@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config_lib.use_synthetic_data(config, image_size=64)
         config.data.augment.rotation_degrees = 10.0
         config.model.width_multiplier = 0.35
-        config.train.num_epochs = 8.0
+        config.train.num_epochs = 12.0
     elif args.variant == "smoke":
         config_lib.make_smoke(config)
         config.model.width_multiplier = 0.35

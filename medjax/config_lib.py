@@ -226,8 +226,10 @@ def use_synthetic_data(config: ml_collections.ConfigDict, *, image_size: int = 6
             "num_validation": 400,
             "num_test": 400,
             "seed": 0,
-            "lesion_contrast": (0.06, 0.35),  # The difficulty knob; see medjax/data/builders/synthetic_ct.py.
-            "lesion_radius": (0.05, 0.15),
+            # Easier lesions than the builder's defaults (0.06-0.35, 0.05-0.15), which a 3-layer CNN needs
+            # ~1000 steps for: with these, MobileNetV2 reaches test AUC > 0.9 in ~400 steps (covid_ct).
+            "lesion_contrast": (0.25, 0.5),
+            "lesion_radius": (0.1, 0.25),
         }
     )
     config.data.image_size = image_size

@@ -17,12 +17,12 @@ from medjax.errors import ConfigError, NonFiniteLossError
 
 from .conftest import ROOT
 
-SMOKE = f"{ROOT}/configs/covid_ct.py:smoke"
+SMOKE = f"{ROOT}/configs/chest_xray.py:smoke"  # MobileNetV2: the loop tests share one compiled step.
 COMPARED = ("steps", "best_step", "stopped_early", "validation", "test")
 
 
-def smoke_config(data_dir, **train_overrides):
-    config = config_lib.load_config_file(SMOKE)
+def smoke_config(data_dir, spec=SMOKE, **train_overrides):
+    config = config_lib.load_config_file(spec)
     config.data.data_dir = str(data_dir)
     config.train.update(train_overrides)
     return config
@@ -62,6 +62,16 @@ def test_smoke_run_writes_outputs_compiles_once_and_resumes(tmp_path, tfds_data_
         smoke_config(tfds_data_dir, num_epochs=3 / 8, eval_every_epochs=3 / 8, log_every_steps=1), workdir
     )
     _same_results(report, again)
+
+
+@pytest.mark.parametrize("name", ["covid_ct", "brain_mri", "pneumoniamnist", "breastmnist"])
+def test_every_smoke_variant_trains(name, tmp_path, tfds_data_dir):
+    config = smoke_config(
+        tfds_data_dir, f"{ROOT}/configs/{name}.py:smoke", num_epochs=2 / 8, eval_every_epochs=2 / 8
+    )
+    report = train.train_and_evaluate(config, tmp_path / name)
+    assert report["steps"] == 2 and report["model"] == config.model_name
+    assert 0.0 <= report["test"]["auc"] <= 1.0
 
 
 def test_workdir_of_another_config_is_refused(tmp_path, tfds_data_dir):

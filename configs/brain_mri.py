@@ -1,0 +1,75 @@
+"""Study A: improved ConvNeXt-Tiny for brain tumour MRI (Xia, Yin, Li 2025, arXiv 2508.11532).
+
+The three changes of the study, each a config switch for ablation: dual global pooling
+(``model.pooling='avg+max'``, fused by ``model.fusion``), the SEVector channel attention on the pooled
+vector (``model.sevector_ratio``; None disables) and the feature-smoothing loss term
+(``loss.feature_smoothing.weight``). Recipe: 224x224, AdamW with cosine schedule and warm-up, batch 32,
+10 epochs (the study reports 89.10 % test accuracy within 10 epochs on a CPU). Where the study is silent
+(fusion, placement, lambda) the defaults are medjax's documented choices (../shared/docs/PAPERS.md).
+
+Variants (``--config=configs/brain_mri.py:<variant>``):
+  (none)     the 4-class Training/ Testing/ archive (glioma, meningioma, notumor, pituitary) under
+             ``data.manual_dir`` (default ``~/medjax_data/brain_mri``).
+  synthetic  the same head, loss and optimizer on generated ``synthetic_ct`` slices (not medical data),
+             with a reduced ConvNeXt (depths 2-2-2-2, widths 32-256) so the demo runs in minutes.
+  smoke      seconds on a tiny synthetic set; used by the tests.
+
+Example:
+  python -m medjax.launch --config=configs/brain_mri.py:synthetic
+"""
+
+import ml_collections
+
+from medjax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = config_lib.parse_arg(arg, variant="real")
+    config = config_lib.base_config()
+    config.name = "brain_mri"
+
+    config.model_name = "convnext"
+    config.model = config_lib.model_config(
+        "convnext", variant="tiny", pooling="avg+max", fusion="concat", sevector_ratio=16, drop_path_rate=0.1
+    )
+    config.loss = ml_collections.ConfigDict(
+        {
+            "cross_entropy": {"weight": 1.0, "label_smoothing": 0.0},
+            # On L2-normalised features: raw squared distances sum over the 512-1536 feature dimensions
+            # and swamp cross-entropy (measured on :synthetic: training stalls at loss 0.693, test AUC
+            # 0.64; normalised: test AUC 0.94; without the term: 0.99).
+            "feature_smoothing": {"weight": 0.1, "normalize": True},
+        }
+    )
+
+    config.data.name = "brain_mri"
+    config.data.manual_dir = "~/medjax_data/brain_mri"
+    config.data.builder_kwargs = ml_collections.ConfigDict(
+        {"variant": "four_class", "image_size": 224, "channels": 3}
+    )
+    config.data.image_size = 224
+    config.data.channels = 3
+    config.data.normalize = ml_collections.ConfigDict(
+        {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    )
+    config.data.augment.hflip = True
+    config.data.augment.rotation_degrees = 10.0
+
+    config.optim.name = "adamw"
+    config.optim.learning_rate = 5e-4
+    config.optim.weight_decay = 0.05
+    config.optim.warmup_epochs = 1.0
+    config.train.num_epochs = 10.0
+
+    if args.variant == "synthetic":
+        config_lib.use_synthetic_data(config, image_size=64)
+        config.model.depths = (2, 2, 2, 2)
+        config.model.widths = (32, 64, 128, 256)
+        config.train.num_epochs = 8.0
+    elif args.variant == "smoke":
+        config_lib.make_smoke(config)
+        config.model.depths = (1, 1, 1, 1)
+        config.model.widths = (8, 16, 32, 64)
+    elif args.variant != "real":
+        raise ValueError(f"Unknown variant {args.variant!r} of brain_mri; use real, synthetic or smoke.")
+    return config
