@@ -19,26 +19,4 @@ from medjax import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, variant="real")
-    config = config_lib.base_config()
-    config.name = "pneumoniamnist"
-
-    config.model_name = "mobilenet_v2"
-    config.model = config_lib.model_config("mobilenet_v2", width_multiplier=0.5, dropout_rate=0.2)
-    config_lib.use_medmnist(config, "pneumoniamnist")
-    config.data.augment.rotation_degrees = 10.0
-
-    config.optim.name = "adamw"
-    config.optim.learning_rate = 2e-3
-    config.optim.warmup_epochs = 1.0
-    config.train.num_epochs = 20.0
-    config.train.early_stopping.patience = 5
-
-    if args.variant == "synthetic":
-        config_lib.use_synthetic_data(config, image_size=64)
-        config.train.num_epochs = 8.0
-    elif args.variant == "smoke":
-        config_lib.make_smoke(config)
-        config.model.width_multiplier = 0.35
-    elif args.variant != "real":
-        raise ValueError(f"Unknown variant {args.variant!r} of pneumoniamnist; use real, synthetic or smoke.")
-    return config
+    return config_lib.medmnist_config("pneumoniamnist", args.variant, learning_rate=2e-3, num_epochs=20.0)

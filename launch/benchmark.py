@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import timed
+
 MODELS = ("mobilenet_v2", "convnext", "mednext_plos")
 MODEL_KWARGS = {
     "mobilenet_v2": {"width_multiplier": 1.0},
@@ -37,17 +39,6 @@ TORCH_PEERS = ("mobilenet_v2", "convnext")
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB.
-
-
-def _timed(fn, *, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
@@ -83,7 +74,7 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
         state, step_metrics = compiled(state, batch, key)
         jax.block_until_ready((state, step_metrics))
 
-    train_times = _timed(step, steps=args.steps, warmup=args.warmup)
+    train_times = timed(step, steps=args.steps, warmup=args.warmup)
 
     variables = state.variables
     eval_batch = {**batch, "mask": jnp.ones((args.batch,), bool)}
@@ -92,10 +83,8 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     jax.block_until_ready(p_eval(variables, one))
     eval_compile_s = time.perf_counter() - start
     jax.block_until_ready(p_eval(variables, eval_batch))  # Compiles the batch-N shape outside the timing.
-    latency = _timed(
-        lambda: jax.block_until_ready(p_eval(variables, one)), steps=max(args.steps, 5), warmup=1
-    )
-    throughput = _timed(
+    latency = timed(lambda: jax.block_until_ready(p_eval(variables, one)), steps=max(args.steps, 5), warmup=1)
+    throughput = timed(
         lambda: jax.block_until_ready(p_eval(variables, eval_batch)), steps=args.steps, warmup=1
     )
     return {

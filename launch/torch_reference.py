@@ -10,6 +10,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 from torch import nn
 
 CONVNEXT_TINY = ((3, 3, 9, 3), (96, 192, 384, 768))
@@ -127,17 +128,6 @@ class MobileNetV2(nn.Module):
 MODELS = {"convnext": ConvNeXt, "mobilenet_v2": MobileNetV2}
 
 
-def _timed(fn, *, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def benchmark(
     name: str,
     *,
@@ -173,7 +163,7 @@ def benchmark(
     start = time.perf_counter()
     step()
     first_s = time.perf_counter() - start
-    train_times = _timed(step, steps=steps, warmup=max(warmup - 1, 0))
+    train_times = timed(step, steps=steps, warmup=max(warmup - 1, 0))
 
     model.eval()
     one = images[:1].contiguous(memory_format=torch.channels_last)
@@ -181,8 +171,8 @@ def benchmark(
         start = time.perf_counter()
         fwd(one)
         first_eval_s = time.perf_counter() - start
-        latency = _timed(lambda: fwd(one), steps=max(steps, 5), warmup=warmup)
-        throughput = _timed(lambda: fwd(images), steps=steps, warmup=warmup)
+        latency = timed(lambda: fwd(one), steps=max(steps, 5), warmup=warmup)
+        throughput = timed(lambda: fwd(images), steps=steps, warmup=warmup)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "first_step_s": first_s,

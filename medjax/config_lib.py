@@ -249,12 +249,20 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
     config.train.progress_bar = False
 
 
-def use_medmnist(config: ml_collections.ConfigDict, subset: str) -> None:
-    """Points ``config`` at a MedMNIST v2 ``<subset>.npz`` (official split, 28x28 grey).
+def medmnist_config(
+    subset: str, variant: str, *, learning_rate: float, num_epochs: float
+) -> ml_collections.ConfigDict:
+    """The MedMNIST v2 recipe shared by ``configs/pneumoniamnist.py`` and ``configs/breastmnist.py``.
 
-    The file goes in ``data.manual_dir`` (default ``~/medjax_data/medmnist``); images are upsampled to
-    ``data.image_size`` by the input pipeline, so the stored dataset stays the official 28x28.
+    MobileNetV2 (width 0.5) on the official ``<subset>.npz`` split (28x28 grey, upsampled to 64 by the
+    input pipeline so the stored dataset stays the official one), AdamW with warm-up and cosine decay,
+    early stopping on validation loss. The file goes in ``data.manual_dir`` (default
+    ``~/medjax_data/medmnist``). ``variant`` is 'real', 'synthetic' or 'smoke' as in every config.
     """
+    config = base_config()
+    config.name = subset
+    config.model_name = "mobilenet_v2"
+    config.model = model_config("mobilenet_v2", width_multiplier=0.5, dropout_rate=0.2)
     config.data.name = "medmnist"
     config.data.manual_dir = "~/medjax_data/medmnist"
     config.data.builder_kwargs = ml_collections.ConfigDict(
@@ -263,6 +271,21 @@ def use_medmnist(config: ml_collections.ConfigDict, subset: str) -> None:
     config.data.image_size = 64
     config.data.channels = 1
     config.data.normalize = ml_collections.ConfigDict({"mean": 0.5, "std": 0.25})
+    config.data.augment.rotation_degrees = 10.0
+    config.optim.name = "adamw"
+    config.optim.learning_rate = learning_rate
+    config.optim.warmup_epochs = 1.0
+    config.train.num_epochs = num_epochs
+    config.train.early_stopping.patience = 5
+    if variant == "synthetic":
+        use_synthetic_data(config, image_size=64)
+        config.train.num_epochs = 8.0
+    elif variant == "smoke":
+        make_smoke(config)
+        config.model.width_multiplier = 0.35
+    elif variant != "real":
+        raise ValueError(f"Unknown variant {variant!r} of {subset}; use real, synthetic or smoke.")
+    return config
 
 
 def model_config(model_name: str, **overrides: Any) -> ml_collections.ConfigDict:
