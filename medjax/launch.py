@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medjax import config_lib
-from medjax.errors import MedjaxError
+from medjax.errors import DatasetNotFoundError, MedjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/covid_ct.py:smoke."
@@ -71,6 +71,9 @@ def main(argv: list[str]) -> None:
     print(f"medjax: config {spec}, workdir {workdir}", flush=True)
     try:
         train.train_and_evaluate(_CONFIG.value, workdir)
+    except DatasetNotFoundError as e:
+        demo = spec.partition(":")[0] + ":synthetic"
+        sys.exit(f"medjax: error: {e}\nTo try the same recipe offline on generated data: --config={demo}")
     except MedjaxError as e:
         sys.exit(f"medjax: error: {e}")
 

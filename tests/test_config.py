@@ -83,3 +83,26 @@ def test_launcher_rejects_unknown_override_with_suggestions():
     assert "--config.optim.learnig_rate" in result.stderr
     assert "optim.learning_rate" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_launcher_missing_dataset_gives_layout_and_offline_alternative(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medjax.launch",
+            "--config=configs/covid_ct.py",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config.data.data_dir={tmp_path / 'tfds'}",
+            f"--config.data.manual_dir={tmp_path / 'nowhere'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert f"{tmp_path / 'nowhere'}" in result.stderr
+    assert "COVID/Covid (1).png" in result.stderr  # The expected layout.
+    assert "--config=configs/covid_ct.py:synthetic" in result.stderr
+    assert "Traceback" not in result.stderr
