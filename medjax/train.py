@@ -7,6 +7,7 @@ RNGs are ``fold_in(seed_key, step)``, so a resumed run needs no RNG in its check
 same steps bit for bit.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
 from medjax import config_lib, losses, metrics, models, optim, sharding
 from medjax.checkpointing import RunCheckpointer
@@ -196,29 +198,28 @@ class EarlyStopping:
         return {"best": self.best, "bad_evals": self.bad_evals}
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, extra_loss_terms: Mapping | None = None
-) -> dict:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates on test.
+@dataclasses.dataclass
+class _Experiment:
+    """What a run builds from its config before the first step."""
 
-    Args:
-      config: an experiment config (see ``configs/`` and :func:`medjax.config_lib.base_config`).
-      workdir: where checkpoints, metrics and the report go; an existing one is resumed.
-      extra_loss_terms: loss terms by name beyond :data:`medjax.losses.TERMS` (e.g. from a notebook).
+    meta: pipeline.DatasetMetadata
+    mesh: Mesh
+    seed_key: jax.Array
+    total_steps: int
+    eval_every: int
+    schedule: optax.Schedule
+    state: TrainState
+    p_train: Callable
+    p_eval: Callable
 
-    Returns:
-      The report also written to ``<workdir>/report.json``.
+    def evaluate(self, variables: dict, data_cfg, split: str) -> dict:
+        return evaluate(
+            self.p_eval, variables, data_cfg, split=split, mesh=self.mesh, class_names=self.meta.class_names
+        )
 
-    Raises:
-      ConfigError: for a workdir written by a different config.
-      NonFiniteLossError: naming the step; the last good checkpoint stays in the workdir.
-    """
-    config_lib.validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_workdir_config(workdir, config)
-    t_start = time.perf_counter()
 
+def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) -> _Experiment:
+    """Dataset metadata, step counts, model, loss, optimizer, initial state and the jitted steps."""
     data_cfg = config.data
     meta = pipeline.dataset_metadata(data_cfg)
     mesh = sharding.make_mesh()
@@ -231,7 +232,6 @@ def train_and_evaluate(
             f"training examples of {data_cfg.name}."
         )
     total_steps = max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
-    eval_every = max(1, round(config.train.eval_every_epochs * steps_per_epoch))
 
     model = models.get_model(config.model_name, num_classes=meta.num_classes, **config.model)
     loss_fn = losses.make_loss_fn(
@@ -254,6 +254,68 @@ def train_and_evaluate(
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
         frozen_stats = optim.frozen_statistics_mask(trainable, state.batch_stats)
     p_train, p_eval = make_steps(model, tx, loss_fn, frozen_stats=frozen_stats)
+    return _Experiment(
+        meta=meta,
+        mesh=mesh,
+        seed_key=seed_key,
+        total_steps=total_steps,
+        eval_every=max(1, round(config.train.eval_every_epochs * steps_per_epoch)),
+        schedule=schedule,
+        state=state,
+        p_train=p_train,
+        p_eval=p_eval,
+    )
+
+
+def _final_report(
+    config, exp: _Experiment, ckpt: RunCheckpointer, writer: MetricWriter, state, **run
+) -> dict:
+    """Validation and test metrics of the best checkpoint (the last state if none was saved)."""
+    best_step = ckpt.best_step()
+    variables = (
+        ckpt.restore_best(abstract_variables=state.variables) if best_step is not None else state.variables
+    )
+    report = {
+        "config": config.get("name", config.model_name),
+        "dataset": config.data.name,
+        "model": config.model_name,
+        "steps": run["step"],
+        "total_steps": exp.total_steps,
+        "stopped_early": bool(run["stopped"]),
+        "best_step": best_step,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+    }
+    for name, split in (("validation", config.data.eval_split), ("test", config.data.test_split)):
+        report[name] = exp.evaluate(variables, config.data, split)
+        writer.write(run["step"], name + "_best", report[name])
+    return report
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, extra_loss_terms: Mapping | None = None
+) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates on test.
+
+    Args:
+      config: an experiment config (see ``configs/`` and :func:`medjax.config_lib.base_config`).
+      workdir: where checkpoints, metrics and the report go; an existing one is resumed.
+      extra_loss_terms: loss terms by name beyond :data:`medjax.losses.TERMS` (e.g. from a notebook).
+
+    Returns:
+      The report also written to ``<workdir>/report.json``.
+
+    Raises:
+      ConfigError: for a workdir written by a different config.
+      NonFiniteLossError: naming the step; the last good checkpoint stays in the workdir.
+    """
+    config_lib.validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir_config(workdir, config)
+    t_start = time.perf_counter()
+    data_cfg, train_cfg = config.data, config.train
+    exp = _build(config, extra_loss_terms)
+    state = exp.state
 
     train_iter = iter(
         pipeline.make_train_loader(
@@ -262,37 +324,28 @@ def train_and_evaluate(
     )
     ckpt = RunCheckpointer(
         workdir / "checkpoints",
-        keep=config.train.keep_checkpoints,
-        best_metric=config.train.select_best_on,
-        best_mode="min" if config.train.select_best_on == "loss" else "max",
+        keep=train_cfg.keep_checkpoints,
+        best_metric=train_cfg.select_best_on,
+        best_mode="min" if train_cfg.select_best_on == "loss" else "max",
     )
     loop_state: dict = {}
     start_step = ckpt.latest_step()
     if start_step is not None:
         state, loop_state = ckpt.restore(start_step, abstract_state=state, data_iterator=train_iter)
         print(f"Resuming from the checkpoint at step {start_step} in {workdir / 'checkpoints'}.", flush=True)
-    start_step = start_step or 0
-    stopper = EarlyStopping(**config.train.early_stopping, state=loop_state.get("early_stopping"))
-    writer = MetricWriter(workdir, resume_step=start_step if start_step else None)
-    progress = Progress(
-        total=total_steps,
-        initial=start_step,
-        every=config.train.log_every_steps,
-        enabled=config.train.progress_bar,
-    )
-
-    def save(step: int) -> None:
-        loop = {"early_stopping": stopper.state(), "stopped": stopped}
-        ckpt.save(step, state=state, data_iterator=train_iter, loop_state=loop)
-
+    step = last_saved = start_step or 0
+    stopper = EarlyStopping(**train_cfg.early_stopping, state=loop_state.get("early_stopping"))
     stopped = loop_state.get("stopped", False)
+    writer = MetricWriter(workdir, resume_step=step or None)
+    progress = Progress(
+        total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
+    )
     window: list[dict] = []
-    last_saved = start_step
     try:
-        step = start_step
-        while step < total_steps and not stopped:
-            batch = sharding.shard_batch(next(train_iter), mesh)
-            state, step_metrics = p_train(state, batch, seed_key)
+        while step < exp.total_steps and not stopped:
+            state, step_metrics = exp.p_train(
+                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key
+            )
             step += 1
             step_metrics = jax.device_get(step_metrics)
             if not all(np.isfinite(v) for v in step_metrics.values()):
@@ -303,65 +356,38 @@ def train_and_evaluate(
                 )
             window.append(step_metrics)
             progress.update(step, loss=float(step_metrics["loss"]))
-            if step % config.train.log_every_steps == 0:
+            if step % train_cfg.log_every_steps == 0:
                 summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-                summary["learning_rate"] = float(schedule(step - 1))
-                writer.write(step, "train", summary)
+                writer.write(step, "train", {**summary, "learning_rate": float(exp.schedule(step - 1))})
                 window = []
-            if step % eval_every == 0 or step == total_steps:
-                val = evaluate(
-                    p_eval,
-                    state.variables,
-                    data_cfg,
-                    split=data_cfg.eval_split,
-                    mesh=mesh,
-                    class_names=meta.class_names,
-                )
+            evaluate_now = step % exp.eval_every == 0 or step == exp.total_steps
+            if evaluate_now:
+                val = exp.evaluate(state.variables, data_cfg, data_cfg.eval_split)
                 writer.write(step, "validation", val)
                 progress.message(
                     f"step {step}: validation loss {val['loss']:.4f} "
                     f"accuracy {val['accuracy']:.4f} auc {val['auc']:.4f}"
                 )
-                stopped = stopper.update(val[config.train.early_stopping.monitor])
-                ckpt.save_best(
-                    step, variables=state.variables, metrics={k: v for k, v in val.items() if np.isscalar(v)}
-                )
-                save(step)
-                last_saved = step
+                stopped = stopper.update(val[train_cfg.early_stopping.monitor])
+                scalars = {k: v for k, v in val.items() if np.isscalar(v)}
+                ckpt.save_best(step, variables=state.variables, metrics=scalars)
                 if stopped:
                     progress.message(
                         f"Early stopping at step {step}: no improvement in {stopper.patience} evaluations."
                     )
-            elif config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0:
-                save(step)
+            if evaluate_now or (
+                train_cfg.checkpoint_every_steps and step % train_cfg.checkpoint_every_steps == 0
+            ):
+                loop = {"early_stopping": stopper.state(), "stopped": stopped}
+                ckpt.save(step, state=state, data_iterator=train_iter, loop_state=loop)
                 last_saved = step
         progress.close()
 
-        best_step = ckpt.best_step()
-        variables = (
-            ckpt.restore_best(abstract_variables=state.variables)
-            if best_step is not None
-            else state.variables
-        )
-        report = {
-            "config": config.get("name", config.model_name),
-            "dataset": data_cfg.name,
-            "model": config.model_name,
-            "steps": step,
-            "total_steps": total_steps,
-            "stopped_early": bool(stopped),
-            "best_step": best_step,
-            "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-        }
-        for split_name, split in (("validation", data_cfg.eval_split), ("test", data_cfg.test_split)):
-            report[split_name] = evaluate(
-                p_eval, variables, data_cfg, split=split, mesh=mesh, class_names=meta.class_names
-            )
-            writer.write(step, split_name + "_best", report[split_name])
+        report = _final_report(config, exp, ckpt, writer, state, step=step, stopped=stopped)
         report["wall_time_s"] = time.perf_counter() - t_start
         (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
         print(
-            f"Test ({data_cfg.test_split}) with the best checkpoint (step {best_step}): "
+            f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "
             f"accuracy {report['test']['accuracy']:.4f} auc {report['test']['auc']:.4f}. "
             f"Report: {workdir / 'report.json'}",
             flush=True,
