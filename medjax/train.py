@@ -24,7 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from medjax import config_lib, losses, metrics, models, optim, sharding
+from medjax import config_lib, losses, metrics, models, optim, sharding, trained
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.errors import ConfigError, NonFiniteLossError
@@ -315,6 +315,7 @@ def train_and_evaluate(
     t_start = time.perf_counter()
     data_cfg, train_cfg = config.data, config.train
     exp = _build(config, extra_loss_terms)
+    trained.write_dataset_info(workdir, class_names=exp.meta.class_names, label_counts=exp.meta.label_counts)
     state = exp.state
 
     train_iter = iter(

@@ -28,3 +28,17 @@ def compilation_cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("jax_cache"))
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tfds_data_dir, tmp_path_factory) -> Path:
+    """A finished run directory of ``configs/chest_xray.py:smoke`` (MobileNetV2 on synthetic_ct, 32 px),
+    trained once per session for the tests of evaluation, Grad-CAM, prediction and export. Its numbers are
+    meaningless (a few steps); it exists to have real checkpoints, config.json and dataset.json."""
+    from medjax import config_lib, train
+
+    config = config_lib.load_config_file(f"{ROOT}/configs/chest_xray.py:smoke")
+    config.data.data_dir = str(tfds_data_dir)
+    workdir = tmp_path_factory.mktemp("smoke_run")
+    train.train_and_evaluate(config, workdir)
+    return workdir

@@ -1,0 +1,144 @@
+"""A trained run, loaded back from its workdir: config, model, best variables and class names.
+
+Evaluation, Grad-CAM, prediction on new files and export all start from a finished (or interrupted)
+run directory rather than from a live training loop, so they share this one loader. It reads
+``config.json`` and ``dataset.json`` written by :func:`medjax.train.train_and_evaluate` and restores the
+best-on-validation Orbax checkpoint, so it needs neither the training data nor the config file that
+started the run.
+"""
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from medjax import models
+from medjax.checkpointing import RunCheckpointer
+from medjax.data import transforms
+from medjax.errors import MedjaxError
+
+DATASET_FILE = "dataset.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A model with its trained variables and everything needed to feed it images.
+
+    Attributes:
+      config: the run's config (as written to ``config.json``).
+      model: the Flax module, built as the run built it.
+      variables: ``{'params', 'batch_stats'}`` of the best checkpoint.
+      class_names: label names, index = label id.
+      step: training step of the restored checkpoint.
+      workdir: the run directory it came from.
+    """
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    variables: dict
+    class_names: tuple[str, ...]
+    step: int
+    workdir: Path
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        data = self.config.data
+        return (data.image_size, data.image_size, data.channels)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """A decoded ``(H, W, 1 or 3)`` uint8 image -> the float32 model input of the run's evaluation."""
+        element = {"image": image}
+        for transform in transforms.build_eval_transforms(self.config.data):
+            element = transform.map(element)
+        return element["image"]
+
+    def apply(self, images: jax.Array) -> tuple[jax.Array, dict]:
+        """``(logits, aux)`` in inference mode for a batch of preprocessed images."""
+        return self.model.apply(self.variables, images, train=False)
+
+    @functools.cached_property
+    def _jitted_probs(self):
+        return jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x, train=False)[0], axis=-1))
+
+    def predict_proba(self, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities ``(N, K)`` of preprocessed images, in batches of ``batch_size``.
+
+        The last batch is padded to the full size, so every call compiles once per batch size.
+        """
+        probs = []
+        for i in range(0, len(images), batch_size):
+            chunk = np.asarray(images[i : i + batch_size], np.float32)
+            padding = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), np.float32)
+            padded = np.concatenate([chunk, padding])
+            probs.append(np.asarray(self._jitted_probs(self.variables, padded))[: len(chunk)])
+        return np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), np.float32)
+
+
+def write_dataset_info(workdir: Path, *, class_names: Sequence[str], label_counts: dict) -> None:
+    """Records what a trained run needs to know about its data, so inference does not need the data."""
+    info = {"class_names": list(class_names), "label_counts": {k: list(v) for k, v in label_counts.items()}}
+    (Path(workdir) / DATASET_FILE).write_text(json.dumps(info, indent=2))
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a run was trained with (``<workdir>/config.json``)."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise MedjaxError(
+            f"{path} not found: {workdir} is not a medjax run directory. Pass the --workdir of a run "
+            "started with `python -m medjax.launch` (it holds config.json, dataset.json and checkpoints/)."
+        )
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_trained(workdir: str | Path) -> TrainedModel:
+    """Restores the best-on-validation checkpoint of a run directory.
+
+    Raises:
+      MedjaxError: naming the missing file or checkpoint and what produces it.
+    """
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    info_path = workdir / DATASET_FILE
+    if not info_path.is_file():
+        raise MedjaxError(f"{info_path} not found: it is written when training starts; rerun the run once.")
+    class_names = tuple(json.loads(info_path.read_text())["class_names"])
+    model = models.get_model(config.model_name, num_classes=len(class_names), **config.model)
+    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+    abstract = jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0), "dropout": jax.random.key(0)}, jnp.zeros(shape), train=False
+        )
+    )
+    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}  # As saved.
+    ckpt = RunCheckpointer(
+        workdir / "checkpoints",
+        keep=config.train.keep_checkpoints,
+        best_metric=config.train.select_best_on,
+        best_mode="min" if config.train.select_best_on == "loss" else "max",
+    )
+    try:
+        step = ckpt.best_step()
+        if step is None:
+            raise MedjaxError(
+                f"No best checkpoint in {workdir / 'checkpoints' / 'best'}: the run has not reached its "
+                "first evaluation. Resume it with the same --workdir until it evaluates."
+            )
+        variables = ckpt.restore_best(abstract_variables=abstract)
+    finally:
+        ckpt.close()
+    return TrainedModel(
+        config=config,
+        model=model,
+        variables=jax.device_get(variables),
+        class_names=class_names,
+        step=int(step),
+        workdir=workdir,
+    )
