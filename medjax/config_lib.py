@@ -16,8 +16,9 @@ from typing import Any
 
 import ml_collections
 
-# Keys that change how a run is *watched*, not what it computes; a workdir may be resumed with them changed.
-RESUMABLE_WITH_CHANGES = ("train.progress_bar", "train.log_every_steps", "data.num_workers")
+# Keys (or whole sections) that change how a run is *watched* or judged, not what it computes; a workdir
+# may be resumed with them changed.
+RESUMABLE_WITH_CHANGES = ("train.progress_bar", "train.log_every_steps", "data.num_workers", "eval")
 
 REQUIRED_KEYS = (
     "seed",
@@ -133,6 +134,12 @@ def base_config() -> ml_collections.ConfigDict:
         {"monitor": "loss", "patience": 0, "min_delta": 0.0}  # patience 0 disables; counted in evaluations.
     )
     c.train.select_best_on = "loss"  # Validation metric for the best checkpoint ('loss' is minimised).
+
+    # `python -m medjax.evaluate`: how a trained run is judged (none of this changes training).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.bootstrap_samples = 1000  # Resamples behind each 95 % interval.
+    c.eval.target_sensitivity = 0.9  # Also report specificity at the validation threshold reaching this.
+    c.eval.calibration_bins = 15  # Equal-width confidence bins of the expected calibration error.
     return c
 
 
@@ -185,7 +192,10 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
     """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_WITH_CHANGES``."""
     a, b = flatten(saved), flatten(json.loads(json.dumps(current, default=str)))
-    keys = (set(a) | set(b)) - set(RESUMABLE_WITH_CHANGES)
+    def watched_only(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in RESUMABLE_WITH_CHANGES)
+
+    keys = {k for k in set(a) | set(b) if not watched_only(k)}
     return sorted(k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
