@@ -46,7 +46,7 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from medjax import losses, models, optim, train
+    from medjax import losses, models, optim, profiling, train
 
     model = models.get_model(name, num_classes=args.num_classes, **MODEL_KWARGS[name], depthwise_impl=impl)
     loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}})
@@ -66,8 +66,6 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     start = time.perf_counter()
     compiled = p_train.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
 
     def step():
         nonlocal state
@@ -80,16 +78,18 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     eval_batch = {**batch, "mask": jnp.ones((args.batch,), bool)}
     one = {k: v[:1] for k, v in eval_batch.items()}
     start = time.perf_counter()
-    jax.block_until_ready(p_eval(variables, one))
+    jax.block_until_ready(p_eval(variables, one, {}))
     eval_compile_s = time.perf_counter() - start
-    jax.block_until_ready(p_eval(variables, eval_batch))  # Compiles the batch-N shape outside the timing.
-    latency = timed(lambda: jax.block_until_ready(p_eval(variables, one)), steps=max(args.steps, 5), warmup=1)
+    jax.block_until_ready(p_eval(variables, eval_batch, {}))  # Compiles the batch-N shape outside the timing.
+    latency = timed(
+        lambda: jax.block_until_ready(p_eval(variables, one, {})), steps=max(args.steps, 5), warmup=1
+    )
     throughput = timed(
-        lambda: jax.block_until_ready(p_eval(variables, eval_batch)), steps=args.steps, warmup=1
+        lambda: jax.block_until_ready(p_eval(variables, eval_batch, {})), steps=args.steps, warmup=1
     )
     return {
-        "params": sum(int(p.size) for p in jax.tree.leaves(state.params)),
-        "gflops_per_step": float(cost.get("flops", float("nan"))) / 1e9,
+        "params": profiling.count_params(state.params),
+        "gflops_per_step": profiling.compiled_gflops(compiled),
         "compile_s": compile_s,
         "first_eval_s": eval_compile_s,
         "train_step_times_s": train_times,

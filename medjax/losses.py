@@ -6,11 +6,14 @@ returning the mean over the batch (``reduction=True``) or one value per example 
 accept ``weights`` (per-example, 0 for padding) when it needs them for more than the final average, as
 feature smoothing does for its class means.
 
-``config.loss`` maps term names to ``{'weight': w, **params}``; :func:`make_loss_fn` turns it into one
-function returning the weighted total and every term, so all of them are logged. Terms defined outside
-the package (e.g. in a notebook) are passed in ``extra_terms`` without editing this module.
+``config.loss`` maps term names to ``{'weight': w, 'warmup_steps': n, **params}``; :func:`make_loss_fn`
+turns it into one :class:`CompositeLoss` returning the weighted total and every term, so all of them are
+logged. Terms defined outside the package (e.g. in a notebook) are passed in ``extra_terms`` without
+editing this module. A term that needs state across steps (the class centres of ``center_loss``) is a
+:class:`StatefulTerm`; its state lives in the train state and is checkpointed with it.
 """
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 
@@ -86,9 +89,7 @@ def feature_smoothing(
     (PAPERS.md A); the gradient through ``mu`` cancels exactly (``sum_i (f_i - mu) = 0``), so stopping it
     would change nothing. ``normalize=True`` L2-normalises features first, which bounds the term.
     """
-    features = aux["features"].astype(jnp.float32)
-    if normalize:
-        features = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+    features = _features(aux, normalize)
     w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32) * w[:, None]  # (B, K)
     counts = onehot.sum(axis=0)  # (K,)
@@ -97,10 +98,146 @@ def feature_smoothing(
     return _reduce(per_example, reduction)
 
 
-TERMS: dict[str, LossTerm] = {
+def center_loss(
+    *,
+    logits: jax.Array,
+    labels: jax.Array,
+    aux: Mapping,
+    state: Mapping,
+    normalize: bool = False,
+    update_rate: float = 0.5,
+    reduction: bool = True,
+) -> jax.Array:
+    """Feature smoothing against running class centres (center loss, Wen et al. 2016).
+
+    ``L_i = ||f_i - c_{y_i}||^2`` with ``c`` the non-trainable centres in ``state['centers']`` (``K x D``),
+    kept in the train state and checkpointed, and updated after every step by :func:`update_centers`. Unlike
+    the batch variant it pulls features towards a class centre that persists across batches, so it also
+    works with small batches where a class has one example. The centres get no gradient (they are state).
+    ``update_rate`` is Wen et al.'s alpha, used by :func:`update_centers`.
+    """
+    del logits, update_rate
+    features = _features(aux, normalize)
+    centers = jax.lax.stop_gradient(state["centers"])
+    return _reduce(jnp.sum((features - centers[labels]) ** 2, axis=-1), reduction)
+
+
+def init_centers(*, num_classes: int, feature_dim: int, **params) -> dict:
+    """Zero centres, as in Wen et al.: the first updates move them to the class means."""
+    del params
+    return {"centers": jnp.zeros((num_classes, feature_dim), jnp.float32)}
+
+
+def update_centers(
+    state: Mapping,
+    *,
+    labels: jax.Array,
+    aux: Mapping,
+    weights: jax.Array,
+    update_rate: float = 0.5,
+    normalize: bool = False,
+    **params,
+) -> dict:
+    """Wen et al.'s centre update: ``c_k -= update_rate * sum_{i: y_i = k} (c_k - f_i) / (1 + n_k)``.
+
+    An exponential moving average towards the batch's class-``k`` features; classes absent from the batch
+    (and padded examples, ``weights == 0``) leave their centre unchanged.
+    """
+    del params
+    features = jax.lax.stop_gradient(_features(aux, normalize))
+    centers = state["centers"]
+    onehot = jax.nn.one_hot(labels, centers.shape[0], dtype=jnp.float32) * weights[:, None]  # (B, K)
+    counts = onehot.sum(axis=0)
+    delta = (counts[:, None] * centers - onehot.T @ features) / (1.0 + counts)[:, None]
+    return {"centers": centers - update_rate * delta}
+
+
+def supervised_contrastive(
+    *,
+    logits: jax.Array,
+    labels: jax.Array,
+    aux: Mapping,
+    weights: jax.Array | None = None,
+    temperature: float = 0.1,
+    reduction: bool = True,
+) -> jax.Array:
+    """Supervised contrastive loss (Khosla et al. 2020, ``L_out``) on L2-normalised ``aux['features']``.
+
+    ``L_i = -1/|P(i)| sum_{p in P(i)} log(exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t))`` with ``P(i)``
+    the other examples of ``i``'s class. An example without positives in the batch contributes 0; padded
+    examples (``weights == 0``) are neither anchors nor contrasted against.
+    """
+    del logits
+    z = _features(aux, normalize=True)
+    valid = jnp.ones(labels.shape, bool) if weights is None else weights > 0
+    sim = (z @ z.T) / temperature
+    others = valid[None, :] & ~jnp.eye(labels.shape[0], dtype=bool)
+    log_prob = sim - jax.nn.logsumexp(jnp.where(others, sim, -jnp.inf), axis=1, keepdims=True)
+    positives = others & (labels[:, None] == labels[None, :])
+    num_pos = positives.sum(axis=1)
+    mean_log_prob = jnp.sum(jnp.where(positives, log_prob, 0.0), axis=1) / jnp.maximum(num_pos, 1)
+    per_example = jnp.where(valid & (num_pos > 0), -mean_log_prob, 0.0)
+    return _reduce(per_example, reduction)
+
+
+def dice(
+    *,
+    logits: jax.Array,
+    labels: jax.Array,
+    aux: Mapping | None = None,
+    include_background: bool = False,
+    smooth: float = 1e-5,
+    reduction: bool = True,
+) -> jax.Array:
+    """Soft Dice loss for segmentation: ``1 - mean_k (2 |P_k G_k| + s) / (|P_k| + |G_k| + s)`` per image.
+
+    ``logits`` are ``(B, H, W, K)`` (any number of spatial axes), ``labels`` integer maps ``(B, H, W)``;
+    ``P`` are softmax probabilities and ``G`` one-hot labels, summed over each image's pixels (as MONAI's
+    ``DiceLoss(softmax=True, to_onehot_y=True)``). Class 0 is background and left out unless
+    ``include_background``.
+    """
+    del aux
+    num_classes = logits.shape[-1]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    target = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    spatial = tuple(range(1, logits.ndim - 1))
+    intersection = jnp.sum(probs * target, axis=spatial)  # (B, K)
+    denominator = jnp.sum(probs, axis=spatial) + jnp.sum(target, axis=spatial)
+    per_class = 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
+    if not include_background:
+        per_class = per_class[:, 1:]
+    return _reduce(per_class.mean(axis=-1), reduction)
+
+
+def _features(aux: Mapping, normalize: bool) -> jax.Array:
+    features = aux["features"].astype(jnp.float32)
+    if normalize:
+        features = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+    return features
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulTerm:
+    """A term with non-trainable state (kept in the train state, checkpointed, updated after each step).
+
+    Attributes:
+      loss: the term, called with ``state=`` besides the usual arguments.
+      init: ``init(*, num_classes, feature_dim, **params) -> state``.
+      update: ``update(state, *, labels, aux, weights, **params) -> state``, given stop-gradient features.
+    """
+
+    loss: LossTerm
+    init: Callable[..., dict]
+    update: Callable[..., dict]
+
+
+TERMS: dict[str, LossTerm | StatefulTerm] = {
     "cross_entropy": cross_entropy,
     "focal": focal,
     "feature_smoothing": feature_smoothing,
+    "center_loss": StatefulTerm(loss=center_loss, init=init_centers, update=update_centers),
+    "supervised_contrastive": supervised_contrastive,
+    "dice": dice,
 }
 
 
@@ -111,17 +248,80 @@ def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
     return [total / (k * c) if c > 0 else 0.0 for c in counts]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Term:
+    name: str
+    weight: float
+    warmup_steps: int
+    fn: LossTerm | StatefulTerm
+    params: dict
+
+    @property
+    def loss(self) -> LossTerm:
+        return self.fn.loss if isinstance(self.fn, StatefulTerm) else self.fn
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositeLoss:
+    """The weighted sum of configured terms; see :func:`make_loss_fn`.
+
+    ``loss(logits, labels, aux, weights=None, *, state=None, step=None) -> (total, {term: value})``: every
+    term is averaged over the examples with non-zero ``weights`` (0 marks padding). A term's weight ramps
+    linearly from 0 over its ``warmup_steps`` when ``step`` is given (training), and is full otherwise.
+    Stateful terms (:class:`StatefulTerm`) read ``state[name]``; :meth:`init_state` and
+    :meth:`update_state` create and advance that state, which the trainer keeps in its train state.
+    """
+
+    terms: tuple[_Term, ...]
+
+    def __call__(self, logits, labels, aux, weights=None, *, state=None, step=None):
+        w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+        denom = jnp.maximum(w.sum(), 1.0)
+        values, total = {}, 0.0
+        for term in self.terms:
+            extra = {"weights": w} if "weights" in inspect.signature(term.loss).parameters else {}
+            if isinstance(term.fn, StatefulTerm):
+                extra["state"] = (state or {})[term.name]
+            per_example = term.loss(
+                logits=logits, labels=labels, aux=aux, reduction=False, **extra, **term.params
+            )
+            values[term.name] = jnp.sum(per_example * w) / denom
+            weight = term.weight
+            if step is not None and term.warmup_steps > 0:
+                weight = weight * jnp.minimum(1.0, step / term.warmup_steps)
+            total = total + weight * values[term.name]
+        return total, values
+
+    def init_state(self, *, num_classes: int, feature_dim: int) -> dict:
+        """Initial state of every stateful term, by name (``{}`` when there is none)."""
+        return {
+            t.name: t.fn.init(num_classes=num_classes, feature_dim=feature_dim, **t.params)
+            for t in self.terms
+            if isinstance(t.fn, StatefulTerm)
+        }
+
+    def update_state(self, state: Mapping, *, labels, aux, weights=None) -> dict:
+        """The state after a training step on this batch (features are taken without gradient)."""
+        w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+        aux = jax.lax.stop_gradient({"features": aux["features"]})
+        return {
+            t.name: t.fn.update(state[t.name], labels=labels, aux=aux, weights=w, **t.params)
+            for t in self.terms
+            if isinstance(t.fn, StatefulTerm)
+        }
+
+
 def make_loss_fn(
     loss_config: Mapping,
     *,
     class_counts: Sequence[int] | None = None,
-    extra_terms: Mapping[str, LossTerm] | None = None,
-) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-    """Builds ``loss_fn(logits, labels, aux, weights) -> (total, {term: value})`` from ``config.loss``.
+    extra_terms: Mapping[str, LossTerm | StatefulTerm] | None = None,
+) -> CompositeLoss:
+    """Builds the weighted sum of the terms in ``config.loss``.
 
     Args:
-      loss_config: ``{name: {'weight': w, **params}}``. A ``class_weights`` or ``alpha`` of
-        ``'balanced'`` is resolved from ``class_counts``.
+      loss_config: ``{name: {'weight': w, 'warmup_steps': n (optional), **params}}``. A ``class_weights``
+        or ``alpha`` of ``'balanced'`` is resolved from ``class_counts``.
       class_counts: training examples per class (needed only for ``'balanced'``).
       extra_terms: additional terms by name, e.g. defined in a notebook; they override built-ins.
 
@@ -137,24 +337,11 @@ def make_loss_fn(
         if "weight" not in params:
             raise ValueError(f"Loss term {name!r} needs a 'weight' (got keys {sorted(params)}).")
         weight = float(params.pop("weight"))
+        warmup_steps = int(params.pop("warmup_steps", 0))
         for key in ("class_weights", "alpha"):
             if params.get(key) == "balanced":
                 if class_counts is None:
                     raise ValueError(f"loss.{name}.{key}='balanced' needs the training label counts.")
                 params[key] = balanced_class_weights(class_counts)
-        fn = registry[name]
-        takes_weights = "weights" in inspect.signature(fn).parameters
-        terms.append((name, weight, fn, params, takes_weights))
-
-    def loss_fn(logits, labels, aux, weights=None):
-        w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
-        denom = jnp.maximum(w.sum(), 1.0)
-        values, total = {}, 0.0
-        for name, weight, fn, params, takes_weights in terms:
-            extra = {"weights": w} if takes_weights else {}
-            per_example = fn(logits=logits, labels=labels, aux=aux, reduction=False, **extra, **params)
-            values[name] = jnp.sum(per_example * w) / denom
-            total = total + weight * values[name]
-        return total, values
-
-    return loss_fn
+        terms.append(_Term(name, weight, warmup_steps, registry[name], params))
+    return CompositeLoss(tuple(terms))

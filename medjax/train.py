@@ -40,6 +40,7 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    loss_state: Any = struct.field(default_factory=dict)  # Stateful loss terms', e.g. class centres.
 
     @property
     def variables(self) -> dict:
@@ -64,10 +65,10 @@ def train_step(
             rngs={"dropout": rng},
             mutable=["batch_stats"],
         )
-        total, terms = loss_fn(logits, batch["label"], aux)
-        return total, (terms, updates.get("batch_stats", state.batch_stats), logits)
+        total, terms = loss_fn(logits, batch["label"], aux, state=state.loss_state, step=state.step)
+        return total, (terms, updates.get("batch_stats", state.batch_stats), logits, aux)
 
-    (total, (terms, batch_stats, logits)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+    (total, (terms, batch_stats, logits, aux)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
         state.params
     )
     if frozen_stats is not None:
@@ -80,6 +81,7 @@ def train_step(
         params=optax.apply_updates(state.params, updates),
         batch_stats=batch_stats,
         opt_state=opt_state,
+        loss_state=loss_fn.update_state(state.loss_state, labels=batch["label"], aux=aux),
     )
     step_metrics = {
         "loss": total,
@@ -90,11 +92,15 @@ def train_step(
     return new_state, step_metrics
 
 
-def eval_step(variables: dict, batch: dict, *, model, loss_fn) -> dict:
-    """Logits and the masked loss sum of one (possibly padded) evaluation batch."""
+def eval_step(variables: dict, batch: dict, loss_state: dict, *, model, loss_fn) -> dict:
+    """Logits and the masked loss sum of one (possibly padded) evaluation batch.
+
+    ``loss_state`` is the train state's (class centres of a center loss), so the validation loss is the
+    training objective.
+    """
     logits, aux = model.apply(variables, batch["image"], train=False)
     weights = batch["mask"].astype(jnp.float32)
-    total, _ = loss_fn(logits, batch["label"], aux, weights)
+    total, _ = loss_fn(logits, batch["label"], aux, weights, state=loss_state)
     return {"logits": logits, "loss_sum": total * weights.sum()}
 
 
@@ -115,7 +121,7 @@ def init_variables(model, *, rng: jax.Array, image_shape: tuple[int, ...]) -> di
     return jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))(rng)
 
 
-def create_train_state(tx, variables: dict) -> TrainState:
+def create_train_state(tx, variables: dict, loss_state: dict | None = None) -> TrainState:
     """A fresh train state from initialised (or pretrained) variables and the optimizer state for them."""
     params = variables["params"]
     return TrainState(
@@ -123,6 +129,7 @@ def create_train_state(tx, variables: dict) -> TrainState:
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
+        loss_state=loss_state or {},
     )
 
 
@@ -144,12 +151,14 @@ def _initial_variables(config, model, init_key, image_shape) -> dict:
     return variables
 
 
-def evaluate(p_eval: Callable, variables: dict, data_cfg, *, split: str, mesh, class_names) -> dict:
+def evaluate(
+    p_eval: Callable, variables: dict, data_cfg, *, split: str, mesh, class_names, loss_state=None
+) -> dict:
     """Metrics over every example of ``split`` exactly once (padding masked out)."""
     all_labels, all_logits, loss_sum = [], [], 0.0
     for batch in pipeline.iterate_eval(data_cfg, split=split):
         mask = np.asarray(batch["mask"], bool)
-        out = jax.device_get(p_eval(variables, sharding.shard_batch(batch, mesh)))
+        out = jax.device_get(p_eval(variables, sharding.shard_batch(batch, mesh), loss_state or {}))
         all_logits.append(np.asarray(out["logits"])[mask])
         all_labels.append(np.asarray(batch["label"])[mask])
         loss_sum += float(out["loss_sum"])
@@ -212,9 +221,15 @@ class _Experiment:
     p_train: Callable
     p_eval: Callable
 
-    def evaluate(self, variables: dict, data_cfg, split: str) -> dict:
+    def evaluate(self, variables: dict, data_cfg, split: str, loss_state: dict) -> dict:
         return evaluate(
-            self.p_eval, variables, data_cfg, split=split, mesh=self.mesh, class_names=self.meta.class_names
+            self.p_eval,
+            variables,
+            data_cfg,
+            split=split,
+            mesh=self.mesh,
+            class_names=self.meta.class_names,
+            loss_state=loss_state,
         )
 
 
@@ -240,14 +255,19 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     seed_key = jax.random.key(config.seed, impl=config.rng_impl)
     image_shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
     init_key = jax.random.fold_in(seed_key, -1 & 0x7FFFFFFF)
-    abstract_params = jax.eval_shape(lambda: init_variables(model, rng=init_key, image_shape=image_shape))[
-        "params"
-    ]
+    abstract_variables = jax.eval_shape(lambda: init_variables(model, rng=init_key, image_shape=image_shape))
+    abstract_params = abstract_variables["params"]
+    _, abstract_aux = jax.eval_shape(
+        lambda v: model.apply(v, jnp.zeros((1, *image_shape)), train=False), abstract_variables
+    )
+    loss_state = loss_fn.init_state(
+        num_classes=meta.num_classes, feature_dim=abstract_aux["features"].shape[-1]
+    )
     tx, schedule = optim.make_optimizer(
         config.optim, abstract_params, total_steps=total_steps, steps_per_epoch=steps_per_epoch
     )
     state = sharding.replicate(
-        create_train_state(tx, _initial_variables(config, model, init_key, image_shape)), mesh
+        create_train_state(tx, _initial_variables(config, model, init_key, image_shape), loss_state), mesh
     )
     frozen_stats = None
     if config.optim.trainable is not None and config.optim.freeze_batch_stats:
@@ -286,7 +306,7 @@ def _final_report(
         "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
     for name, split in (("validation", config.data.eval_split), ("test", config.data.test_split)):
-        report[name] = exp.evaluate(variables, config.data, split)
+        report[name] = exp.evaluate(variables, config.data, split, state.loss_state)
         writer.write(run["step"], name + "_best", report[name])
     return report
 
@@ -363,7 +383,7 @@ def train_and_evaluate(
                 window = []
             evaluate_now = step % exp.eval_every == 0 or step == exp.total_steps
             if evaluate_now:
-                val = exp.evaluate(state.variables, data_cfg, data_cfg.eval_split)
+                val = exp.evaluate(state.variables, data_cfg, data_cfg.eval_split, state.loss_state)
                 writer.write(step, "validation", val)
                 progress.message(
                     f"step {step}: validation loss {val['loss']:.4f} "

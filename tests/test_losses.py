@@ -136,3 +136,112 @@ def test_unknown_term_and_missing_weight_are_clear_errors():
         losses.make_loss_fn({"focal": {"gamma": 2.0}})
     with pytest.raises(ValueError, match="label counts"):
         losses.make_loss_fn({"cross_entropy": {"weight": 1.0, "class_weights": "balanced"}})
+
+
+def test_center_loss_and_wen_update_hand_computed():
+    centers = np.array([[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]], np.float32)
+    aux = {"features": FEATURES}
+    # Squared distances to the own class centre:
+    # (1,0)-(0,0): 1; (0,2)-(1,1): 2; (5,5)-(4,4): 2; (2,0)-(1,1): 2.
+    got = losses.center_loss(
+        logits=LOGITS, labels=LABELS, aux=aux, state={"centers": centers}, reduction=False
+    )
+    np.testing.assert_allclose(got, [1.0, 2.0, 2.0, 2.0], atol=1e-6)
+    # Wen et al.: c_k -= a * sum_i (c_k - f_i) / (1 + n_k).
+    # Class 1: n=2, sum (c - f) = (1,-1) + (-1,1) = 0, unchanged.
+    # Class 0: (0,0) - 0.5 * ((0,0) - (1,0)) / 2 = (0.25, 0).
+    # Class 2: (4,4) - 0.5 * (-1,-1) / 2 = (4.25, 4.25).
+    new = losses.update_centers(
+        {"centers": centers}, labels=LABELS, aux=aux, weights=np.ones(4, np.float32), update_rate=0.5
+    )
+    np.testing.assert_allclose(new["centers"], [[0.25, 0.0], [1.0, 1.0], [4.25, 4.25]], atol=1e-6)
+
+
+def test_update_centers_leaves_absent_and_masked_classes_alone():
+    centers = np.array([[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]], np.float32)
+    weights = np.array([0.0, 1.0, 0.0, 1.0], np.float32)  # Classes 0 and 2 only appear masked.
+    new = losses.update_centers(
+        {"centers": centers}, labels=LABELS, aux={"features": FEATURES}, weights=weights
+    )
+    np.testing.assert_array_equal(np.asarray(new["centers"])[[0, 2]], centers[[0, 2]])
+
+
+def test_center_loss_gradient_reaches_features_not_centers():
+    centers = jnp.asarray([[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]])
+    grad_f, grad_c = jax.grad(
+        lambda f, c: losses.center_loss(
+            logits=LOGITS, labels=LABELS, aux={"features": f}, state={"centers": c}
+        ),
+        argnums=(0, 1),
+    )(jnp.asarray(FEATURES), centers)
+    np.testing.assert_allclose(grad_f, 2 * (FEATURES - np.asarray(centers)[LABELS]) / 4, atol=1e-6)
+    np.testing.assert_array_equal(grad_c, 0.0)
+
+
+def _supcon_reference(features, labels, temperature, valid):
+    """Khosla et al.'s L_out written as explicit loops (independent of the vectorised version)."""
+    z = features / np.linalg.norm(features, axis=1, keepdims=True)
+    out = np.zeros(len(labels))
+    for i in range(len(labels)):
+        if not valid[i]:
+            continue
+        others = [a for a in range(len(labels)) if a != i and valid[a]]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            continue
+        log_denominator = np.log(sum(np.exp(z[i] @ z[a] / temperature) for a in others))
+        out[i] = -np.mean([z[i] @ z[p] / temperature - log_denominator for p in positives])
+    return out
+
+
+def test_supervised_contrastive_matches_loop_reference_with_padding():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(7, 5)).astype(np.float32)
+    labels = np.array([0, 1, 0, 2, 1, 1, 0])
+    weights = np.array([1, 1, 1, 1, 1, 1, 0], np.float32)
+    got = losses.supervised_contrastive(
+        logits=np.zeros((7, 3)),
+        labels=labels,
+        aux={"features": feats},
+        weights=weights,
+        temperature=0.5,
+        reduction=False,
+    )
+    expected = _supcon_reference(feats, labels, 0.5, weights > 0)
+    assert expected[3] == 0.0  # Class 2 has no positive: it contributes nothing.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dice_hand_computed_and_perfect_prediction():
+    # One 1x2 image, 2 classes; probabilities for class 1 are 0.5 and 1.0 (logits built to give them).
+    logits = np.log(np.array([[[[0.5, 0.5], [1e-12, 1.0]]]], np.float32))
+    labels = np.array([[[1, 1]]])
+    # Foreground: intersection 1.5, |P| = 1.5, |G| = 2 -> dice 3 / 3.5; loss 1 - 6/7 = 1/7.
+    np.testing.assert_allclose(losses.dice(logits=logits, labels=labels, smooth=0.0), 1 / 7, rtol=1e-5)
+    perfect = np.where(np.eye(3)[np.array([[[0, 2], [1, 1]]])] > 0, 30.0, -30.0).astype(np.float32)
+    np.testing.assert_allclose(
+        losses.dice(logits=perfect, labels=np.array([[[0, 2], [1, 1]]]), include_background=True),
+        0.0,
+        atol=1e-6,
+    )
+
+
+def test_composite_loss_warmup_and_state():
+    loss_fn = losses.make_loss_fn(
+        {
+            "cross_entropy": {"weight": 1.0},
+            "center_loss": {"weight": 0.5, "warmup_steps": 10, "update_rate": 1.0},
+        }
+    )
+    state = loss_fn.init_state(num_classes=3, feature_dim=2)
+    chex.assert_trees_all_equal(state, {"center_loss": {"centers": np.zeros((3, 2), np.float32)}})
+    aux = {"features": jnp.asarray(FEATURES)}
+    ce = losses.cross_entropy(logits=LOGITS, labels=LABELS)
+    center = float(np.mean(np.sum(FEATURES**2, axis=1)))  # Distance to the zero centres.
+    for step, factor in ((0, 0.0), (4, 0.4), (10, 1.0), (25, 1.0), (None, 1.0)):
+        total, terms = loss_fn(jnp.asarray(LOGITS), jnp.asarray(LABELS), aux, state=state, step=step)
+        np.testing.assert_allclose(terms["center_loss"], center, rtol=1e-6)
+        np.testing.assert_allclose(total, ce + 0.5 * factor * center, rtol=1e-6)
+    # update_rate 1 moves a centre to (n_k * f_mean) / (1 + n_k) from zero.
+    new = loss_fn.update_state(state, labels=jnp.asarray(LABELS), aux=aux)
+    np.testing.assert_allclose(new["center_loss"]["centers"][1], [2 / 3, 2 / 3], atol=1e-6)

@@ -10,6 +10,8 @@ import time
 
 import chex
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from medjax import config_lib, train
@@ -163,3 +165,18 @@ def test_init_from_keras_weights_file(tmp_path, tfds_data_dir, capsys):
     assert "Loaded" in out and "(scheme 'keras')" in out
     assert "params/classifier/kernel" in out  # 5-class head kept fresh for the 2-class task.
     assert report["steps"] == 1
+
+
+def test_center_loss_centres_train_and_are_checkpointed(tmp_path, tfds_data_dir):
+    config = smoke_config(tfds_data_dir, num_epochs=2 / 8, eval_every_epochs=2 / 8, log_every_steps=1)
+    config.loss.center_loss = {"weight": 0.01, "warmup_steps": 1, "update_rate": 0.5}
+    workdir = tmp_path / "run"
+    report = train.train_and_evaluate(config, workdir)
+    assert report["steps"] == 2
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_center_loss" in r for r in lines if r["kind"] == "train")
+
+    saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "latest" / "2" / "state")
+    centers = np.asarray(saved["loss_state"]["center_loss"]["centers"])
+    assert centers.shape[0] == 2  # One centre per class of synthetic_ct.
+    assert np.all(np.isfinite(centers)) and np.abs(centers).sum() > 0  # Moved from their zero start.
