@@ -12,6 +12,14 @@ import numpy as np
 from sklearn import metrics as skm
 
 
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax in float64. A float32 softmax returns exactly 1.0 once the logit margin exceeds ~17, so a
+    confident model's positives would tie and AUC would score their ranking as coin flips."""
+    logits = np.asarray(logits, np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 def classification_metrics(
     *, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None
 ) -> dict:

@@ -163,9 +163,7 @@ def evaluate(
         all_labels.append(np.asarray(batch["label"])[mask])
         loss_sum += float(out["loss_sum"])
     labels = np.concatenate(all_labels)
-    logits = np.concatenate(all_logits).astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = metrics.probabilities(np.concatenate(all_logits))
     result = metrics.classification_metrics(labels=labels, probs=probs, class_names=class_names)
     result["loss"] = loss_sum / max(len(labels), 1)
     return result

@@ -10,7 +10,7 @@ started the run.
 import dataclasses
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from medjax import models
+from medjax import metrics, models
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import transforms
 from medjax.errors import MedjaxError
@@ -64,21 +64,26 @@ class TrainedModel:
         return self.model.apply(self.variables, images, train=False)
 
     @functools.cached_property
-    def _jitted_probs(self):
-        return jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x, train=False)[0], axis=-1))
+    def logits_fn(self) -> Callable[[dict, jax.Array], jax.Array]:
+        """Jitted ``(variables, images) -> logits`` in inference mode (variables are an argument, not
+        constants baked into the compiled program)."""
+        return jax.jit(lambda variables, images: self.model.apply(variables, images, train=False)[0])
 
     def predict_proba(self, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
         """Class probabilities ``(N, K)`` of preprocessed images, in batches of ``batch_size``.
 
-        The last batch is padded to the full size, so every call compiles once per batch size.
+        The last batch is padded to the full size, so every call compiles once per batch size. The
+        softmax runs on the host in float64 (:func:`medjax.metrics.probabilities`).
         """
-        probs = []
+        logits = []
         for i in range(0, len(images), batch_size):
             chunk = np.asarray(images[i : i + batch_size], np.float32)
             padding = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), np.float32)
-            padded = np.concatenate([chunk, padding])
-            probs.append(np.asarray(self._jitted_probs(self.variables, padded))[: len(chunk)])
-        return np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), np.float32)
+            batch = np.concatenate([chunk, padding])
+            logits.append(np.asarray(self.logits_fn(self.variables, batch))[: len(chunk)])
+        if not logits:
+            return np.zeros((0, len(self.class_names)))
+        return metrics.probabilities(np.concatenate(logits))
 
 
 def write_dataset_info(workdir: Path, *, class_names: Sequence[str], label_counts: dict) -> None:

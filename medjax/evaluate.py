@@ -1,0 +1,289 @@
+"""Judges a trained run: ``python -m medjax.evaluate --workdir=runs/covid_ct-synthetic``.
+
+Restores the run's best checkpoint (:func:`medjax.trained.load_trained`), predicts every example of the
+evaluation splits once, and writes ``<out>/report.json`` and ``<out>/report.md`` with PNG figures
+(default ``<out>`` = ``<workdir>/evaluation``), plus ``predictions_<split>.csv`` so every number can be
+recomputed. What it reports and why is in :mod:`medjax.evaluation`; pictures and Markdown in
+:mod:`medjax.eval_report`; the model card's measurements in :mod:`medjax.profiling`.
+
+``--splits`` takes roles: ``validation`` and ``test`` mean the run's ``config.data.eval_split`` and
+``config.data.test_split``; any other name is a split of the dataset as is (e.g. ``train``). Binary
+decision thresholds are chosen on ``validation`` and applied to the others. The run's data must be
+reachable: ``--data_dir`` overrides the TFDS directory it was trained with.
+
+Examples::
+
+    python -m medjax.evaluate --workdir=runs/covid_ct-synthetic
+    python -m medjax.evaluate --workdir=/work/runs/smoke_ref --data_dir=/tmp/tfds --bootstrap_samples=200
+"""
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+
+from medjax import config_lib, eval_report, evaluation, profiling, trained
+from medjax.data import pipeline
+from medjax.errors import MedjaxError
+from medjax.metrics import classification_metrics, probabilities
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by `python -m medjax.launch`.")
+_OUT = flags.DEFINE_string("out", None, "Report directory (default: <workdir>/evaluation).")
+_SPLITS = flags.DEFINE_list("splits", ["validation", "test"], "Roles (validation, test) or split names.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir, if not the one the run was trained with.")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap_samples", None, "Default: the run's config.eval value.")
+_TARGET = flags.DEFINE_float("target_sensitivity", None, "Default: the run's config.eval value.")
+_BINS = flags.DEFINE_integer("calibration_bins", None, "Default: the run's config.eval value.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap resamples (same seed, same intervals).")
+_STRATIFIED = flags.DEFINE_bool("stratified", True, "Resample within each class (see medjax.evaluation).")
+
+
+def predict_split(
+    model: trained.TrainedModel, data_cfg, *, split: str, forward: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels (N,), probs (N, K))`` of every example of ``split`` in storage order, padding dropped.
+
+    Logits come off the device and the softmax runs in float64 (:func:`medjax.metrics.probabilities`),
+    as in training's evaluation: a float32 softmax rounds confident scores to ties, which AUC then sees.
+    Pass the same ``forward`` (``model.logits_fn``) for several splits to compile once.
+    """
+    forward = forward or model.logits_fn
+    labels, logits, index = [], [], []
+    for batch in pipeline.iterate_eval(data_cfg, split=split):
+        mask = batch["mask"]
+        logits.append(np.asarray(forward(model.variables, batch["image"]))[mask])
+        labels.append(batch["label"][mask])
+        index.append(batch["index"][mask])
+    order = np.argsort(np.concatenate(index))
+    probs = probabilities(np.concatenate(logits)[order])
+    return np.concatenate(labels)[order].astype(np.int64), probs
+
+
+def model_card(model: trained.TrainedModel, *, latency_runs: int = 10) -> dict:
+    """Size, compute, latency, training data, recipe and training summary of a run (JSON-ready)."""
+    config, workdir = model.config, model.workdir
+    info = json.loads((workdir / "dataset.json").read_text())
+    recipe = {
+        "model_name": config.model_name,
+        "model": config.model.to_dict(),
+        "init_from": config.get("init_from", {}).get("path"),
+        "optimizer": config.optim.name,
+        "learning_rate": config.optim.learning_rate,
+        "weight_decay": config.optim.weight_decay,
+        "schedule": config.optim.schedule,
+        "epochs": config.train.num_epochs,
+        "batch_size": config.data.batch_size,
+        "image_size": f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}",
+        "loss": config.loss.to_dict(),
+        "augmentations": {k: v for k, v in config.data.augment.to_dict().items() if v},
+        "seed": config.seed,
+    }
+    report_path = workdir / "report.json"
+    training = None
+    if report_path.is_file():
+        saved = json.loads(report_path.read_text())
+        keys = ("steps", "total_steps", "best_step", "stopped_early", "wall_time_s")
+        training = {k: saved[k] for k in keys if k in saved}
+    return {
+        "profile": profiling.inference_profile(
+            model.model, model.variables, image_shape=model.image_shape, runs=latency_runs
+        ),
+        "training_data": {
+            "dataset": config.data.name,
+            "class_names": info["class_names"],
+            "label_counts": info["label_counts"],
+        },
+        "recipe": recipe,
+        "training": training,
+    }
+
+
+def _settings(config, **overrides) -> dict:
+    """``config.eval`` of the run (base defaults for runs older than it), then the non-None overrides."""
+    saved = config.eval.to_dict() if "eval" in config else {}
+    return (
+        config_lib.base_config().eval.to_dict()
+        | saved
+        | {k: v for k, v in overrides.items() if v is not None}
+    )
+
+
+def _resolve_splits(data_cfg, splits: Sequence[str]) -> dict[str, str]:
+    """``{role: dataset split}``; roles validation/test map to the run's eval/test splits.
+
+    Raises:
+      MedjaxError: for a split the dataset does not have (listing those it has).
+    """
+    named = {"validation": data_cfg.eval_split, "test": data_cfg.test_split}
+    resolved = {role: named.get(role, role) for role in splits}
+    _, info = pipeline.load_source(data_cfg, data_cfg.eval_split)
+    unknown = [s for s in resolved.values() if s.split("[")[0] not in info.splits]  # 'train[:10%]' is fine.
+    if unknown:
+        raise MedjaxError(
+            f"Unknown split(s) {unknown} of {data_cfg.name}; --splits takes validation, test or one of "
+            f"{sorted(info.splits)}."
+        )
+    return resolved
+
+
+def _thresholds(predictions: dict, *, target: float) -> dict:
+    """Youden and target-sensitivity thresholds chosen on validation, evaluated on every split."""
+    if "validation" not in predictions:
+        return {"note": "Not chosen: the validation split was not among --splits."}
+    labels, probs = predictions["validation"]
+    chosen = {
+        "youden": evaluation.youden_threshold(labels=labels, scores=probs[:, 1]),
+        f"sensitivity>={target:g}": evaluation.threshold_for_sensitivity(
+            labels=labels, scores=probs[:, 1], target=target
+        ),
+    }
+    rules = {}
+    for rule, threshold in chosen.items():
+        rules[rule] = {"threshold": threshold}
+        for role, (y, p) in predictions.items():
+            rules[rule][role] = evaluation.operating_point(labels=y, scores=p[:, 1], threshold=threshold)
+    return {"chosen_on": "validation", "rules": rules}
+
+
+def evaluate_run(
+    workdir: str | Path,
+    *,
+    out: str | Path | None = None,
+    splits: Sequence[str] = ("validation", "test"),
+    data_dir: str | None = None,
+    seed: int = 0,
+    stratified: bool = True,
+    bootstrap_samples: int | None = None,
+    target_sensitivity: float | None = None,
+    calibration_bins: int | None = None,
+    latency_runs: int = 10,
+) -> dict:
+    """Evaluates a run directory and writes the report; returns the ``report.json`` dict.
+
+    Args:
+      workdir: the run directory.
+      out: report directory (created), default ``<workdir>/evaluation``.
+      splits: roles ``validation`` / ``test`` or dataset split names.
+      data_dir: overrides the run's ``config.data.data_dir``.
+      seed, stratified: of the bootstrap resamples (see :mod:`medjax.evaluation`).
+      bootstrap_samples, target_sensitivity, calibration_bins: None takes the run's ``config.eval`` value.
+      latency_runs: timed forward passes behind the model card's median latency.
+
+    Raises:
+      MedjaxError: when ``workdir`` is not a run with a best checkpoint or its data cannot be found.
+    """
+    model = trained.load_trained(workdir)
+    settings = _settings(
+        model.config,
+        bootstrap_samples=bootstrap_samples,
+        target_sensitivity=target_sensitivity,
+        calibration_bins=calibration_bins,
+    ) | {"seed": seed, "stratified": stratified}
+    data_cfg = model.config.data
+    if data_dir is not None:
+        data_cfg.data_dir = data_dir
+    out = Path(out) if out is not None else Path(workdir) / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    roles = _resolve_splits(data_cfg, splits)
+    forward = model.logits_fn
+    predictions = {
+        role: predict_split(model, data_cfg, split=split, forward=forward) for role, split in roles.items()
+    }
+    report = {
+        "workdir": str(workdir),
+        "checkpoint_step": model.step,
+        "class_names": list(model.class_names),
+        "settings": settings,
+    }
+    if len(model.class_names) == 2:
+        report["thresholds"] = _thresholds(predictions, target=settings["target_sensitivity"])
+    report["splits"] = {
+        role: {"split": roles[role]}
+        | _judge_split(out, role, labels=labels, probs=probs, settings=settings, report=report)
+        for role, (labels, probs) in predictions.items()
+    }
+    report["model_card"] = model_card(model, latency_runs=latency_runs)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.md").write_text(eval_report.markdown(report))
+    return report
+
+
+def _judge_split(out: Path, role: str, *, labels, probs, settings: dict, report: dict) -> dict:
+    """Metrics with intervals, calibration, per-class report and figures of one split's predictions."""
+    names = report["class_names"]
+    points = {rule: ops[role] for rule, ops in report.get("thresholds", {}).get("rules", {}).items()}
+    calibration = evaluation.calibration(labels=labels, probs=probs, num_bins=settings["calibration_bins"])
+    confusion = classification_metrics(labels=labels, probs=probs)["confusion_matrix"]
+    _write_predictions(out / f"predictions_{role}.csv", labels=labels, probs=probs, class_names=names)
+    return {
+        "num_examples": len(labels),
+        "label_counts": np.bincount(labels, minlength=len(names)).tolist(),
+        "metrics": evaluation.bootstrap_intervals(
+            labels=labels,
+            probs=probs,
+            num_samples=settings["bootstrap_samples"],
+            seed=settings["seed"],
+            stratified=settings["stratified"],
+        ),
+        "confusion_matrix": confusion,
+        "calibration": calibration,
+        "per_class": evaluation.per_class_report(labels=labels, probs=probs, class_names=names),
+        "figures": {
+            "curves": eval_report.plot_curves(
+                out / f"{role}_curves.png", labels=labels, probs=probs, class_names=names, points=points
+            ),
+            "confusion": eval_report.plot_confusion(
+                out / f"{role}_confusion.png", confusion=confusion, class_names=names
+            ),
+            "reliability": eval_report.plot_reliability(
+                out / f"{role}_reliability.png", calibration=calibration
+            ),
+        },
+    }
+
+
+def _write_predictions(
+    path: Path, *, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> None:
+    """One CSV row per example (position in the split, label, probabilities at full float64 precision)."""
+    header = ",".join(["index", "label", *(f"p_{name}" for name in class_names)])
+    rows = np.column_stack([np.arange(len(labels)), labels, probs])
+    np.savetxt(
+        path, rows, delimiter=",", header=header, comments="", fmt=["%d", "%d"] + ["%.17g"] * len(class_names)
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file operation at INFO.
+    try:
+        report = evaluate_run(
+            _WORKDIR.value,
+            out=_OUT.value,
+            splits=_SPLITS.value,
+            data_dir=_DATA_DIR.value,
+            seed=_SEED.value,
+            stratified=_STRATIFIED.value,
+            bootstrap_samples=_BOOTSTRAP.value,
+            target_sensitivity=_TARGET.value,
+            calibration_bins=_BINS.value,
+        )
+    except MedjaxError as e:
+        raise SystemExit(f"medjax: error: {e}") from None
+    out = Path(_OUT.value) if _OUT.value else Path(_WORKDIR.value) / "evaluation"
+    for role, split in report["splits"].items():
+        m = split["metrics"]
+        print(
+            f"{role}: "
+            + ", ".join(f"{k} {v['value']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for k, v in m.items())
+        )
+    print(f"Report: {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
