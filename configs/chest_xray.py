@@ -9,6 +9,11 @@ Variants (``--config=configs/chest_xray.py:<variant>``):
   (none)     the real archive under ``data.manual_dir`` (default ``~/medjax_data/chest_xray``), laid out as
              ``[chest_xray/]train|test[|val]/NORMAL|PNEUMONIA/*.jpeg``. With the copy in ../shared/data:
              ``--config.data.manual_dir=../shared/data/chest_xray``.
+  cpu        the real archive at a CPU-feasible 64x64 grey, with ``model=`` one of the three studies'
+             families at reduced width: ``mobilenet_v2`` (width 0.5), ``convnext`` (study A's head:
+             avg+max pooling, SEVector, depths 2-2-2-2, widths 32-256) or ``mednext_plos`` (widths 24-192,
+             depths 1-1-2-1), e.g. ``--config=configs/chest_xray.py:variant=cpu,model=convnext``.
+             This is what ``launch/reproduce.py`` runs for RESULTS.md.
   synthetic  the same recipe on generated ``synthetic_ct`` slices (not medical data), 64x64.
   smoke      seconds on a tiny synthetic set; used by the tests.
 
@@ -20,9 +25,22 @@ import ml_collections
 
 from medjax import config_lib
 
+# Reduced models of the ``cpu`` variant (64x64 grey), sized to train in minutes on 2 CPU cores.
+CPU_MODELS = {
+    "mobilenet_v2": {"width_multiplier": 0.5, "dropout_rate": 0.2},
+    "convnext": {
+        "depths": (2, 2, 2, 2),
+        "widths": (32, 64, 128, 256),
+        "pooling": "avg+max",
+        "sevector_ratio": 16,
+        "drop_path_rate": 0.1,
+    },
+    "mednext_plos": {"widths": (24, 48, 96, 192), "depths": (1, 1, 2, 1)},
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, variant="real")
+    args = config_lib.parse_arg(arg, variant="real", model="mobilenet_v2")
     config = config_lib.base_config()
     config.name = "chest_xray"
 
@@ -48,6 +66,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"monitor": "loss", "patience": 3, "min_delta": 1e-3}
     )
 
+    if args.variant == "cpu":
+        if args.model not in CPU_MODELS:
+            raise ValueError(f"model={args.model!r}: the cpu variant has {', '.join(CPU_MODELS)}.")
+        config.name = f"chest_xray_{args.model}"
+        config.model_name = args.model
+        config.model = config_lib.model_config(args.model, **CPU_MODELS[args.model])
+        config.data.builder_kwargs.update({"image_size": 64, "channels": 1})
+        config.data.image_size = 64
+        config.data.channels = 1
+    elif args.model != "mobilenet_v2":
+        raise ValueError("model= is an argument of the cpu variant only.")
     if args.variant == "synthetic":
         config_lib.use_synthetic_data(config, image_size=64)
         config.data.augment.rotation_degrees = 10.0
@@ -56,6 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif args.variant == "smoke":
         config_lib.make_smoke(config)
         config.model.width_multiplier = 0.35
-    elif args.variant != "real":
-        raise ValueError(f"Unknown variant {args.variant!r} of chest_xray; use real, synthetic or smoke.")
+    elif args.variant not in ("real", "cpu"):
+        raise ValueError(
+            f"Unknown variant {args.variant!r} of chest_xray; use real, cpu, synthetic or smoke."
+        )
     return config
