@@ -144,7 +144,7 @@ class Model(nn.Module):
                     name=f"stage_{stage}_block_{b}",
                 )(x, train=train)
                 index += 1
-        feature_map = x
+        feature_map = x if self.is_initializing() else self.perturb("feature_map", x)
 
         features = GlobalPool(mode=self.pooling, fusion=self.fusion)(feature_map)
         features = nn.LayerNorm(epsilon=LN_EPSILON, name="head_norm")(features)

@@ -290,6 +290,7 @@ class Model(Encoder, kw_only=True):
         """Returns ``(logits, aux)``; ``aux`` holds ``features`` (pre-logit vector), ``feature_map``
         (last stage map) and ``stage_features`` (the four stage maps, strides 4 to 32)."""
         stages = Encoder(**{f: getattr(self, f) for f in ENCODER_FIELDS}, name="encoder")(x, train=train)
+        stages[-1] = stages[-1] if self.is_initializing() else self.perturb("feature_map", stages[-1])
         features = _layer_norm("head_norm")(GlobalPool(self.pooling, self.fusion)(stages[-1]))
         init = nn.initializers.zeros_init() if self.head_zero_init else nn.initializers.lecun_normal()
         logits = nn.Dense(self.num_classes, kernel_init=init, name="head")(features)

@@ -191,6 +191,7 @@ class Model(nn.Module):
         last_channels = make_divisible(LAST_CHANNELS * max(1.0, width))
         x = nn.Conv(last_channels, (1, 1), use_bias=False, kernel_init=_conv_init, name="head_conv")(x)
         feature_map = jax.nn.relu6(nn.BatchNorm(**bn_kwargs, name="head_bn")(x))
+        feature_map = feature_map if self.is_initializing() else self.perturb("feature_map", feature_map)
 
         features = GlobalPool(self.pooling, self.fusion)(feature_map)
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
