@@ -1,0 +1,356 @@
+"""Exports a trained run for deployment: ``python -m medjax.export --workdir=RUN [--out=DIR] [--onnx]``.
+
+A deployment should need neither the training state nor medjax's model code. From the run's best
+checkpoint (:func:`medjax.trained.load_trained`) this writes, into ``<out>`` (default ``<workdir>/export``):
+
+- ``params/``: an Orbax checkpoint of ``{'params', 'batch_stats'}`` only (no optimizer state, no data
+  iterator), restorable with no target tree (:func:`load_params`), for fine-tuning or re-export.
+- ``probs_<dtype>.jax``: a serialized :mod:`jax.export` artifact, ``(B, H, W, C) images -> (B, K)
+  class probabilities``, weights embedded as constants and ``B`` symbolic, so one file serves every batch
+  size. ``uint8`` takes decoded pixels already resized to ``H x W`` with ``C`` channels and applies the
+  run's ``/255`` and ``(x - mean) / std`` inside the graph (a deployer cannot get normalisation wrong);
+  ``float32`` takes the output of :meth:`TrainedModel.preprocess`. Each file holds its own copy of the
+  weights, so ``--input_dtypes=uint8`` halves the export. Loading needs only ``jax`` and ``flatbuffers``
+  (:func:`load_exported` shows the five lines).
+- ``probs_<dtype>.onnx`` with ``--onnx`` (needs ``jax2onnx`` and ``onnxruntime``): the same function as
+  ONNX with a dynamic batch axis, checked against onnxruntime at export time.
+- ``metadata.json``: class names, input shape and dtypes, normalisation, config and model name, training
+  step, jax version, parameter count and the size in bytes of every artifact.
+
+Resizing stays outside the artifacts: it is data-dependent and the run resized with Pillow
+(``config.data.interpolation``), which a deployer reproduces with the same library.
+"""
+
+import contextlib
+import io
+import json
+import logging as std_logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import linen as nn
+
+from medjax import trained as trained_lib
+from medjax.errors import MedjaxError
+
+METADATA_FILE = "metadata.json"
+PARAMS_DIR = "params"
+INPUT_DTYPES = ("uint8", "float32")
+# Largest |ONNX - JAX| probability accepted at export time: the runtimes' kernels round differently, and
+# deep nets amplify float32 rounding (1e-5 seen on tests/test_export.py's model for a 1-ulp change).
+ONNX_TOLERANCE = 1e-4
+
+
+def probability_fn(
+    model: nn.Module, variables: dict, *, input_dtype: str, mean: np.ndarray, std: np.ndarray
+) -> Callable[[jax.Array], jax.Array]:
+    """``images -> softmax probabilities`` in inference mode, ``variables`` closed over.
+
+    Closing over the variables (instead of passing them) makes the exported graph carry them as
+    constants, so the artifact is the whole model.
+
+    Args:
+      model: the Flax module of the run.
+      variables: its ``{'params', 'batch_stats'}``.
+      input_dtype: 'uint8' (pixels in 0..255, normalised inside) or 'float32' (already preprocessed).
+      mean, std: the run's ``config.data.normalize`` after scaling to [0, 1] (scalar or per channel).
+    """
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+    # uint8 -> normalised float through a (256, C) table computed by numpy exactly as ScaleAndNormalize
+    # does, so the artifact sees bit-identical inputs (XLA would rewrite / 255 as * (1 / 255)).
+    levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
+    table = (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+    def probabilities(images: jax.Array) -> jax.Array:
+        if input_dtype == "uint8":
+            channels = images.shape[-1]
+            x = jnp.asarray(np.broadcast_to(table, (256, channels)))[images, jnp.arange(channels)]
+        else:
+            x = images.astype(jnp.float32)
+        # Without the barrier XLA constant-folds the BatchNorm arithmetic into the weights and rounds it
+        # differently from the jitted model with weights as arguments (1e-5 on probabilities of a
+        # sensitive net); with it the artifact computes exactly what TrainedModel.predict_proba does.
+        logits, _ = model.apply(jax.lax.optimization_barrier(variables), x, train=False)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return probabilities
+
+
+def _normalisation(trained: trained_lib.TrainedModel) -> tuple[np.ndarray, np.ndarray]:
+    norm = trained.config.data.normalize
+    return np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
+
+
+def _trained_fn(
+    trained: trained_lib.TrainedModel, *, input_dtype: str, model: nn.Module | None = None
+) -> Callable[[jax.Array], jax.Array]:
+    mean, std = _normalisation(trained)
+    return probability_fn(
+        model or trained.model, trained.variables, input_dtype=input_dtype, mean=mean, std=std
+    )
+
+
+def export_probabilities(
+    trained: trained_lib.TrainedModel, *, input_dtype: str, platforms: Sequence[str] = ("cpu",)
+) -> jax.export.Exported:
+    """The :func:`probability_fn` of ``trained`` exported with a symbolic batch dimension ``b >= 1``.
+
+    ``platforms`` may name several, e.g. ('cpu', 'cuda'): lowering for a GPU needs no GPU (the weights
+    are stored once), running on it does.
+    """
+    (batch,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
+    spec = jax.ShapeDtypeStruct((batch, *trained.image_shape), jnp.dtype(input_dtype))
+    fn = jax.jit(_trained_fn(trained, input_dtype=input_dtype))
+    return jax.export.export(fn, platforms=tuple(platforms))(spec)
+
+
+def save_params(variables: dict, directory: Path) -> None:
+    """Writes ``{'params', 'batch_stats'}`` as a standalone Orbax checkpoint (replacing any old one)."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(Path(directory).absolute(), variables, force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+
+
+def load_params(directory: str | Path) -> dict:
+    """Restores an exported ``params/`` checkpoint as numpy arrays, with no model or train state needed.
+
+    Pass ``<out>/params`` (or ``<out>`` itself).
+    """
+    directory = Path(directory).absolute()
+    if (directory / PARAMS_DIR).is_dir():
+        directory = directory / PARAMS_DIR
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(directory)
+    finally:
+        checkpointer.close()
+
+
+def export_onnx(
+    trained: trained_lib.TrainedModel, path: Path, *, input_dtype: str, check_against: jax.export.Exported
+) -> float:
+    """Writes the :func:`probability_fn` of ``trained`` as ONNX and checks it with onnxruntime.
+
+    The ONNX graph is traced with ``depthwise_impl='xla'``: jax2onnx cannot convert the ``lax.pad`` of
+    the fast depthwise path with a symbolic batch, and ONNX runtimes have their own depthwise kernels
+    (the fast path only works around XLA CPU). Both paths share parameters and agree to float rounding.
+
+    Returns:
+      The largest |onnxruntime - ``check_against``| probability on a random batch of 3.
+
+    Raises:
+      MedjaxError: when jax2onnx or onnxruntime is missing, or the two disagree by more than
+        ``ONNX_TOLERANCE``.
+    """
+    try:
+        import jax2onnx  # Optional dependencies: imported only for --onnx.
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise MedjaxError(f"--onnx needs jax2onnx and onnxruntime ({e}); see medjax/export.py.") from e
+    model = trained.model
+    if hasattr(model, "depthwise_impl"):
+        model = model.clone(depthwise_impl="xla")
+    fn = _trained_fn(trained, input_dtype=input_dtype, model=model)
+    (batch,) = jax.export.symbolic_shape("batch", constraints=("batch >= 1",))
+    spec = jax.ShapeDtypeStruct((batch, *trained.image_shape), jnp.dtype(input_dtype))
+    with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13 prints DEBUG lines per Conv.
+        proto = jax2onnx.to_onnx(
+            fn,
+            inputs=[spec],
+            model_name=f"medjax_{trained.config.get('name', 'model')}",
+            input_names=["images"],
+            output_names=["probabilities"],
+        )
+    # One self-contained file: jax2onnx's own file mode moves large weights to a '.data' sidecar.
+    onnx.save_model(proto, str(path))
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # Its shape-merge warnings on broadcasts are noise here.
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    images = random_images(3, trained.image_shape, input_dtype)
+    onnx_probs = session.run(None, {"images": images})[0]
+    error = float(np.abs(onnx_probs - np.asarray(check_against.call(images))).max())
+    if not error <= ONNX_TOLERANCE:
+        raise MedjaxError(f"{path}: onnxruntime differs from JAX by {error:.2e} > {ONNX_TOLERANCE}.")
+    return error
+
+
+def random_images(n: int, shape: Sequence[int], dtype: str, *, seed: int = 0) -> np.ndarray:
+    """``n`` random inputs of one artifact: uniform pixels for uint8, standard normal for float32."""
+    rng = np.random.default_rng(seed)
+    if dtype == "uint8":
+        return rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    return rng.standard_normal((n, *shape), dtype=np.float32)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def export_run(
+    workdir: str | Path,
+    *,
+    out: str | Path | None = None,
+    input_dtypes: Sequence[str] = INPUT_DTYPES,
+    platforms: Sequence[str] = ("cpu",),
+    onnx: bool = False,
+) -> dict:
+    """Exports the best checkpoint of ``workdir`` into ``out`` (default ``<workdir>/export``).
+
+    See :func:`export_trained` for the other arguments and the result.
+
+    Raises:
+      MedjaxError: when ``workdir`` is not a run with a best checkpoint, or for ``--onnx`` problems.
+    """
+    out = Path(out) if out is not None else Path(workdir) / "export"
+    trained = trained_lib.load_trained(workdir)
+    return export_trained(trained, out, input_dtypes=input_dtypes, platforms=platforms, onnx=onnx)
+
+
+def export_trained(
+    trained: trained_lib.TrainedModel,
+    out: str | Path,
+    *,
+    input_dtypes: Sequence[str] = INPUT_DTYPES,
+    platforms: Sequence[str] = ("cpu",),
+    onnx: bool = False,
+) -> dict:
+    """Writes the params checkpoint, one artifact per input dtype (and ONNX) and ``metadata.json``.
+
+    Args:
+      trained: the model and variables to export.
+      out: the export directory (created; files of the same names are replaced).
+      input_dtypes: which of ``INPUT_DTYPES`` to export, one artifact (copy of the weights) each.
+      platforms: ``jax.export`` lowering platforms.
+      onnx: also write and check ``probs_<dtype>.onnx`` (needs 'cpu' among ``platforms``).
+
+    Returns:
+      The metadata written to ``<out>/metadata.json``.
+    """
+    unknown = sorted(set(input_dtypes) - set(INPUT_DTYPES))
+    if unknown or not input_dtypes:
+        raise MedjaxError(f"input_dtypes must be a non-empty subset of {INPUT_DTYPES}, got {input_dtypes}.")
+    if onnx and "cpu" not in platforms:
+        raise MedjaxError("onnx=True checks the ONNX file against the JAX one on CPU: add cpu to platforms.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_params(trained.variables, out / PARAMS_DIR)
+    files = {"params": PARAMS_DIR}
+    inputs, onnx_errors = {}, {}
+    for dtype in input_dtypes:
+        exported = export_probabilities(trained, input_dtype=dtype, platforms=platforms)
+        name = f"probs_{dtype}.jax"
+        (out / name).write_bytes(exported.serialize())
+        inputs[dtype] = {"jax": name}
+        files[name] = name
+        if onnx:
+            name = f"probs_{dtype}.onnx"
+            onnx_errors[name] = export_onnx(trained, out / name, input_dtype=dtype, check_against=exported)
+            inputs[dtype]["onnx"] = name
+            files[name] = name
+    mean, std = _normalisation(trained)
+    leaves = jax.tree.leaves(trained.variables["params"])
+    metadata = {
+        "config_name": trained.config.get("name"),
+        "model_name": trained.config.model_name,
+        "class_names": list(trained.class_names),
+        "input_shape": list(trained.image_shape),
+        "channels": trained.image_shape[-1],
+        "inputs": inputs,
+        "normalize": {"mean": mean.tolist(), "std": std.tolist()},
+        "normalize_note": "uint8 inputs get (x / 255 - mean) / std inside; float32 inputs must have it.",
+        "platforms": list(platforms),
+        "step": trained.step,
+        "workdir": str(Path(trained.workdir).absolute()),
+        "jax_version": jax.__version__,
+        "num_parameters": int(sum(x.size for x in leaves)),
+        "sizes": {key: _size(out / name) for key, name in files.items()},
+    }
+    if onnx:
+        metadata["onnx_max_abs_error_vs_jax"] = onnx_errors
+    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return metadata
+
+
+def load_exported(directory: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """``images -> probabilities`` from an export directory, using only jax (no medjax model code).
+
+    The callable picks the artifact by dtype: uint8 pixels (resized to ``metadata['input_shape']``) go to
+    ``probs_uint8.jax``, floating inputs (preprocessed like :meth:`TrainedModel.preprocess`) to
+    ``probs_float32.jax``. What a deployer runs with only ``pip install jax flatbuffers``::
+
+        import jax, numpy as np
+        with open("export/probs_uint8.jax", "rb") as f:
+            model = jax.export.deserialize(bytearray(f.read()))
+        images = np.zeros((4, *model.in_avals[0].shape[1:]), np.uint8)  # Decoded, resized pixels.
+        probs = np.asarray(model.call(images))  # (4, K); class names in export/metadata.json.
+
+    Raises:
+      MedjaxError: when ``directory`` holds no ``metadata.json``.
+    """
+    directory = Path(directory)
+    if not (directory / METADATA_FILE).is_file():
+        raise MedjaxError(f"{directory / METADATA_FILE} not found: run `python -m medjax.export` first.")
+    metadata = json.loads((directory / METADATA_FILE).read_text())
+    exported = {
+        dtype: jax.export.deserialize(bytearray((directory / files["jax"]).read_bytes()))
+        for dtype, files in metadata["inputs"].items()
+    }
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        dtype = "float32" if np.issubdtype(images.dtype, np.floating) else images.dtype.name
+        if dtype not in exported:
+            raise ValueError(f"{directory} takes images of dtype {sorted(exported)}, got {images.dtype}.")
+        return np.asarray(exported[dtype].call(images.astype(dtype, copy=False)))
+
+    return predict
+
+
+def _define_flags() -> None:
+    """Defined only when run as a script, so importing this module next to other CLIs defines nothing."""
+    flags.DEFINE_string("workdir", None, "Run directory written by `python -m medjax.launch`.")
+    flags.DEFINE_string("out", None, "Export directory (default: <workdir>/export).")
+    flags.DEFINE_bool("onnx", False, "Also write ONNX files (needs jax2onnx and onnxruntime).")
+    flags.DEFINE_list("input_dtypes", list(INPUT_DTYPES), "Input dtypes to export, one file each.")
+    flags.DEFINE_list("platforms", ["cpu"], "jax.export platforms, e.g. cpu,cuda.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO.
+        # jax2onnx 0.13 warns with tracebacks about its dm_pix plugins (not ours) under jax 0.10.
+        for name in ("jax2onnx", "onnx_ir"):
+            std_logging.getLogger(name).setLevel(std_logging.ERROR)
+    args = flags.FLAGS
+    out = Path(args.out) if args.out else Path(args.workdir) / "export"
+    try:
+        metadata = export_run(
+            args.workdir, out=out, input_dtypes=args.input_dtypes, platforms=args.platforms, onnx=args.onnx
+        )
+    except MedjaxError as e:
+        raise SystemExit(f"medjax: error: {e}") from None
+    print(f"Exported step {metadata['step']} of {metadata['model_name']} to {out}:")
+    for name, size in metadata["sizes"].items():
+        print(f"  {name:<20} {size / 2**20:8.2f} MiB ({size:,} bytes)")
+    for name, error in metadata.get("onnx_max_abs_error_vs_jax", {}).items():
+        print(f"  {name}: max |onnxruntime - jax| = {error:.1e}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
