@@ -192,6 +192,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
     """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_WITH_CHANGES``."""
     a, b = flatten(saved), flatten(json.loads(json.dumps(current, default=str)))
+
     def watched_only(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUMABLE_WITH_CHANGES)
 
