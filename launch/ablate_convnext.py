@@ -193,7 +193,8 @@ def settings_line(base: ml_collections.ConfigDict, *, spec: str, seeds: int, ste
         f"ConvNeXt {shape}, fusion {m.fusion}, SEVector ratio {m.sevector_ratio}, "
         f"drop path {m.drop_path_rate}; {base.train.num_epochs:g} epochs ({steps} steps) of batch "
         f"{d.batch_size}, {o.name} lr {o.learning_rate:g}; feature smoothing weight {fs.weight} "
-        f"(normalize={fs.get('normalize', False)}) in (d), logged at weight 0 in (a)-(c); {seeds} seed(s) "
+        f"(normalize={fs.get('normalize', False)}, warmup_steps={fs.get('warmup_steps', 0)}) in (d), "
+        f"logged at weight 0 in (a)-(c); {seeds} seed(s) "
         f"from {base.seed}; test metrics of the best-on-validation checkpoint "
         f"(`train.select_best_on={base.train.select_best_on}`)."
     )
