@@ -19,4 +19,4 @@ from medjax import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, variant="real")
-    return config_lib.medmnist_config("pneumoniamnist", args.variant, learning_rate=2e-3, num_epochs=20.0)
+    return config_lib.medmnist_config("pneumoniamnist", args.variant, learning_rate=2e-3, num_epochs=12.0)
