@@ -29,16 +29,6 @@ from medjax.data import pipeline
 from medjax.errors import MedjaxError
 from medjax.metrics import classification_metrics, probabilities
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by `python -m medjax.launch`.")
-_OUT = flags.DEFINE_string("out", None, "Report directory (default: <workdir>/evaluation).")
-_SPLITS = flags.DEFINE_list("splits", ["validation", "test"], "Roles (validation, test) or split names.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir, if not the one the run was trained with.")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap_samples", None, "Default: the run's config.eval value.")
-_TARGET = flags.DEFINE_float("target_sensitivity", None, "Default: the run's config.eval value.")
-_BINS = flags.DEFINE_integer("calibration_bins", None, "Default: the run's config.eval value.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap resamples (same seed, same intervals).")
-_STRATIFIED = flags.DEFINE_bool("stratified", True, "Resample within each class (see medjax.evaluation).")
-
 
 def predict_split(
     model: trained.TrainedModel, data_cfg, *, split: str, forward: Callable | None = None
@@ -255,26 +245,41 @@ def _write_predictions(
     )
 
 
+def _define_flags() -> None:
+    """Flags exist only when run as a program, so importing this module (e.g. from launch/reproduce.py)
+    defines no absl flags that could clash with the importer's."""
+    flags.DEFINE_string("workdir", None, "Run directory written by `python -m medjax.launch`.", required=True)
+    flags.DEFINE_string("out", None, "Report directory (default: <workdir>/evaluation).")
+    flags.DEFINE_list("splits", ["validation", "test"], "Roles (validation, test) or split names.")
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir, if not the one the run was trained with.")
+    flags.DEFINE_integer("bootstrap_samples", None, "Default: the run's config.eval value.")
+    flags.DEFINE_float("target_sensitivity", None, "Default: the run's config.eval value.")
+    flags.DEFINE_integer("calibration_bins", None, "Default: the run's config.eval value.")
+    flags.DEFINE_integer("seed", 0, "Seed of the bootstrap resamples (same seed, same intervals).")
+    flags.DEFINE_bool("stratified", True, "Resample within each class (see medjax.evaluation).")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
+    f = flags.FLAGS
+    if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file operation at INFO.
     try:
         report = evaluate_run(
-            _WORKDIR.value,
-            out=_OUT.value,
-            splits=_SPLITS.value,
-            data_dir=_DATA_DIR.value,
-            seed=_SEED.value,
-            stratified=_STRATIFIED.value,
-            bootstrap_samples=_BOOTSTRAP.value,
-            target_sensitivity=_TARGET.value,
-            calibration_bins=_BINS.value,
+            f.workdir,
+            out=f.out,
+            splits=f.splits,
+            data_dir=f.data_dir,
+            seed=f.seed,
+            stratified=f.stratified,
+            bootstrap_samples=f.bootstrap_samples,
+            target_sensitivity=f.target_sensitivity,
+            calibration_bins=f.calibration_bins,
         )
     except MedjaxError as e:
         raise SystemExit(f"medjax: error: {e}") from None
-    out = Path(_OUT.value) if _OUT.value else Path(_WORKDIR.value) / "evaluation"
+    out = Path(f.out) if f.out else Path(f.workdir) / "evaluation"
     for role, split in report["splits"].items():
         m = split["metrics"]
         print(
@@ -285,5 +290,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir"])
+    _define_flags()
     app.run(main)
