@@ -41,11 +41,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # The repository, for medjax.
-from medjax import config_lib
+from medjax import cli, config_lib
 from medjax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -230,12 +230,7 @@ def markdown_table(runs: dict[str, list[dict]], *, settings: str, total_time_s: 
 
 def main(argv: list[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if _CACHE_DIR.value:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str(Path(_CACHE_DIR.value).expanduser()))
+    cli.setup(compilation_cache_dir=_CACHE_DIR.value)
     spec = flags.FLAGS["config"].serialize().split("=", 1)[1]
     base = ablation_base(
         _CONFIG.value, depths=_DEPTHS.value, widths=_WIDTHS.value, fs_weight=_FS_WEIGHT.value

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # The repository, for medjax.
@@ -190,11 +190,9 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str) -> str
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
-    import jax
+    from medjax import cli
 
-    if _CACHE_DIR.value:
-        jax.config.update("jax_compilation_cache_dir", str(Path(_CACHE_DIR.value).expanduser()))
+    cli.setup(compilation_cache_dir=_CACHE_DIR.value)
     started = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
     chosen = [e for e in EXPERIMENTS if not _ONLY.value or e.name in _ONLY.value]
     unknown = set(_ONLY.value or ()) - {e.name for e in EXPERIMENTS}

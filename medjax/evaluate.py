@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from medjax import config_lib, eval_report, evaluation, profiling, trained
+from medjax import cli, config_lib, eval_report, evaluation, profiling, trained
 from medjax.data import pipeline
 from medjax.errors import MedjaxError
 from medjax.metrics import classification_metrics, probabilities
@@ -263,8 +263,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    if not f["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file operation at INFO.
+    cli.setup()
     try:
         report = evaluate_run(
             f.workdir,

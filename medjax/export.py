@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import app, flags
 from flax import linen as nn
 
+from medjax import cli
 from medjax import trained as trained_lib
 from medjax.errors import MedjaxError
 
@@ -331,8 +332,8 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.setup()
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO.
         # jax2onnx 0.13 warns with tracebacks about its dm_pix plugins (not ours) under jax 0.10.
         for name in ("jax2onnx", "onnx_ir"):
             std_logging.getLogger(name).setLevel(std_logging.ERROR)

@@ -38,11 +38,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import linen as nn
 from PIL import Image
 
-from medjax import trained
+from medjax import cli, trained
 from medjax.data import pipeline, transforms
 from medjax.errors import MedjaxError
 
@@ -378,16 +378,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "TFDS data_dir, if not the one the run was trained with.")
 
 
-def quiet_logs() -> None:
-    """Orbax and TFDS log every file operation at INFO; unless --verbosity is given, show warnings only
-    (as ``medjax.launch`` does)."""
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-
-
 def main(argv: list[str]) -> None:
     del argv
-    quiet_logs()
+    cli.setup()
     f = flags.FLAGS
     try:
         figure, summary = run(

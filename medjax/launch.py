@@ -9,10 +9,10 @@ the keys it may have meant. Running again with the same ``--workdir`` resumes fr
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from medjax import config_lib
+from medjax import cli, config_lib
 from medjax.errors import DatasetNotFoundError, MedjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -57,13 +57,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax and TFDS log every file operation at INFO; a run's console shows medjax's own lines.
-        logging.set_verbosity(logging.WARNING)
-    if _CACHE_DIR.value:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str(Path(_CACHE_DIR.value).expanduser()))
+    cli.setup(compilation_cache_dir=_CACHE_DIR.value)
     from medjax import train  # Imported late so that --help stays fast.
 
     spec = flags.FLAGS["config"].serialize().split("=", 1)[1]

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from medjax import gradcam, trained
+from medjax import cli, gradcam, trained
 from medjax.data import images
 from medjax.errors import MedjaxError
 
@@ -129,7 +129,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    gradcam.quiet_logs()
+    cli.setup()
     f, paths = flags.FLAGS, argv[1:]
     if not paths:
         raise SystemExit("medjax.predict: give at least one image file or folder after the flags.")
