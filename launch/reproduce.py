@@ -9,7 +9,8 @@ writes the table::
 
 Every run's workdir is kept under ``--workdir_root`` (default ``runs/reproduce``): a finished run is read
 back instead of retrained, an interrupted one resumes from its checkpoint, so rerunning the command after a
-kill continues. Datasets are prepared (TFDS manual-download convention, read in place from
+kill continues (an evaluation already written with the same ``--bootstrap_samples`` is reused too; delete
+a run's directory to redo it). Datasets are prepared (TFDS manual-download convention, read in place from
 ``--shared_data``) before the clock of each run starts, so "train time" is training plus evaluation only.
 An experiment whose data is absent is listed as skipped, with the path it looked for.
 """
@@ -97,14 +98,23 @@ def run_experiment(exp: Experiment, *, shared: Path, workdir: Path, data_dir: st
     config.train.progress_bar = False
     report_path = workdir / "report.json"
     if report_path.exists():
+        saved = json.loads((workdir / "config.json").read_text())
+        differing = config_lib.differing_keys(saved, config.to_dict())
+        if differing:  # A finished run of an older recipe must not be reported as the current one.
+            raise SystemExit(
+                f"{workdir} holds a finished run of another config (keys {differing}); delete it to rerun."
+            )
         train_report = json.loads(report_path.read_text())
     else:
         pipeline.dataset_metadata(config.data)  # Prepares the dataset outside the timed run.
         print(f"== {exp.name}: {exp.config} -> {workdir}", flush=True)
         train_report = train.train_and_evaluate(config, workdir)
-    evaluation = evaluate.evaluate_run(
-        workdir, data_dir=data_dir, splits=("validation", "test"), bootstrap_samples=_BOOTSTRAP.value
-    )
+    evaluation_path = workdir / "evaluation" / "report.json"
+    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
+    if evaluation is None or evaluation["settings"]["bootstrap_samples"] != _BOOTSTRAP.value:
+        evaluation = evaluate.evaluate_run(
+            workdir, data_dir=data_dir, splits=("validation", "test"), bootstrap_samples=_BOOTSTRAP.value
+        )
     return {"experiment": dataclasses.asdict(exp), "train": train_report, "evaluation": evaluation}
 
 
