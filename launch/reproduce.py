@@ -68,7 +68,8 @@ EXPERIMENTS = (
         "breastmnist",
         "configs/breastmnist.py",
         "breastmnist",
-        "MedMNIST v2 test ACC/AUC: ResNet-18 (28) 0.863/0.901, Google AutoML Vision 0.861/0.919",
+        "MedMNIST v2 test ACC/AUC: ResNet-18 (28) 0.863/0.901, Google AutoML Vision 0.861/0.919. "
+        "Label 1 is normal/benign here, so Sens. is the benign recall and Spec. the malignant recall",
         {"auc": 0.92},
     ),
     *(
