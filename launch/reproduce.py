@@ -40,6 +40,7 @@ _OUTPUT = flags.DEFINE_string("output", str(ROOT / "RESULTS.md"), "Markdown resu
 _ONLY = flags.DEFINE_list("only", None, "Experiment names to run (default: all).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap_samples", 1000, "Resamples behind each 95 % interval.")
 _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
+_NOTE = flags.DEFINE_string("note", None, "A sentence for RESULTS.md, e.g. what else loaded the machine.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _target_text(exp: dict, test: dict) -> str:
     return "; ".join(parts)
 
 
-def markdown(results: dict, *, skipped: dict, started: str, command: str) -> str:
+def markdown(results: dict, *, skipped: dict, started: str, command: str, note: str | None) -> str:
     """RESULTS.md: the table, then each experiment's recipe and comparison."""
     import jax
 
@@ -155,6 +156,7 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str) -> str
         "threshold chosen on validation (Youden's J), applied unchanged to test; accuracy, F1 and the "
         "confusion counts use the argmax. Wall time is training plus evaluation on this machine (dataset "
         "preparation excluded).",
+        *([f"Note: {note}"] if note else []),
         "",
         "| Experiment | Model | Input | Epochs | Wall time | Test accuracy | Test AUC | Test F1 | Sens. "
         "| Spec. | Params | Size | Target |",
@@ -221,7 +223,9 @@ def main(argv: list[str]) -> None:
         results[exp.name] = result
         print(f"== {exp.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     command = "python launch/reproduce.py" + (f" --only={','.join(_ONLY.value)}" if _ONLY.value else "")
-    Path(_OUTPUT.value).write_text(markdown(results, skipped=skipped, started=started, command=command))
+    Path(_OUTPUT.value).write_text(
+        markdown(results, skipped=skipped, started=started, command=command, note=_NOTE.value)
+    )
     (root / "results.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"Wrote {_OUTPUT.value} and {root / 'results.json'}.", flush=True)
 
