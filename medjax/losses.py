@@ -14,6 +14,7 @@ editing this module. A term that needs state across steps (the class centres of 
 """
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 
@@ -260,6 +261,11 @@ class _Term:
     def loss(self) -> LossTerm:
         return self.fn.loss if isinstance(self.fn, StatefulTerm) else self.fn
 
+    @functools.cached_property
+    def takes_weights(self) -> bool:
+        """Whether the term wants the per-example weights (read once, not at every trace)."""
+        return "weights" in inspect.signature(self.loss).parameters
+
 
 @dataclasses.dataclass(frozen=True)
 class CompositeLoss:
@@ -279,7 +285,7 @@ class CompositeLoss:
         denom = jnp.maximum(w.sum(), 1.0)
         values, total = {}, 0.0
         for term in self.terms:
-            extra = {"weights": w} if "weights" in inspect.signature(term.loss).parameters else {}
+            extra = {"weights": w} if term.takes_weights else {}
             if isinstance(term.fn, StatefulTerm):
                 extra["state"] = (state or {})[term.name]
             per_example = term.loss(
@@ -291,6 +297,11 @@ class CompositeLoss:
                 weight = weight * jnp.minimum(1.0, step / term.warmup_steps)
             total = total + weight * values[term.name]
         return total, values
+
+    @property
+    def stateful(self) -> bool:
+        """Whether any term keeps state (then the trainer needs the feature width to create it)."""
+        return any(isinstance(t.fn, StatefulTerm) for t in self.terms)
 
     def init_state(self, *, num_classes: int, feature_dim: int) -> dict:
         """Initial state of every stateful term, by name (``{}`` when there is none)."""

@@ -233,12 +233,14 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     init_key = jax.random.fold_in(seed_key, -1 & 0x7FFFFFFF)
     abstract_variables = jax.eval_shape(lambda: init_variables(model, rng=init_key, image_shape=image_shape))
     abstract_params = abstract_variables["params"]
-    _, abstract_aux = jax.eval_shape(
-        lambda v: model.apply(v, jnp.zeros((1, *image_shape)), train=False), abstract_variables
-    )
-    loss_state = loss_fn.init_state(
-        num_classes=meta.num_classes, feature_dim=abstract_aux["features"].shape[-1]
-    )
+    loss_state = {}
+    if loss_fn.stateful:  # Tracing the forward pass for the feature width costs seconds; only when needed.
+        _, abstract_aux = jax.eval_shape(
+            lambda v: model.apply(v, jnp.zeros((1, *image_shape)), train=False), abstract_variables
+        )
+        loss_state = loss_fn.init_state(
+            num_classes=meta.num_classes, feature_dim=abstract_aux["features"].shape[-1]
+        )
     tx, schedule = optim.make_optimizer(
         config.optim, abstract_params, total_steps=total_steps, steps_per_epoch=steps_per_epoch
     )

@@ -52,10 +52,14 @@ class TrainedModel:
         data = self.config.data
         return (data.image_size, data.image_size, data.channels)
 
+    @functools.cached_property
+    def _eval_transforms(self) -> list:
+        return transforms.build_eval_transforms(self.config.data)
+
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """A decoded ``(H, W, 1 or 3)`` uint8 image -> the float32 model input of the run's evaluation."""
         element = {"image": image}
-        for transform in transforms.build_eval_transforms(self.config.data):
+        for transform in self._eval_transforms:
             element = transform.map(element)
         return element["image"]
 
