@@ -18,6 +18,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from medjax.models import available_models, get_model
 from medjax.models.convnext import Block
+from medjax.models.layers import gelu
 from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
 
 IMPROVED = {"pooling": "avg+max", "fusion": "concat", "sevector_ratio": 16}  # study A's head
@@ -365,6 +366,19 @@ def test_convnext_block_matches_numpy():
     np.testing.assert_allclose(
         jax.jit(lambda v, x: block.apply(v, x, train=False))({"params": p}, x), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def test_gelu_values_and_derivatives_match_float64_reference():
+    """``layers.gelu`` is exact GELU (scipy, float64) with the analytic derivative ``Phi(x) + x phi(x)``."""
+    x = np.linspace(-9.0, 9.0, 1001)
+    phi = np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi)
+    cdf = 0.5 * scipy.special.erfc(-x / np.sqrt(2))
+    x32 = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(gelu(x32), x * cdf, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x32), cdf + x * phi, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gelu(x32), jax.nn.gelu(x32, approximate=False), rtol=1e-6, atol=1e-7)
+    _, tangent = jax.jvp(gelu, (x32,), (jnp.full_like(x32, 2.0),))  # forward mode works too
+    np.testing.assert_allclose(tangent, 2 * (cdf + x * phi), rtol=1e-6, atol=1e-7)
 
 
 # --- padding, registry, configuration errors --------------------------------------------------------

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.models.layers import DepthwiseConv, DropPath, GlobalPool
+from medjax.models.layers import DepthwiseConv, DropPath, GlobalPool, gelu
 
 VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
     "tiny": {"widths": (48, 96, 192, 384), "depths": (2, 2, 6, 2)},
@@ -90,7 +90,7 @@ class SpatialEncoding(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        h = nn.gelu(nn.Dense(channels, name="proj_in")(x), approximate=False)
+        h = gelu(nn.Dense(channels, name="proj_in")(x))
         h = sum(DepthwiseConv(k, dilation=d, impl=self.impl, name=f"dw{k}_d{d}")(h) for k, d in self.branches)
         return nn.Dense(channels, name="proj_out")(h)
 
@@ -130,7 +130,7 @@ class LinearAttentionFFN(nn.Module):
         else:
             raise ValueError(f"attention must be 'conv' or 'relu_linear', got {self.attention!r}")
         v = nn.Dense(hidden, name="value")(x)
-        return nn.Dense(channels, name="proj_out")(nn.gelu(a, approximate=False) * v)
+        return nn.Dense(channels, name="proj_out")(gelu(a) * v)
 
 
 class SmoothFFN(nn.Module):
@@ -149,7 +149,7 @@ class SmoothFFN(nn.Module):
         channels = x.shape[-1]
         h = nn.Dense(int(channels * self.ratio), name="fc1")(x)
         h = h + DepthwiseConv(3, impl=self.impl, name="dw")(h)
-        return nn.Dense(channels, name="fc2")(nn.gelu(h, approximate=False))
+        return nn.Dense(channels, name="fc2")(gelu(h))
 
 
 class Block(nn.Module):
