@@ -27,6 +27,9 @@ from pathlib import Path
 
 from timing import timed
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # The repository, for medjax.
+from medjax import allocator  # Imports no jax: the parent only sets each case's environment.
+
 MODELS = ("mobilenet_v2", "convnext", "mednext_plos")
 MODEL_KWARGS = {
     "mobilenet_v2": {"width_multiplier": 1.0},
@@ -130,15 +133,14 @@ def _summarise(raw: dict, batch: int) -> dict:
 
 def _worker(args: argparse.Namespace) -> None:
     framework, name, impl = args.worker.split(":")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raw = (run_medjax if framework == "medjax" else run_torch)(args, name, impl)
     raw["peak_rss_mb"] = _peak_rss_mb()
     print("RESULT " + json.dumps(raw), flush=True)
 
 
-def _spawn(args: argparse.Namespace, case: str, xla_flags: str) -> dict:
-    """Runs ``case`` in a fresh interpreter with ``xla_flags`` appended to ``XLA_FLAGS``."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _spawn(args: argparse.Namespace, case: str, xla_flags: str, memory_allocator: str) -> dict:
+    """Runs ``case`` in a fresh interpreter under ``memory_allocator`` with ``xla_flags`` in ``XLA_FLAGS``."""
+    env = allocator.environment(memory_allocator, dict(os.environ, JAX_PLATFORMS="cpu"))
     env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
     cmd = [sys.executable, __file__, "--worker", case, *_forwarded(args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -162,41 +164,47 @@ def _torch_available() -> bool:
     return True
 
 
-def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(case, xla_flags) pairs in run order: each model's medjax variants, then its PyTorch peers."""
+def _cases(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(case, xla_flags, allocator) in run order: per allocator and model, medjax cases, then PyTorch peers.
+
+    The peers run under the same allocator as the medjax cases they are compared with.
+    """
     impls = ("fast", "xla") if args.depthwise_impl == "both" else (args.depthwise_impl,)
     torch_impls = [] if args.skip_torch or not _torch_available() else ["eager"]
     if torch_impls and not args.skip_torch_compile:
         torch_impls.append("compile")
     cases = []
-    for name in args.models.split(","):
-        cases += [(f"medjax:{name}:{impl}", flags) for impl in impls for flags in args.xla_flags]
-        if name in TORCH_PEERS:
-            cases += [(f"torch:{name}:{impl}", "") for impl in torch_impls]
+    for alloc in args.allocator:
+        for name in args.models.split(","):
+            cases += [(f"medjax:{name}:{impl}", flags, alloc) for impl in impls for flags in args.xla_flags]
+            if name in TORCH_PEERS:
+                cases += [(f"torch:{name}:{impl}", "", alloc) for impl in torch_impls]
     return cases
 
 
 def _markdown(results: list[dict]) -> str:
     head = (
-        "| case | XLA flags | train img/s | vs torch eager | vs torch compile | compile s | infer b1 ms "
-        "| infer img/s | peak RSS MB | params M | GFLOPs/step |"
+        "| case | allocator | XLA flags | train img/s | vs torch eager | vs torch compile | compile s "
+        "| infer b1 ms | infer img/s | peak RSS MB | params M | GFLOPs/step |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    peers = {r["case"]: r for r in results if r["case"].startswith("torch:") and "error" not in r}
+    peers = {
+        (r["case"], r["allocator"]): r for r in results if r["case"].startswith("torch:") and "error" not in r
+    }
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['case']} | {r['xla_flags']} | error: {r['error']} |")
+            rows.append(f"| {r['case']} | {r['allocator']} | {r['xla_flags']} | error: {r['error']} |")
             continue
         name = r["case"].split(":")[1]
         ratios = []
         for peer in ("eager", "compile"):
-            p = peers.get(f"torch:{name}:{peer}")
+            p = peers.get((f"torch:{name}:{peer}", r["allocator"]))
             ratios.append(f"{r['train_images_per_s'] / p['train_images_per_s']:.2f}" if p else "-")
         gflops = f"{r['gflops_per_step']:.1f}" if "gflops_per_step" in r else "-"
         rows.append(
-            f"| {r['case']} | {r['xla_flags'] or '-'} | {r['train_images_per_s']:.2f} | {ratios[0]} | "
-            f"{ratios[1]} | {r['compile_s']:.1f} | {r['infer_b1_ms']:.1f} | {r['infer_images_per_s']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['params'] / 1e6:.2f} | {gflops} |"
+            f"| {r['case']} | {r['allocator']} | {r['xla_flags'] or '-'} | {r['train_images_per_s']:.2f} | "
+            f"{ratios[0]} | {ratios[1]} | {r['compile_s']:.1f} | {r['infer_b1_ms']:.1f} | "
+            f"{r['infer_images_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['params'] / 1e6:.2f} | {gflops} |"
         )
     return "\n".join(rows)
 
@@ -216,24 +224,32 @@ def main() -> None:
         action="append",
         help="repeatable, one medjax case each: --xla_flags= (none) --xla_flags=--xla_cpu_use_xnnpack=true",
     )
+    parser.add_argument(
+        "--allocator",
+        action="append",
+        choices=allocator.CHOICES,
+        help="repeatable, every case once per allocator (medjax/allocator.py); default: system",
+    )
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--skip_torch_compile", action="store_true")
     parser.add_argument("--out", type=Path, help="write all results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # framework:model:impl, set by the parent.
     args = parser.parse_args()
     args.xla_flags = args.xla_flags or [""]
+    args.allocator = [allocator.resolve(a) for a in args.allocator or ["system"]]
     if args.worker:
         _worker(args)
         return
 
     results = []
-    for case, flags in _cases(args):
+    for case, flags, alloc in _cases(args):
         start = time.perf_counter()
-        result = {"case": case, "xla_flags": flags, **_spawn(args, case, flags)}
+        result = {"case": case, "xla_flags": flags, "allocator": alloc, **_spawn(args, case, flags, alloc)}
         result["wall_s"] = time.perf_counter() - start
         results.append(result)
         speed = result.get("train_images_per_s", float("nan"))
-        print(f"{case} [{flags or 'default'}]: {speed:.2f} img/s ({result['wall_s']:.0f} s)", flush=True)
+        label = f"{case} [{alloc}, {flags or 'default flags'}]"
+        print(f"{label}: {speed:.2f} img/s ({result['wall_s']:.0f} s)", flush=True)
     table = _markdown(results)
     print(f"\nbatch {args.batch}, {args.size}x{args.size}, load average {os.getloadavg()}\n{table}")
     if args.out:

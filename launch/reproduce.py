@@ -28,6 +28,7 @@ from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # The repository, for medjax.
+from medjax import allocator, cli  # noqa: E402  (no jax: --help stays fast)
 
 _SHARED = flags.DEFINE_string(
     "shared_data",
@@ -40,6 +41,7 @@ _OUTPUT = flags.DEFINE_string("output", str(ROOT / "RESULTS.md"), "Markdown resu
 _ONLY = flags.DEFINE_list("only", None, "Experiment names to run (default: all).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap_samples", 1000, "Resamples behind each 95 % interval.")
 _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
+_ALLOCATOR = cli.define_allocator_flag()
 _NOTE = flags.DEFINE_string("note", None, "A sentence for RESULTS.md, e.g. what else loaded the machine.")
 
 
@@ -151,7 +153,8 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; runs finished earlier are read back from "
         "their workdirs.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
-        f"jax {jax.__version__}. Every model is trained from scratch (no pretrained weights) with seed 0; "
+        f"jax {jax.__version__}; memory allocator {allocator.active()} (medjax/allocator.py). "
+        "Every model is trained from scratch (no pretrained weights) with seed 0; "
         "test metrics are of the best-on-validation checkpoint, with 95 % bootstrap intervals "
         f"({_BOOTSTRAP.value} stratified resamples of the test set). Sensitivity and specificity are at the "
         "threshold chosen on validation (Youden's J), applied unchanged to test; accuracy, F1 and the "
@@ -206,9 +209,7 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
 
 def main(argv: list[str]) -> None:
     del argv
-    from medjax import cli
-
-    cli.setup(compilation_cache_dir=_CACHE_DIR.value)
+    cli.setup(compilation_cache_dir=_CACHE_DIR.value, memory_allocator=_ALLOCATOR.value)
     started = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
     chosen = [e for e in EXPERIMENTS if not _ONLY.value or e.name in _ONLY.value]
     unknown = set(_ONLY.value or ()) - {e.name for e in EXPERIMENTS}

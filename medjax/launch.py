@@ -12,7 +12,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from medjax import cli, config_lib
+from medjax import allocator, cli, config_lib
 from medjax.errors import DatasetNotFoundError, MedjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,6 +24,7 @@ _CACHE_DIR = flags.DEFINE_string(
     "~/.cache/medjax/jax",
     "Persistent XLA compilation cache ('' disables): a resumed or repeated run skips recompiling its steps.",
 )
+_ALLOCATOR = cli.define_allocator_flag()
 flags.mark_flags_as_required(["config"])
 
 
@@ -57,12 +58,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.setup(compilation_cache_dir=_CACHE_DIR.value)
+    cli.setup(compilation_cache_dir=_CACHE_DIR.value, memory_allocator=_ALLOCATOR.value)
     from medjax import train  # Imported late so that --help stays fast.
 
     spec = flags.FLAGS["config"].serialize().split("=", 1)[1]
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(spec)
-    print(f"medjax: config {spec}, workdir {workdir}", flush=True)
+    print(f"medjax: config {spec}, workdir {workdir}, allocator {allocator.active()}", flush=True)
     try:
         train.train_and_evaluate(_CONFIG.value, workdir)
     except DatasetNotFoundError as e:
