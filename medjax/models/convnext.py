@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medjax.models.layers import DepthwiseConv, DropPath, GlobalPool, SEVector, gelu
+from medjax.models.layers import Dense, DepthwiseConv, DropPath, GlobalPool, SEVector, gelu
 
 # name -> (depths, widths), from the official repository.
 VARIANTS = {
@@ -66,9 +66,9 @@ class Block(nn.Module):
         channels = x.shape[-1]
         y = DepthwiseConv(7, padding=3, impl=self.depthwise_impl, kernel_init=_init, name="dwconv")(x)
         y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm")(y)
-        y = nn.Dense(4 * channels, kernel_init=_init, name="pwconv1")(y)
+        y = Dense(4 * channels, kernel_init=_init, name="pwconv1")(y)
         y = gelu(y)
-        y = nn.Dense(channels, kernel_init=_init, name="pwconv2")(y)
+        y = Dense(channels, kernel_init=_init, name="pwconv2")(y)
         if self.layer_scale_init > 0:
             y = y * self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,))
         return x + DropPath(self.drop_path_rate)(y, train=train)

@@ -14,7 +14,51 @@ from jax import lax
 
 from medjax.models.depthwise import DepthwiseConv
 
-__all__ = ["DepthwiseConv", "DropPath", "GlobalPool", "SEVector", "gelu"]
+__all__ = ["Dense", "DepthwiseConv", "DropPath", "GlobalPool", "PointwiseConv", "SEVector", "gelu"]
+
+
+def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x[..., K] @ kernel[K, F]`` as one 2-D matrix product over all leading axes.
+
+    XLA CPU runs the (N*H*W, K) x (K, F) product and its two gradients at matmul speed, but the same
+    contraction written on a 4-D array (``nn.Dense``'s ``dot_general``, or a 1x1 ``conv_general_dilated``)
+    gets a weight gradient several times slower. Measured fwd+bwd, 32x112x112x16 -> 96 (issue 6 closing
+    note): 1x1 conv 356 ms, 4-D dot_general 297 ms, 2-D matmul 61 ms.
+    """
+    lead = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` with the same parameters, computed as one 2-D matrix product (:func:`_matmul_last_axis`).
+
+    For the per-pixel MLPs of ConvNeXt and MedNeXt, applied to (N, H, W, C) maps.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        lead = inputs.shape[:-1]
+        return super().__call__(inputs.reshape(-1, inputs.shape[-1])).reshape(*lead, self.features)
+
+
+class PointwiseConv(nn.Module):
+    """1x1 convolution with ``nn.Conv``'s parameters (kernel ``(1, 1, in, out)``), computed as one matmul.
+
+    Parameter names and shapes equal ``nn.Conv(features, (1, 1))``'s, so Keras and PyTorch weights convert
+    unchanged; only the arithmetic is laid out for XLA CPU (:func:`_matmul_last_axis`).
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        y = _matmul_last_axis(x, kernel[0, 0].astype(x.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(x.dtype)
+        return y
 
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.models.layers import DepthwiseConv, DropPath, GlobalPool, gelu
+from medjax.models.layers import Dense, DepthwiseConv, DropPath, GlobalPool, gelu
 
 VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
     "tiny": {"widths": (48, 96, 192, 384), "depths": (2, 2, 6, 2)},
@@ -90,9 +90,9 @@ class SpatialEncoding(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        h = gelu(nn.Dense(channels, name="proj_in")(x))
+        h = gelu(Dense(channels, name="proj_in")(x))
         h = sum(DepthwiseConv(k, dilation=d, impl=self.impl, name=f"dw{k}_d{d}")(h) for k, d in self.branches)
-        return nn.Dense(channels, name="proj_out")(h)
+        return Dense(channels, name="proj_out")(h)
 
 
 class LinearAttentionFFN(nn.Module):
@@ -116,7 +116,7 @@ class LinearAttentionFFN(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         hidden = int(channels * self.ratio)
-        a = nn.Dense(hidden, name="gate")(x)
+        a = Dense(hidden, name="gate")(x)
         if self.attention == "conv":
             a = DepthwiseConv(self.kernel, impl=self.impl, name="gate_dw")(a)
         elif self.attention == "relu_linear":
@@ -124,13 +124,13 @@ class LinearAttentionFFN(nn.Module):
                 raise ValueError(f"hidden width {hidden} is not a multiple of head_dim {self.head_dim}")
             b, h, w, _ = x.shape
             heads = hidden // self.head_dim
-            q, k = jnp.split(nn.relu(nn.Dense(2 * hidden, name="qk")(x)), 2, axis=-1)
+            q, k = jnp.split(nn.relu(Dense(2 * hidden, name="qk")(x)), 2, axis=-1)
             q, k, a = (t.reshape(b, h * w, heads, -1) for t in (q, k, a))
             a = relu_linear_attention(q, k, a).reshape(b, h, w, hidden)
         else:
             raise ValueError(f"attention must be 'conv' or 'relu_linear', got {self.attention!r}")
-        v = nn.Dense(hidden, name="value")(x)
-        return nn.Dense(channels, name="proj_out")(gelu(a) * v)
+        v = Dense(hidden, name="value")(x)
+        return Dense(channels, name="proj_out")(gelu(a) * v)
 
 
 class SmoothFFN(nn.Module):
@@ -147,9 +147,9 @@ class SmoothFFN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        h = nn.Dense(int(channels * self.ratio), name="fc1")(x)
+        h = Dense(int(channels * self.ratio), name="fc1")(x)
         h = h + DepthwiseConv(3, impl=self.impl, name="dw")(h)
-        return nn.Dense(channels, name="fc2")(gelu(h))
+        return Dense(channels, name="fc2")(gelu(h))
 
 
 class Block(nn.Module):
