@@ -7,10 +7,12 @@ peak RSS, parameters and XLA GFLOPs per step (``cost_analysis``). When torch imp
 ``launch/torch_reference.py`` are timed in the same run (eager and ``torch.compile``, channels_last, same
 thread count) and the ratios medjax/torch are printed.
 
-Every case runs in a fresh subprocess: peak RSS is then the case's own, and ``--xla_flags`` variants
-(which XLA reads once per process) can be compared in one run. Example (about 25 minutes on 2 cores)::
+Every case runs in a fresh subprocess: peak RSS is then the case's own, and ``--xla_flags`` and
+``--allocator`` variants (read once per process) can be compared in one run; PyTorch peers run under each
+allocator too, so every ratio compares like with like. Example (about 25 minutes on 2 cores)::
 
-    JAX_PLATFORMS=cpu /work/venv-torch/bin/python launch/benchmark.py --out /tmp/benchmark.json
+    JAX_PLATFORMS=cpu /work/venv-torch/bin/python launch/benchmark.py --depthwise_impl fast \
+        --allocator system --allocator tcmalloc --out /tmp/benchmark.json
     # quick look: --models mobilenet_v2 --steps 3 --warmup 1 --skip_torch_compile
     # flag A/B:   --xla_flags= --xla_flags=--xla_cpu_use_xnnpack=true --depthwise_impl fast
 """
