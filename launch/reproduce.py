@@ -153,7 +153,8 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; runs finished earlier are read back from "
         "their workdirs.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
-        f"jax {jax.__version__}; memory allocator {allocator.active()} (medjax/allocator.py). "
+        f"jax {jax.__version__}. This invocation ran under the {allocator.active()} memory allocator "
+        "(medjax/allocator.py); each wall time names the allocator of its own run. "
         "Every model is trained from scratch (no pretrained weights) with seed 0; "
         "test metrics are of the best-on-validation checkpoint, with 95 % bootstrap intervals "
         f"({_BOOTSTRAP.value} stratified resamples of the test set). Sensitivity and specificity are at the "
@@ -176,7 +177,9 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
         epochs = f"{train_report['steps'] / steps_per_epoch:.0f}/{config['train']['num_epochs']:.0f}"
         minutes = train_report["wall_time_s"] / 60
         budget = exp["budget_s"]
-        wall = f"{minutes:.1f} min" + (
+        # Runs from before medjax chose allocators ran under glibc's defaults.
+        memory = train_report.get("allocator", "system").replace("system", "glibc")
+        wall = f"{minutes:.1f} min, {memory}" + (
             f" ({'≤' if minutes * 60 <= budget else '>'} {budget / 60:.0f})" if budget else ""
         )
         size = config["data"]["image_size"]

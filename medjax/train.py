@@ -24,7 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from medjax import config_lib, losses, metrics, models, optim, sharding, trained
+from medjax import allocator, config_lib, losses, metrics, models, optim, sharding, trained
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
@@ -384,6 +384,7 @@ def train_and_evaluate(
 
         report = _final_report(config, exp, ckpt, writer, state, step=step, stopped=stopped)
         report["wall_time_s"] = time.perf_counter() - t_start
+        report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
         print(
             f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import config_lib, train
+from medjax import allocator, config_lib, train
 from medjax.errors import ConfigError, NonFiniteLossError
 
 from .conftest import ROOT
@@ -42,6 +42,7 @@ def test_smoke_run_writes_outputs_compiles_once_and_resumes(tmp_path, tfds_data_
     report = train.train_and_evaluate(config, workdir)
 
     assert report["steps"] == 3 and report["total_steps"] == 3
+    assert report["allocator"] == allocator.active()  # In-process: whatever pytest was started under.
     assert report["test"]["num_examples"] == 24  # Padded eval batches count every example once.
     for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "loss"):
         assert key in report["test"]
