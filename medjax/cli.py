@@ -14,7 +14,7 @@ from medjax import allocator
 
 
 def define_allocator_flag() -> flags.FlagHolder:
-    """The ``--allocator`` flag of the commands that train or evaluate."""
+    """The ``--allocator`` flag of the commands that train (``medjax.launch``, ``launch/reproduce.py``)."""
     return flags.DEFINE_enum(
         "allocator",
         "auto",
