@@ -86,11 +86,13 @@ def reexec(choice: str) -> None:
     Nothing is done for ``'system'``, when ``MEDJAX_ALLOCATOR=system`` is set, or in a process that is
     itself the result of a re-execution. Call it before any work starts: the process is replaced.
     """
-    choice = os.environ.get("MEDJAX_ALLOCATOR", choice)
-    if os.environ.get(_APPLIED) or resolve(choice) == "system":
+    if os.environ.get(_APPLIED):
         return
-    env = environment(choice, os.environ)
-    env[_APPLIED] = resolve(choice)
+    kind = resolve(os.environ.get("MEDJAX_ALLOCATOR", choice))
+    if kind == "system":
+        return
+    env = environment(kind, os.environ)
+    env[_APPLIED] = kind
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
