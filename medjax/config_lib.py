@@ -134,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
         {"monitor": "loss", "patience": 0, "min_delta": 0.0}  # patience 0 disables; counted in evaluations.
     )
     c.train.select_best_on = "loss"  # Validation metric for the best checkpoint ('loss' is minimised).
+    # Exponential moving average of the weights (parameters and BatchNorm statistics): when > 0 the
+    # average, not the raw weights, is validated, selected as best and tested. The decay at step t is
+    # min(ema_decay, (1 + t) / (10 + t)) (timm's warm-up), so early averages do not remember the random
+    # init. 0 disables it.
+    c.train.ema_decay = 0.0
 
     # `python -m medjax.evaluate`: how a trained run is judged (none of this changes training).
     c.eval = ml_collections.ConfigDict()
@@ -190,13 +195,22 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_WITH_CHANGES``."""
+    """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_WITH_CHANGES``.
+
+    A key missing from ``saved`` that ``current`` holds at its :func:`base_config` default does not
+    differ: the run was written before medjax had the key, and a new key's default keeps the old
+    behaviour.
+    """
     a, b = flatten(saved), flatten(json.loads(json.dumps(current, default=str)))
+    defaults = flatten(json.loads(to_json(base_config())))
 
     def watched_only(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUMABLE_WITH_CHANGES)
 
-    keys = {k for k in set(a) | set(b) if not watched_only(k)}
+    def added_at_default(key: str) -> bool:
+        return key not in a and key in defaults and b.get(key) == defaults[key]
+
+    keys = {k for k in set(a) | set(b) if not watched_only(k) and not added_at_default(k)}
     return sorted(k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 

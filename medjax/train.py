@@ -42,19 +42,41 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     loss_state: Any = struct.field(default_factory=dict)  # Stateful loss terms', e.g. class centres.
+    ema: Any = struct.field(default_factory=dict)  # Moving average of `variables`; {} without one.
 
     @property
     def variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
+    @property
+    def eval_variables(self) -> dict:
+        """What is validated, kept as best and tested: the weight average when there is one."""
+        return self.ema or self.variables
+
+
+def ema_update(ema: dict, variables: dict, step: jax.Array, decay: float) -> dict:
+    """``ema`` moved towards ``variables`` after ``step`` completed updates, with timm's warm-up: the
+    decay is ``min(decay, (1 + step) / (10 + step))``, so the random initialisation fades quickly."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, v: d * e + (1.0 - d) * v, ema, variables)
+
 
 def train_step(
-    state: TrainState, batch: dict, seed_key: jax.Array, *, model, tx, loss_fn, frozen_stats=None
+    state: TrainState,
+    batch: dict,
+    seed_key: jax.Array,
+    *,
+    model,
+    tx,
+    loss_fn,
+    frozen_stats=None,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch``; returns the new state and a flat dict of scalar metrics.
 
     ``frozen_stats`` (a pytree of Python bools over ``batch_stats``, see
     :func:`medjax.optim.frozen_statistics_mask`) keeps the running statistics of frozen BatchNorms.
+    ``ema_decay`` > 0 updates ``state.ema`` (see :func:`ema_update`).
     """
     rng = jax.random.fold_in(seed_key, state.step)
 
@@ -84,6 +106,8 @@ def train_step(
         opt_state=opt_state,
         loss_state=loss_fn.update_state(state.loss_state, labels=batch["label"], aux=aux),
     )
+    if ema_decay:
+        new_state = new_state.replace(ema=ema_update(state.ema, new_state.variables, state.step, ema_decay))
     step_metrics = {
         "loss": total,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
@@ -105,9 +129,11 @@ def eval_step(variables: dict, batch: dict, loss_state: dict, *, model, loss_fn)
     return {"logits": logits, "loss_sum": total * weights.sum()}
 
 
-def make_steps(model, tx, loss_fn, *, frozen_stats=None) -> tuple[Callable, Callable]:
+def make_steps(model, tx, loss_fn, *, frozen_stats=None, ema_decay: float = 0.0) -> tuple[Callable, Callable]:
     """Jitted ``(train_step, eval_step)``; the train state (argument 0) is donated."""
-    step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, frozen_stats=frozen_stats)
+    step = functools.partial(
+        train_step, model=model, tx=tx, loss_fn=loss_fn, frozen_stats=frozen_stats, ema_decay=ema_decay
+    )
     p_train = jax.jit(step, donate_argnums=0)
     p_eval = jax.jit(functools.partial(eval_step, model=model, loss_fn=loss_fn))
     return p_train, p_eval
@@ -122,16 +148,21 @@ def init_variables(model, *, rng: jax.Array, image_shape: tuple[int, ...]) -> di
     return jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))(rng)
 
 
-def create_train_state(tx, variables: dict, loss_state: dict | None = None) -> TrainState:
-    """A fresh train state from initialised (or pretrained) variables and the optimizer state for them."""
+def create_train_state(
+    tx, variables: dict, loss_state: dict | None = None, *, with_ema: bool = False
+) -> TrainState:
+    """A fresh train state from initialised (or pretrained) variables and the optimizer state for them;
+    ``with_ema`` starts a weight average at the initial variables."""
     params = variables["params"]
-    return TrainState(
+    state = TrainState(
         step=jnp.asarray(0, jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         loss_state=loss_state or {},
     )
+    # A copy: the state is donated, and the average must not alias the parameters' buffers.
+    return state.replace(ema=jax.tree.map(jnp.copy, state.variables)) if with_ema else state
 
 
 def _initial_variables(config, model, init_key, image_shape) -> dict:
@@ -244,14 +275,16 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     tx, schedule = optim.make_optimizer(
         config.optim, abstract_params, total_steps=total_steps, steps_per_epoch=steps_per_epoch
     )
-    state = sharding.replicate(
-        create_train_state(tx, _initial_variables(config, model, init_key, image_shape), loss_state), mesh
-    )
+    ema_decay = config.train.ema_decay
+    if not 0.0 <= ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 disables the weight average).")
+    initial = _initial_variables(config, model, init_key, image_shape)
+    state = sharding.replicate(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
     frozen_stats = None
     if config.optim.trainable is not None and config.optim.freeze_batch_stats:
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
         frozen_stats = optim.frozen_statistics_mask(trainable, state.batch_stats)
-    p_train, p_eval = make_steps(model, tx, loss_fn, frozen_stats=frozen_stats)
+    p_train, p_eval = make_steps(model, tx, loss_fn, frozen_stats=frozen_stats, ema_decay=ema_decay)
     return _Experiment(
         meta=meta,
         mesh=mesh,
@@ -271,7 +304,9 @@ def _final_report(
     """Validation and test metrics of the best checkpoint (the last state if none was saved)."""
     best_step = ckpt.best_step()
     variables = (
-        ckpt.restore_best(abstract_variables=state.variables) if best_step is not None else state.variables
+        ckpt.restore_best(abstract_variables=state.variables)
+        if best_step is not None
+        else state.eval_variables
     )
     report = {
         "config": config.get("name", config.model_name),
@@ -361,7 +396,7 @@ def train_and_evaluate(
                 window = []
             evaluate_now = step % exp.eval_every == 0 or step == exp.total_steps
             if evaluate_now:
-                val = exp.evaluate(state.variables, data_cfg, data_cfg.eval_split, state.loss_state)
+                val = exp.evaluate(state.eval_variables, data_cfg, data_cfg.eval_split, state.loss_state)
                 writer.write(step, "validation", val)
                 progress.message(
                     f"step {step}: validation loss {val['loss']:.4f} "
@@ -369,7 +404,7 @@ def train_and_evaluate(
                 )
                 stopped = stopper.update(val[train_cfg.early_stopping.monitor])
                 scalars = {k: v for k, v in val.items() if np.isscalar(v)}
-                ckpt.save_best(step, variables=state.variables, metrics=scalars)
+                ckpt.save_best(step, variables=state.eval_variables, metrics=scalars)
                 if stopped:
                     progress.message(
                         f"Early stopping at step {step}: no improvement in {stopper.patience} evaluations."

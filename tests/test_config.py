@@ -59,6 +59,15 @@ def test_differing_keys_ignores_watch_only_keys():
     assert config_lib.differing_keys(a, b.to_dict()) == ["data.image_size", "optim.learning_rate"]
 
 
+def test_key_added_to_medjax_after_a_run_differs_only_off_its_default():
+    saved = config_lib.base_config().to_dict()
+    del saved["train"]["ema_decay"]  # A run written before medjax had the key.
+    current = config_lib.base_config()
+    assert config_lib.differing_keys(saved, current.to_dict()) == []
+    current.train.ema_decay = 0.99
+    assert config_lib.differing_keys(saved, current.to_dict()) == ["train.ema_decay"]
+
+
 def test_close_matches():
     known = config_lib.flatten(config_lib.base_config())
     assert "optim.learning_rate" in config_lib.close_matches("optim.learnig_rate", known)

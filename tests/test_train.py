@@ -77,6 +77,19 @@ def test_every_smoke_variant_trains(name, tmp_path, tfds_data_dir):
     assert 0.0 <= report["test"]["auc"] <= 1.0
 
 
+def test_weight_average_is_what_is_selected_checkpointed_and_resumed(tmp_path, tfds_data_dir):
+    config = smoke_config(tfds_data_dir, num_epochs=2 / 8, eval_every_epochs=2 / 8, ema_decay=0.5)
+    workdir = tmp_path / "run"
+    report = train.train_and_evaluate(config, workdir)
+    saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "latest" / "2" / "state")
+    best = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "best" / "2" / "variables")
+    chex.assert_trees_all_equal(best, saved["ema"])
+    assert not np.allclose(
+        saved["ema"]["params"]["classifier"]["kernel"], saved["params"]["classifier"]["kernel"]
+    )
+    _same_results(report, train.train_and_evaluate(config, workdir))  # Resumes at the end, same numbers.
+
+
 def test_workdir_of_another_config_is_refused(tmp_path, tfds_data_dir):
     workdir = tmp_path / "run"
     workdir.mkdir()

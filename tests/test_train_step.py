@@ -1,4 +1,5 @@
-"""The train step on a tiny model: selective unfreezing leaves frozen weights and statistics untouched."""
+"""The train step on a tiny model: selective unfreezing leaves frozen weights and statistics untouched;
+the weight average follows its warmed-up decay."""
 
 import flax.linen as nn
 import jax
@@ -67,3 +68,29 @@ def test_frozen_parameters_and_their_batchnorm_statistics_do_not_change():
     )
     assert not np.allclose(state.params["body"]["kernel"], variables["params"]["body"]["kernel"])
     assert not np.allclose(state.batch_stats["body_bn"]["mean"], variables["batch_stats"]["body_bn"]["mean"])
+
+
+def test_weight_average_follows_the_warmed_up_decay():
+    model = TinyNet()
+    variables = train.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
+    optim_cfg = {"name": "adam", "learning_rate": 0.1, "schedule": "constant"}
+    tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=3, steps_per_epoch=3)
+    state = train.create_train_state(tx, variables, with_ema=True)
+    loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}})
+    step = jax.jit(
+        lambda s, b: train.train_step(
+            s, b, jax.random.key(1), model=model, tx=tx, loss_fn=loss_fn, ema_decay=0.9
+        )
+    )
+    expected = jax.tree.map(np.asarray, variables)
+    rng = np.random.default_rng(0)
+    for decay in [1 / 10, 2 / 11, 3 / 12]:  # min(0.9, (1 + t) / (10 + t)) at steps t = 0, 1, 2.
+        batch = {"image": rng.normal(size=(4, 8, 8, 1)).astype(np.float32), "label": np.array([0, 1, 0, 1])}
+        state, _ = step(state, batch)
+        expected = jax.tree.map(
+            lambda e, v, d=decay: d * e + (1 - d) * np.asarray(v), expected, state.variables
+        )
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.ema, expected)
+    assert state.eval_variables is state.ema
+    assert not np.allclose(state.ema["params"]["body"]["kernel"], state.params["body"]["kernel"])
+    assert train.create_train_state(tx, variables).eval_variables["params"] is variables["params"]
