@@ -136,8 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.select_best_on = "loss"  # Validation metric for the best checkpoint ('loss' is minimised).
     # Exponential moving average of the weights (parameters and BatchNorm statistics): when > 0 the
     # average, not the raw weights, is validated, selected as best and tested. The decay at step t is
-    # min(ema_decay, (1 + t) / (10 + t)) (timm's warm-up), so early averages do not remember the random
-    # init. 0 disables it.
+    # min(ema_decay, (1 + t) / (10 + t)) (the warm-up of TensorFlow's ExponentialMovingAverage), so the
+    # average forgets the random init: until t = (10 d - 1) / (1 - d) (890 steps for 0.99, 8990 for
+    # 0.999) it spans about the last tenth of the steps taken, and only then the fixed ~1 / (1 - d).
+    # 0 disables it.
     c.train.ema_decay = 0.0
 
     # `python -m medjax.evaluate`: how a trained run is judged (none of this changes training).

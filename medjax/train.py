@@ -55,8 +55,9 @@ class TrainState:
 
 
 def ema_update(ema: dict, variables: dict, step: jax.Array, decay: float) -> dict:
-    """``ema`` moved towards ``variables`` after ``step`` completed updates, with timm's warm-up: the
-    decay is ``min(decay, (1 + step) / (10 + step))``, so the random initialisation fades quickly."""
+    """``ema`` moved towards ``variables`` after ``step`` completed updates, with TensorFlow's warm-up:
+    the decay is ``min(decay, (1 + step) / (10 + step))``, so the random initialisation fades quickly
+    (see ``train.ema_decay`` in :func:`medjax.config_lib.base_config` for when ``decay`` binds)."""
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     return jax.tree.map(lambda e, v: d * e + (1.0 - d) * v, ema, variables)
 
