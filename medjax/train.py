@@ -167,21 +167,42 @@ def create_train_state(
 
 
 def _initial_variables(config, model, init_key, image_shape) -> dict:
-    """Freshly initialised variables, overwritten by ``config.init_from`` pretrained weights when set.
+    """Freshly initialised variables, overwritten by ``config.init_from`` when set: a pretrained weights
+    file, or the best checkpoint of a medjax run directory (fine-tuning a previous run).
 
     (A resumed run restores its checkpoint over these, so the pretrained file is only read, not trusted,
     after the first start.)
+
+    Raises:
+      ConfigError: for an ``init_from.path`` that does not exist.
     """
     variables = init_variables(model, rng=init_key, image_shape=image_shape)
-    if config.init_from.path:
-        variables = convert.load_pretrained(
-            str(Path(config.init_from.path).expanduser()),
+    if not config.init_from.path:
+        return variables
+    path = Path(config.init_from.path).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"init_from.path {path} does not exist. Give a weights file (.weights.h5, .keras, .h5, .pth, "
+            ".safetensors) or a medjax run directory (with config.json and checkpoints/), or unset it."
+        )
+    if path.is_dir() and (path / "config.json").is_file():
+        if config.init_from.source is not None:
+            raise ConfigError("init_from.source names a weights file's scheme; unset it for a run directory.")
+        return trained.init_from_run(
+            path,
+            model=model,
             model_name=config.model_name,
             target_variables=variables,
-            source=config.init_from.source,
+            image_shape=image_shape,
             reinit_head=config.init_from.reinit_head,
         )
-    return variables
+    return convert.load_pretrained(
+        str(path),
+        model_name=config.model_name,
+        target_variables=variables,
+        source=config.init_from.source,
+        reinit_head=config.init_from.reinit_head,
+    )
 
 
 def evaluate(

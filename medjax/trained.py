@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
 from medjax import metrics, models
 from medjax.checkpointing import RunCheckpointer
@@ -88,6 +89,76 @@ class TrainedModel:
         if not logits:
             return np.zeros((0, len(self.class_names)))
         return metrics.probabilities(np.concatenate(logits))
+
+
+def init_from_run(
+    workdir: str | Path,
+    *,
+    model: nn.Module,
+    model_name: str,
+    target_variables: dict,
+    image_shape: tuple[int, int, int],
+    reinit_head: bool | None,
+) -> dict:
+    """A previous run's best weights as the start of a new run: fine-tuning on another dataset.
+
+    The run must have the same architecture (``model_name`` and model config) up to its class count. Its
+    output layer (the parameters whose shapes depend on the class count) keeps the fresh values of
+    ``target_variables`` when ``reinit_head`` is True, or when None and the class counts differ; with
+    False it is copied like every other array.
+
+    Raises:
+      MedjaxError: naming the run and listing every missing, unexpected and mis-shaped array.
+    """
+    source = load_trained(workdir)
+    if source.config.model_name != model_name:
+        raise MedjaxError(
+            f"init_from.path {workdir} is a run of {source.config.model_name!r}, but this config trains "
+            f"{model_name!r}. Use the run's model_name and model settings (its config.json), or another run."
+        )
+    heads = _output_layers(model, image_shape)
+    fresh_head = reinit_head or (reinit_head is None and len(source.class_names) != model.num_classes)
+    found = traverse_util.flatten_dict(source.variables)
+    out, problems = {}, []
+    for path, value in traverse_util.flatten_dict(target_variables).items():
+        array = found.pop(path, None)
+        if fresh_head and path[1] in heads:
+            out[path] = value
+        elif array is None:
+            problems.append(f"missing from the run: {'/'.join(path)} {value.shape}")
+        elif array.shape != value.shape:
+            problems.append(f"mis-shaped: {'/'.join(path)}: run {array.shape}, model {value.shape}")
+        else:
+            out[path] = jnp.asarray(array, value.dtype)
+    problems += [f"unexpected (only in the run): {'/'.join(path)}" for path in found]
+    if problems:
+        shown = problems[:10] + [f"... and {len(problems) - 10} more"] * (len(problems) > 10)
+        raise MedjaxError(
+            f"The best checkpoint of {workdir} does not fit this {model_name} ({len(problems)} array(s)):\n  "
+            + "\n  ".join(shown)
+            + "\nSet config.model to the run's model settings (its config.json), or "
+            "init_from.reinit_head=True for another class count."
+        )
+    kept = f"; output layer {sorted(heads)} re-initialised" if fresh_head else ""
+    print(
+        f"Initialised {model_name} from run {workdir} (best checkpoint, step {source.step}, classes "
+        f"{list(source.class_names)}){kept}.",
+        flush=True,
+    )
+    return traverse_util.unflatten_dict(out)
+
+
+def _output_layers(model: nn.Module, image_shape: tuple[int, int, int]) -> set[str]:
+    """Top-level modules whose parameter shapes change with the class count: the classifier layer."""
+
+    def shapes(num_classes: int) -> dict:
+        dummy = jnp.zeros((1, *image_shape))
+        keys = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+        init = jax.eval_shape(lambda: model.clone(num_classes=num_classes).init(keys, dummy, train=False))
+        return traverse_util.flatten_dict(init["params"])
+
+    a, b = shapes(model.num_classes), shapes(model.num_classes + 1)
+    return {path[0] for path in a if a[path].shape != b[path].shape}
 
 
 def write_dataset_info(workdir: Path, *, class_names: Sequence[str], label_counts: dict) -> None:

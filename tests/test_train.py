@@ -9,13 +9,14 @@ import sys
 import time
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import allocator, config_lib, train
-from medjax.errors import ConfigError, NonFiniteLossError
+from medjax import allocator, config_lib, models, train, trained
+from medjax.errors import ConfigError, MedjaxError, NonFiniteLossError
 
 from .conftest import ROOT
 
@@ -179,6 +180,48 @@ def test_init_from_keras_weights_file(tmp_path, tfds_data_dir, capsys):
     assert "Loaded" in out and "(scheme 'keras')" in out
     assert "params/classifier/kernel" in out  # 5-class head kept fresh for the 2-class task.
     assert report["steps"] == 1
+
+
+def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(tmp_path, tfds_data_dir, capsys):
+    source = tmp_path / "source"
+    train.train_and_evaluate(smoke_config(tfds_data_dir, num_epochs=1 / 8, eval_every_epochs=1 / 8), source)
+    best = trained.load_trained(source).variables
+    config = smoke_config(tfds_data_dir)
+    config.init_from.update({"path": str(source), "reinit_head": True})
+    model = models.get_model(config.model_name, num_classes=2, **config.model)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    key = jax.random.key(7)
+    started = train._initial_variables(config, model, key, shape)
+    fresh = train.init_variables(model, rng=key, image_shape=shape)
+    assert "output layer ['classifier'] re-initialised" in capsys.readouterr().out
+    chex.assert_trees_all_equal(started["params"].pop("classifier"), fresh["params"]["classifier"])
+    best["params"].pop("classifier")
+    chex.assert_trees_all_equal(started, best)
+
+    config.model.width_multiplier = 0.5
+    wider = models.get_model(config.model_name, num_classes=2, **config.model)
+    with pytest.raises(
+        MedjaxError,
+        match=r"(?s)mobilenet_v2 \(187 array\(s\)\):\n  mis-shaped: batch_stats/block_1/project_bn/mean: "
+        r"run \(8,\), model \(16,\).*\.\.\. and 177 more\n",
+    ):
+        train._initial_variables(config, wider, key, shape)
+    config.init_from.path = str(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="absent does not exist"):
+        train._initial_variables(config, model, key, shape)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, head",
+    [
+        ("mobilenet_v2", {"width_multiplier": 0.35}, {"classifier"}),
+        ("convnext", {"depths": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}, {"classifier"}),
+        ("mednext_plos", {"depths": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}, {"head"}),
+    ],
+)
+def test_output_layer_is_found_by_its_class_count_dependence(name, kwargs, head):
+    model = models.get_model(name, num_classes=3, **kwargs)
+    assert trained._output_layers(model, (32, 32, 1)) == head
 
 
 def test_center_loss_centres_train_and_are_checkpointed(tmp_path, tfds_data_dir):
