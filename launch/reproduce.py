@@ -80,12 +80,12 @@ EXPERIMENTS = (
     ),
     Experiment(
         "breastmnist",
-        "configs/breastmnist.py:from_chest_xray",
+        "configs/breastmnist.py:from_pneumoniamnist",
         "breastmnist",
         "MedMNIST v2 test ACC/AUC: ResNet-18 (28) 0.863/0.901, Google AutoML Vision 0.861/0.919. "
         "Label 1 is normal/benign here, so Sens. is the benign recall and Spec. the malignant recall",
         {"auc": 0.92},
-        init_from="chest_xray_mobilenet_v2",
+        init_from="pneumoniamnist",
     ),
 )
 
