@@ -100,8 +100,14 @@ def _table(head: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 def markdown(report: dict) -> str:
     """The human-readable report: metrics with intervals, thresholds, calibration, figures, model card."""
     s = report["settings"]
+    members = report["members"]
+    title = (
+        f"# Evaluation of `{members[0]['workdir']}` (checkpoint step {members[0]['checkpoint_step']})"
+        if len(members) == 1
+        else f"# Evaluation of an ensemble of {len(members)} runs (mean of their class probabilities)"
+    )
     lines = [
-        f"# Evaluation of `{report['workdir']}` (checkpoint step {report['checkpoint_step']})",
+        title,
         "",
         f"Classes: {', '.join(report['class_names'])}. Intervals: 95 % percentile bootstrap, "
         f"{s['bootstrap_samples']} resamples, seed {s['seed']}, "
@@ -161,7 +167,10 @@ def _threshold_lines(thresholds: dict) -> list[str]:
 
 def _model_card_lines(card: dict) -> list[str]:
     p, recipe, data = card["profile"], card["recipe"], card["training_data"]
+    members = card.get("members", [])
     lines = ["", "## Model card", ""]
+    if members:
+        lines += [f"Totals over the {len(members)} members (latency: one after another).", ""]
     lines += _table(
         [
             "parameters",
@@ -180,13 +189,24 @@ def _model_card_lines(card: dict) -> list[str]:
     )
     lines += ["", f"Training data: `{data['dataset']}`, examples per class:", ""]
     lines += _table(["split", *data["class_names"]], [[k, *v] for k, v in data["label_counts"].items()])
-    lines += ["", "Recipe:", ""]
+    lines += ["", "Recipe" + " of the first member" * bool(members) + ":", ""]
     lines += [f"- {key}: `{value}`" for key, value in recipe.items()]
-    training = card.get("training")
-    summary = (
-        ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in training.items())
-        if training
-        else "no report.json (unfinished run)."
-    )
-    lines += ["", f"Training run: {summary}"]
-    return lines
+    if not members:
+        return [*lines, "", f"Training run: {_training_summary(card.get('training'))}"]
+    lines += ["", "Members:", ""]
+    rows = [
+        [
+            i,
+            ", ".join(f"{k} `{v}`" for k, v in m["recipe"].items() if v != recipe[k]) or "none",
+            f"{m['profile']['params']:,}",
+            _training_summary(m.get("training")),
+        ]
+        for i, m in enumerate(members, 1)
+    ]
+    return lines + _table(["member", "recipe differences", "parameters", "training run"], rows)
+
+
+def _training_summary(training: dict | None) -> str:
+    if not training:
+        return "no report.json (unfinished run)."
+    return ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in training.items())

@@ -1,9 +1,12 @@
-"""Judges a trained run: ``python -m medjax.evaluate --workdir=runs/covid_ct-synthetic``.
+"""Judges a trained run (or an ensemble): ``python -m medjax.evaluate --workdir=runs/covid_ct-synthetic``.
 
 Restores the run's best checkpoint (:func:`medjax.trained.load_trained`), predicts every example of the
 evaluation splits once, and writes ``<out>/report.json`` and ``<out>/report.md`` with PNG figures
 (default ``<out>`` = ``<workdir>/evaluation``), plus ``predictions_<split>.csv`` so every number can be
-recomputed. What it reports and why is in :mod:`medjax.evaluation`; pictures and Markdown in
+recomputed. Given ``--workdir`` more than once it judges the ensemble of those runs: the mean of their
+class probabilities (soft voting, MONAI's ``MeanEnsemble``), each member preprocessing images as it was
+trained to; the members must share class names and evaluation data, and the report needs ``--out``.
+What it reports and why is in :mod:`medjax.evaluation`; pictures and Markdown in
 :mod:`medjax.eval_report`; the model card's measurements in :mod:`medjax.profiling`.
 
 ``--splits`` takes roles: ``validation`` and ``test`` mean the run's ``config.data.eval_split`` and
@@ -15,6 +18,7 @@ Examples::
 
     python -m medjax.evaluate --workdir=runs/covid_ct-synthetic
     python -m medjax.evaluate --workdir=/work/runs/smoke_ref --data_dir=/tmp/tfds --bootstrap_samples=200
+    python -m medjax.evaluate --workdir=runs/seed0 --workdir=runs/seed1 --out=runs/ensemble
 """
 
 import json
@@ -137,8 +141,60 @@ def _thresholds(predictions: dict, *, target: float) -> dict:
     return {"chosen_on": "validation", "rules": rules}
 
 
+def predict_members(
+    members: Sequence[trained.TrainedModel], *, splits: Sequence[str], data_dir: str | None
+) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """``{role: (split, labels, probs)}``: each member's predictions of each split, probabilities averaged.
+
+    Every member reads the split through its own config (its preprocessing, image size and channels),
+    so members trained differently can still be combined, as long as they read the same examples.
+
+    Raises:
+      MedjaxError: when a member reads another dataset or split for a role than the first member, or
+        its labels (in storage order) differ, naming the two runs.
+    """
+    combined: dict[str, tuple[tuple, np.ndarray, list[np.ndarray]]] = {}
+    for member in members:
+        data_cfg = member.config.data
+        if data_dir is not None:
+            data_cfg.data_dir = data_dir
+        forward = member.logits_fn
+        for role, split in _resolve_splits(data_cfg, splits).items():
+            source = (data_cfg.name, split)
+            labels, probs = predict_split(member, data_cfg, split=split, forward=forward)
+            if role not in combined:
+                combined[role] = (source, labels, [probs])
+                continue
+            first_source, first_labels, collected = combined[role]
+            if source != first_source or not np.array_equal(labels, first_labels):
+                raise MedjaxError(
+                    f"{member.workdir} and {members[0].workdir} were evaluated on different {role} data "
+                    f"(dataset and split {source} and {first_source}, {len(labels)} and {len(first_labels)} "
+                    "examples): an ensemble's members must share their dataset and splits."
+                )
+            collected.append(probs)
+    return {
+        role: (split, labels, np.mean(collected, axis=0))
+        for role, ((_, split), labels, collected) in combined.items()
+    }
+
+
+def ensemble_card(cards: Sequence[dict]) -> dict:
+    """The model card of an ensemble: totals of the members' profiles (their latencies add, as the
+    members run one after another), the first member's training data and recipe, every member's card."""
+    profiles = [card["profile"] for card in cards]
+    total = {key: sum(p[key] for p in profiles) for key in ("params", "params_mb", "gflops_per_image")}
+    total |= {"latency_b1_ms": sum(p["latency_b1_ms"] for p in profiles), "device": profiles[0]["device"]}
+    return {
+        "profile": total,
+        "training_data": cards[0]["training_data"],
+        "recipe": cards[0]["recipe"],
+        "members": list(cards),
+    }
+
+
 def evaluate_run(
-    workdir: str | Path,
+    workdirs: str | Path | Sequence[str | Path],
     *,
     out: str | Path | None = None,
     splits: Sequence[str] = ("validation", "test"),
@@ -150,51 +206,60 @@ def evaluate_run(
     calibration_bins: int | None = None,
     latency_runs: int = 10,
 ) -> dict:
-    """Evaluates a run directory and writes the report; returns the ``report.json`` dict.
+    """Evaluates a run directory, or the ensemble of several, and writes the report; returns the
+    ``report.json`` dict.
 
     Args:
-      workdir: the run directory.
-      out: report directory (created), default ``<workdir>/evaluation``.
+      workdirs: the run directory, or a sequence of them (an ensemble: mean class probabilities).
+      out: report directory (created), default ``<workdir>/evaluation``; required for an ensemble.
       splits: roles ``validation`` / ``test`` or dataset split names.
-      data_dir: overrides the run's ``config.data.data_dir``.
+      data_dir: overrides the runs' ``config.data.data_dir``.
       seed, stratified: of the bootstrap resamples (see :mod:`medjax.evaluation`).
-      bootstrap_samples, target_sensitivity, calibration_bins: None takes the run's ``config.eval`` value.
+      bootstrap_samples, target_sensitivity, calibration_bins: None takes the (first) run's
+        ``config.eval`` value.
       latency_runs: timed forward passes behind the model card's median latency.
 
     Raises:
-      MedjaxError: when ``workdir`` is not a run with a best checkpoint or its data cannot be found.
+      MedjaxError: when a workdir is not a run with a best checkpoint, its data cannot be found, or the
+        members of an ensemble disagree on class names or evaluation data.
     """
-    model = trained.load_trained(workdir)
+    paths = [Path(workdirs)] if isinstance(workdirs, str | Path) else [Path(w) for w in workdirs]
+    if not paths:
+        raise MedjaxError("No run to evaluate: pass at least one --workdir.")
+    if len(paths) > 1 and out is None:
+        raise MedjaxError("An ensemble's report belongs to none of its runs: pass --out.")
+    members = [trained.load_trained(path) for path in paths]
+    class_names = members[0].class_names
+    for member in members[1:]:
+        if member.class_names != class_names:
+            raise MedjaxError(
+                f"{member.workdir} has classes {list(member.class_names)} but {members[0].workdir} has "
+                f"{list(class_names)}: an ensemble's members must share their class names and order."
+            )
     settings = _settings(
-        model.config,
+        members[0].config,
         bootstrap_samples=bootstrap_samples,
         target_sensitivity=target_sensitivity,
         calibration_bins=calibration_bins,
     ) | {"seed": seed, "stratified": stratified}
-    data_cfg = model.config.data
-    if data_dir is not None:
-        data_cfg.data_dir = data_dir
-    out = Path(out) if out is not None else Path(workdir) / "evaluation"
+    out = Path(out) if out is not None else paths[0] / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    roles = _resolve_splits(data_cfg, splits)
-    forward = model.logits_fn
-    predictions = {
-        role: predict_split(model, data_cfg, split=split, forward=forward) for role, split in roles.items()
-    }
+    predicted = predict_members(members, splits=splits, data_dir=data_dir)
+    predictions = {role: (labels, probs) for role, (_, labels, probs) in predicted.items()}
     report = {
-        "workdir": str(workdir),
-        "checkpoint_step": model.step,
-        "class_names": list(model.class_names),
+        "members": [{"workdir": str(m.workdir), "checkpoint_step": m.step} for m in members],
+        "class_names": list(class_names),
         "settings": settings,
     }
-    if len(model.class_names) == 2:
+    if len(class_names) == 2:
         report["thresholds"] = _thresholds(predictions, target=settings["target_sensitivity"])
     report["splits"] = {
-        role: {"split": roles[role]}
+        role: {"split": predicted[role][0]}
         | _judge_split(out, role, labels=labels, probs=probs, settings=settings, report=report)
         for role, (labels, probs) in predictions.items()
     }
-    report["model_card"] = model_card(model, latency_runs=latency_runs)
+    cards = [model_card(member, latency_runs=latency_runs) for member in members]
+    report["model_card"] = cards[0] if len(cards) == 1 else ensemble_card(cards)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(eval_report.markdown(report))
     return report
@@ -248,8 +313,10 @@ def _write_predictions(
 def _define_flags() -> None:
     """Flags exist only when run as a program, so importing this module (e.g. from launch/reproduce.py)
     defines no absl flags that could clash with the importer's."""
-    flags.DEFINE_string("workdir", None, "Run directory written by `python -m medjax.launch`.", required=True)
-    flags.DEFINE_string("out", None, "Report directory (default: <workdir>/evaluation).")
+    flags.DEFINE_multi_string(
+        "workdir", None, "Run directory of `python -m medjax.launch`; repeat for an ensemble.", required=True
+    )
+    flags.DEFINE_string("out", None, "Report directory (default: <workdir>/evaluation; ensembles need one).")
     flags.DEFINE_list("splits", ["validation", "test"], "Roles (validation, test) or split names.")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir, if not the one the run was trained with.")
     flags.DEFINE_integer("bootstrap_samples", None, "Default: the run's config.eval value.")
@@ -278,7 +345,7 @@ def main(argv: list[str]) -> None:
         )
     except MedjaxError as e:
         raise SystemExit(f"medjax: error: {e}") from None
-    out = Path(f.out) if f.out else Path(f.workdir) / "evaluation"
+    out = Path(f.out) if f.out else Path(f.workdir[0]) / "evaluation"
     for role, split in report["splits"].items():
         m = split["metrics"]
         print(

@@ -30,15 +30,28 @@ def compilation_cache(tmp_path_factory):
     return path
 
 
+def _train_smoke(tfds_data_dir: Path, workdir: Path, *, seed: int = 0, **train_overrides) -> Path:
+    from medjax import config_lib, train
+
+    config = config_lib.load_config_file(f"{ROOT}/configs/chest_xray.py:smoke")
+    config.data.data_dir = str(tfds_data_dir)
+    config.seed = seed
+    config.train.update(train_overrides)
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tfds_data_dir, tmp_path_factory) -> Path:
     """A finished run directory of ``configs/chest_xray.py:smoke`` (MobileNetV2 on synthetic_ct, 32 px),
     trained once per session for the tests of evaluation, Grad-CAM, prediction and export. Its numbers are
     meaningless (a few steps); it exists to have real checkpoints, config.json and dataset.json."""
-    from medjax import config_lib, train
+    return _train_smoke(tfds_data_dir, tmp_path_factory.mktemp("smoke_run"))
 
-    config = config_lib.load_config_file(f"{ROOT}/configs/chest_xray.py:smoke")
-    config.data.data_dir = str(tfds_data_dir)
-    workdir = tmp_path_factory.mktemp("smoke_run")
-    train.train_and_evaluate(config, workdir)
-    return workdir
+
+@pytest.fixture(scope="session")
+def second_smoke_run(tfds_data_dir, tmp_path_factory) -> Path:
+    """Another run of the smoke config, with seed 1 and one step (seconds: the step is compiled already):
+    a distinct second model for the ensemble tests, and a source run to fine-tune."""
+    workdir = tmp_path_factory.mktemp("second_smoke_run")
+    return _train_smoke(tfds_data_dir, workdir, seed=1, num_epochs=1 / 8, eval_every_epochs=1 / 8)

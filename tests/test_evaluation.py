@@ -2,13 +2,15 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
-from medjax import evaluate, evaluation
+from medjax import evaluate, evaluation, trained
 from medjax.errors import MedjaxError
 from medjax.metrics import classification_metrics, probabilities
 from tests.conftest import ROOT
@@ -116,8 +118,7 @@ def test_evaluate_cli_core_on_a_trained_run(smoke_run, tfds_data_dir, tmp_path):
     )
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) == {
-        "workdir",
-        "checkpoint_step",
+        "members",
         "class_names",
         "settings",
         "thresholds",
@@ -140,11 +141,50 @@ def test_evaluate_cli_core_on_a_trained_run(smoke_run, tfds_data_dir, tmp_path):
     assert card["profile"]["params"] == trained_report["num_params"]
     assert card["profile"]["gflops_per_image"] > 0 and card["profile"]["latency_b1_ms"] > 0
     assert card["training"]["best_step"] == trained_report["best_step"]
+    assert saved["members"] == [{"workdir": str(smoke_run), "checkpoint_step": trained_report["best_step"]}]
     markdown = (out / "report.md").read_text()
     assert "![test reliability](test_reliability.png)" in markdown and "## Model card" in markdown
     assert report["splits"]["test"]["num_examples"] == sum(card["training_data"]["label_counts"]["test"])
     with pytest.raises(MedjaxError, match=r"Unknown split.*'tset'.*validation, test or one of"):
         evaluate.evaluate_run(smoke_run, out=tmp_path / "typo", data_dir=str(tfds_data_dir), splits=["tset"])
+
+
+def test_ensemble_report_is_of_the_members_mean_probabilities(
+    smoke_run, second_smoke_run, tfds_data_dir, tmp_path
+):
+    runs = [smoke_run, second_smoke_run]
+    members = [trained.load_trained(run) for run in runs]
+    singles = [evaluate.predict_members([m], splits=["test"], data_dir=str(tfds_data_dir)) for m in members]
+    (_, labels, first), (_, _, second) = singles[0]["test"], singles[1]["test"]
+    assert np.abs(first - second).max() > 1e-3  # Distinct members, so a mean differs from either.
+    out = tmp_path / "ensemble"
+    report = evaluate.evaluate_run(
+        runs, out=out, data_dir=str(tfds_data_dir), bootstrap_samples=20, latency_runs=1
+    )
+    written = np.loadtxt(out / "predictions_test.csv", delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(written[:, 1], labels)
+    np.testing.assert_allclose(written[:, 2:], (first + second) / 2, rtol=1e-15)
+    auc = report["splits"]["test"]["metrics"]["auc"]["value"]
+    assert auc == pytest.approx(skm.roc_auc_score(labels, (first[:, 1] + second[:, 1]) / 2), abs=1e-12)
+    assert [m["workdir"] for m in report["members"]] == [str(run) for run in runs]
+    card = report["model_card"]
+    assert card["profile"]["params"] == 2 * card["members"][0]["profile"]["params"]
+    markdown = (out / "report.md").read_text()
+    assert "an ensemble of 2 runs" in markdown and "| 2 | epochs `0.125`, seed `1` |" in markdown
+
+    with pytest.raises(MedjaxError, match="pass --out"):
+        evaluate.evaluate_run(runs, data_dir=str(tfds_data_dir))
+    other = shutil.copytree(second_smoke_run, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["data"]["test_split"] = config["data"]["eval_split"]
+    (other / "config.json").write_text(json.dumps(config))
+    mixed = r"different test data \(dataset and split \('synthetic_ct', 'validation'\) and \('synthetic_ct'"
+    with pytest.raises(MedjaxError, match=mixed):
+        evaluate.evaluate_run([smoke_run, other], out=out, splits=["test"], data_dir=str(tfds_data_dir))
+    info = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps(info | {"class_names": info["class_names"][::-1]}))
+    with pytest.raises(MedjaxError, match="must share their class names and order"):
+        evaluate.evaluate_run([smoke_run, other], out=out, data_dir=str(tfds_data_dir))
 
 
 def test_evaluate_cli_rejects_a_directory_that_is_not_a_run(tmp_path):

@@ -182,12 +182,12 @@ def test_init_from_keras_weights_file(tmp_path, tfds_data_dir, capsys):
     assert report["steps"] == 1
 
 
-def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(tmp_path, tfds_data_dir, capsys):
-    source = tmp_path / "source"
-    train.train_and_evaluate(smoke_config(tfds_data_dir, num_epochs=1 / 8, eval_every_epochs=1 / 8), source)
-    best = trained.load_trained(source).variables
+def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
+    tmp_path, tfds_data_dir, second_smoke_run, capsys
+):
+    best = trained.load_trained(second_smoke_run).variables
     config = smoke_config(tfds_data_dir)
-    config.init_from.update({"path": str(source), "reinit_head": True})
+    config.init_from.update({"path": str(second_smoke_run), "reinit_head": True})
     model = models.get_model(config.model_name, num_classes=2, **config.model)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     key = jax.random.key(7)
