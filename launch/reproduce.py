@@ -56,6 +56,14 @@ class Experiment:
     targets: dict  # Metric -> the issue's target on test (AUC, accuracy), shown as met or not.
     budget_s: float | None = None  # Wall-time target of training + evaluation, when the issue sets one.
     init_from: str | None = None  # An experiment above whose best checkpoint this one fine-tunes.
+    seeds: tuple[int, ...] = (0,)  # Several: an ensemble of one run per seed (mean class probabilities).
+
+    def workdirs(self, root: Path) -> list[Path]:
+        """One run directory per seed: ``<root>/<name>``, or ``<root>/<name>/seed_<k>`` in an ensemble.
+        The evaluation is ``<root>/<name>/evaluation`` either way."""
+        if len(self.seeds) == 1:
+            return [root / self.name]
+        return [root / self.name / f"seed_{seed}" for seed in self.seeds]
 
 
 EXPERIMENTS = (
@@ -86,14 +94,14 @@ EXPERIMENTS = (
         "Label 1 is normal/benign here, so Sens. is the benign recall and Spec. the malignant recall",
         {"auc": 0.92},
         init_from="pneumoniamnist",
+        seeds=(0, 1, 2, 3, 4),
     ),
 )
 
 
-def run_experiment(exp: Experiment, *, shared: Path, workdir: Path, data_dir: str | None) -> dict | None:
-    """Trains (or reads back) and evaluates one experiment; None when its data is absent."""
-    from medjax import config_lib, evaluate, train
-    from medjax.data import pipeline
+def run_experiment(exp: Experiment, *, shared: Path, root: Path, data_dir: str | None) -> dict | None:
+    """Trains (or reads back) every run of one experiment and evaluates it; None when its data is absent."""
+    from medjax import config_lib, evaluate
 
     data_path = shared / exp.data
     if not data_path.exists():
@@ -103,7 +111,46 @@ def run_experiment(exp: Experiment, *, shared: Path, workdir: Path, data_dir: st
     config.data.data_dir = data_dir
     config.train.progress_bar = False
     if exp.init_from:  # Wherever --workdir_root put the run it fine-tunes.
-        config.init_from.path = str(workdir.parent / exp.init_from)
+        config.init_from.path = str(_source_run(exp, root))
+    workdirs = exp.workdirs(root)
+    train_reports = []
+    for seed, workdir in zip(exp.seeds, workdirs, strict=True):
+        config.seed = seed
+        train_reports.append(_train_or_read_back(exp, config, workdir))
+    out = root / exp.name / "evaluation"
+    evaluation_path = out / "report.json"
+    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
+    if (
+        evaluation is None
+        or evaluation["settings"]["bootstrap_samples"] != _BOOTSTRAP.value
+        or [m["workdir"] for m in evaluation.get("members", [])] != [str(w) for w in workdirs]
+    ):  # Reports from before ensembles have no "members": they are redone too.
+        evaluation = evaluate.evaluate_run(
+            workdirs,
+            out=out,
+            data_dir=data_dir,
+            splits=("validation", "test"),
+            bootstrap_samples=_BOOTSTRAP.value,
+        )
+    return {
+        "experiment": dataclasses.asdict(exp),
+        "workdirs": [str(w) for w in workdirs],
+        "train": train_reports,
+        "evaluation": evaluation,
+    }
+
+
+def _source_run(exp: Experiment, root: Path) -> Path:
+    """The run ``exp`` fine-tunes: the first run of its ``init_from`` experiment."""
+    return next(e for e in EXPERIMENTS if e.name == exp.init_from).workdirs(root)[0]
+
+
+def _train_or_read_back(exp: Experiment, config, workdir: Path) -> dict:
+    """The training report of ``workdir``: read back when the run finished with this config, else trained
+    (or resumed)."""
+    from medjax import config_lib, train
+    from medjax.data import pipeline
+
     report_path = workdir / "report.json"
     if report_path.exists():
         saved = json.loads((workdir / "config.json").read_text())
@@ -112,18 +159,10 @@ def run_experiment(exp: Experiment, *, shared: Path, workdir: Path, data_dir: st
             raise SystemExit(
                 f"{workdir} holds a finished run of another config (keys {differing}); delete it to rerun."
             )
-        train_report = json.loads(report_path.read_text())
-    else:
-        pipeline.dataset_metadata(config.data)  # Prepares the dataset outside the timed run.
-        print(f"== {exp.name}: {exp.config} -> {workdir}", flush=True)
-        train_report = train.train_and_evaluate(config, workdir)
-    evaluation_path = workdir / "evaluation" / "report.json"
-    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
-    if evaluation is None or evaluation["settings"]["bootstrap_samples"] != _BOOTSTRAP.value:
-        evaluation = evaluate.evaluate_run(
-            workdir, data_dir=data_dir, splits=("validation", "test"), bootstrap_samples=_BOOTSTRAP.value
-        )
-    return {"experiment": dataclasses.asdict(exp), "train": train_report, "evaluation": evaluation}
+        return json.loads(report_path.read_text())
+    pipeline.dataset_metadata(config.data)  # Prepares the dataset outside the timed run.
+    print(f"== {exp.name}: {exp.config} (seed {config.seed}) -> {workdir}", flush=True)
+    return train.train_and_evaluate(config, workdir)
 
 
 def _shown(path: str | Path) -> str:
@@ -161,13 +200,14 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
         f"jax {jax.__version__}. This invocation ran under the {allocator.active()} memory allocator "
         "(medjax/allocator.py); each wall time names the allocator of its own run. "
-        "Every model is trained with seed 0 from scratch, or, where its recipe says so, from the best "
-        "checkpoint of an experiment above (no downloaded weights); "
-        "test metrics are of the best-on-validation checkpoint, with 95 % bootstrap intervals "
+        "Every model is trained with a fixed seed (0, or one run per seed 0, 1, ... where the row is an "
+        "ensemble, whose prediction is the mean of its runs' probabilities) from scratch, or, where its "
+        "recipe says so, from the best checkpoint of an experiment above (no downloaded weights); "
+        "test metrics are of the best-on-validation checkpoints, with 95 % bootstrap intervals "
         f"({_BOOTSTRAP.value} stratified resamples of the test set). Sensitivity and specificity are at the "
         "threshold chosen on validation (Youden's J), applied unchanged to test; accuracy, F1 and the "
         "confusion counts use the argmax. Wall time is training plus evaluation on this machine (dataset "
-        "preparation excluded).",
+        "preparation excluded), summed over an ensemble's runs.",
         *([f"Note: {note}"] if note else []),
         "",
         "| Experiment | Model | Input | Epochs | Wall time | Test accuracy | Test AUC | Test F1 | Sens. "
@@ -175,23 +215,26 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
-        train_report, evaluation, exp = result["train"], result["evaluation"], result["experiment"]
-        config = json.loads((Path(evaluation["workdir"]) / "config.json").read_text())
+        train_reports, evaluation, exp = result["train"], result["evaluation"], result["experiment"]
+        config = json.loads((Path(result["workdirs"][0]) / "config.json").read_text())
         test = evaluation["splits"]["test"]["metrics"]
         youden = evaluation["thresholds"]["rules"]["youden"]["test"]
         card = evaluation["model_card"]["profile"]
-        steps_per_epoch = train_report["total_steps"] / config["train"]["num_epochs"]
-        epochs = f"{train_report['steps'] / steps_per_epoch:.0f}/{config['train']['num_epochs']:.0f}"
-        minutes = train_report["wall_time_s"] / 60
+        steps_per_epoch = train_reports[0]["total_steps"] / config["train"]["num_epochs"]
+        epochs = ", ".join(f"{r['steps'] / steps_per_epoch:.0f}" for r in train_reports)
+        epochs += f"/{config['train']['num_epochs']:.0f}"
+        minutes = sum(r["wall_time_s"] for r in train_reports) / 60
         budget = exp["budget_s"]
         # Runs from before medjax chose allocators ran under glibc's defaults.
-        memory = train_report.get("allocator", "system").replace("system", "glibc")
-        wall = f"{minutes:.1f} min, {memory}" + (
+        memory = sorted({r.get("allocator", "system").replace("system", "glibc") for r in train_reports})
+        wall = f"{minutes:.1f} min, {' and '.join(memory)}" + (
             f" ({'≤' if minutes * 60 <= budget else '>'} {budget / 60:.0f})" if budget else ""
         )
         size = config["data"]["image_size"]
+        runs = len(train_reports)
+        model = config["model_name"] + (f", ensemble of {runs}" if runs > 1 else "")
         lines.append(
-            f"| {name} | {config['model_name']} | {size}x{size}x{config['data']['channels']} "
+            f"| {name} | {model} | {size}x{size}x{config['data']['channels']} "
             f"| {epochs} | {wall} | {_interval(test, 'accuracy')} | {_interval(test, 'auc')} "
             f"| {_interval(test, 'f1')} | {youden['sensitivity']:.3f} | {youden['specificity']:.3f} "
             f"| {card['params'] / 1e6:.2f} M | {card['params_mb']:.1f} MB | {_target_text(exp, test)} |"
@@ -200,28 +243,47 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
         lines.append(f"| {name} | skipped: {reason} | | | | | | | | | | | |")
     lines += ["", "## Recipes and published comparisons", ""]
     for name, result in results.items():
-        exp, train_report = result["experiment"], result["train"]
-        val = result["evaluation"]["splits"]["validation"]["metrics"]
-        lines += [
-            f"### {name}",
-            f"- Config: `{exp['config']}` with "
-            f"`--config.data.manual_dir={_shown(Path(_SHARED.value) / exp['data'])}`; workdir "
-            f"`{_shown(result['evaluation']['workdir'])}` (its `evaluation/report.md` has the ROC, "
-            "calibration and confusion pictures).",
-            *(
-                [
-                    f"- Initialised from the best checkpoint of `{exp['init_from']}` (above), output layer "
-                    "re-initialised; that run's training time is not in this wall time."
-                ]
-                * bool(exp["init_from"])
-            ),
-            f"- Steps: {train_report['steps']} of {train_report['total_steps']} (early stopping: "
-            f"{train_report['stopped_early']}), best checkpoint at step {train_report['best_step']}.",
-            f"- Validation: accuracy {_interval(val, 'accuracy')}, AUC {_interval(val, 'auc')}.",
-            f"- Published: {exp['published']}.",
-            "",
-        ]
+        lines += [f"### {name}", *_recipe_lines(result), ""]
     return "\n".join(lines)
+
+
+def _recipe_lines(result: dict) -> list[str]:
+    """One experiment's config, runs, validation numbers and published comparison."""
+    exp, train_reports = result["experiment"], result["train"]
+    workdirs = [Path(w) for w in result["workdirs"]]
+    ensemble = len(workdirs) > 1
+    folder = _shown(workdirs[0].parent if ensemble else workdirs[0])
+    data = _shown(Path(_SHARED.value) / exp["data"])
+    config = f"- Config: `{exp['config']}` with `--config.data.manual_dir={data}`"
+    if ensemble:
+        config += (
+            f"; an ensemble of {len(workdirs)} runs, `--config.seed=<k>` for k in "
+            f"{', '.join(map(str, exp['seeds']))} in workdirs `{folder}/seed_<k>`, evaluated together by "
+            f"`python -m medjax.evaluate --workdir=... --workdir=... --out={folder}/evaluation`"
+        )
+    else:
+        config += f"; workdir `{folder}`"
+    lines = [config + f" (`{folder}/evaluation/report.md` has the ROC, calibration and confusion pictures)."]
+    if exp["init_from"]:
+        lines.append(
+            f"- Initialised from the best checkpoint of `{exp['init_from']}` (above), output layer "
+            "re-initialised; that run's training time is not in this wall time."
+        )
+    for seed, r in zip(exp["seeds"], train_reports, strict=True):
+        steps = (
+            f"{r['steps']} of {r['total_steps']} (early stopping: {r['stopped_early']}), best checkpoint at "
+            f"step {r['best_step']}"
+        )
+        if ensemble:
+            test = r["test"]
+            lines.append(
+                f"- Seed {seed}: {steps}; alone, test accuracy {test['accuracy']:.3f}, AUC {test['auc']:.3f}."
+            )
+        else:
+            lines.append(f"- Steps: {steps}.")
+    val = result["evaluation"]["splits"]["validation"]["metrics"]
+    lines.append(f"- Validation: accuracy {_interval(val, 'accuracy')}, AUC {_interval(val, 'auc')}.")
+    return [*lines, f"- Published: {exp['published']}."]
 
 
 def main(argv: list[str]) -> None:
@@ -236,11 +298,11 @@ def main(argv: list[str]) -> None:
     results, skipped = {}, {}
     for exp in chosen:
         t0 = time.perf_counter()
-        if exp.init_from and not (root / exp.init_from / "report.json").exists():
+        if exp.init_from and not (_source_run(exp, root) / "report.json").exists():
             skipped[exp.name] = f"starts from the `{exp.init_from}` run, which has not finished"
             print(f"== {exp.name}: skipped, {skipped[exp.name]}", flush=True)
             continue
-        result = run_experiment(exp, shared=shared, workdir=root / exp.name, data_dir=_DATA_DIR.value)
+        result = run_experiment(exp, shared=shared, root=root, data_dir=_DATA_DIR.value)
         if result is None:
             skipped[exp.name] = f"no data at `{_shown(shared / exp.data)}`"
             print(f"== {exp.name}: skipped, no data at {shared / exp.data}", flush=True)
