@@ -118,13 +118,8 @@ def run_experiment(exp: Experiment, *, shared: Path, root: Path, data_dir: str |
         config.seed = seed
         train_reports.append(_train_or_read_back(exp, config, workdir))
     out = root / exp.name / "evaluation"
-    evaluation_path = out / "report.json"
-    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
-    if (
-        evaluation is None
-        or evaluation["settings"]["bootstrap_samples"] != _BOOTSTRAP.value
-        or [m["workdir"] for m in evaluation.get("members", [])] != [str(w) for w in workdirs]
-    ):  # Reports from before ensembles have no "members": they are redone too.
+    evaluation = _reusable_evaluation(out / "report.json", workdirs)
+    if evaluation is None:
         evaluation = evaluate.evaluate_run(
             workdirs,
             out=out,
@@ -138,6 +133,19 @@ def run_experiment(exp: Experiment, *, shared: Path, root: Path, data_dir: str |
         "train": train_reports,
         "evaluation": evaluation,
     }
+
+
+def _reusable_evaluation(path: Path, workdirs: list[Path]) -> dict | None:
+    """The evaluation report at ``path`` if it is of these runs as they are now, with this invocation's
+    resamples; None when it must be redone (absent, of other or since retrained runs, from before reports
+    named their members, or with another ``--bootstrap_samples``)."""
+    if not path.exists() or path.stat().st_mtime < max((w / "report.json").stat().st_mtime for w in workdirs):
+        return None
+    evaluation = json.loads(path.read_text())
+    same_runs = [m["workdir"] for m in evaluation.get("members", [])] == [str(w) for w in workdirs]
+    if not same_runs or evaluation["settings"]["bootstrap_samples"] != _BOOTSTRAP.value:
+        return None
+    return evaluation
 
 
 def _source_run(exp: Experiment, root: Path) -> Path:

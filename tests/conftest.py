@@ -51,7 +51,7 @@ def smoke_run(tfds_data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def second_smoke_run(tfds_data_dir, tmp_path_factory) -> Path:
-    """Another run of the smoke config, with seed 1 and one step (seconds: the step is compiled already):
-    a distinct second model for the ensemble tests, and a source run to fine-tune."""
+    """Another run of the smoke config, with seed 1 and a single step: a distinct second model for the
+    ensemble tests, and a source run to fine-tune."""
     workdir = tmp_path_factory.mktemp("second_smoke_run")
     return _train_smoke(tfds_data_dir, workdir, seed=1, num_epochs=1 / 8, eval_every_epochs=1 / 8)
