@@ -183,8 +183,8 @@ def ensemble_card(cards: Sequence[dict]) -> dict:
     """The model card of an ensemble: totals of the members' profiles (their latencies add, as the
     members run one after another), the first member's training data and recipe, every member's card."""
     profiles = [card["profile"] for card in cards]
-    total = {key: sum(p[key] for p in profiles) for key in ("params", "params_mb", "gflops_per_image")}
-    total |= {"latency_b1_ms": sum(p["latency_b1_ms"] for p in profiles), "device": profiles[0]["device"]}
+    summed = ("params", "params_mb", "gflops_per_image", "latency_b1_ms")
+    total = {key: sum(p[key] for p in profiles) for key in summed} | {"device": profiles[0]["device"]}
     return {
         "profile": total,
         "training_data": cards[0]["training_data"],

@@ -30,13 +30,24 @@ def compilation_cache(tmp_path_factory):
     return path
 
 
-def _train_smoke(tfds_data_dir: Path, workdir: Path, *, seed: int = 0, **train_overrides) -> Path:
-    from medjax import config_lib, train
+SMOKE = f"{ROOT}/configs/chest_xray.py:smoke"  # MobileNetV2: the loop tests share one compiled step.
 
-    config = config_lib.load_config_file(f"{ROOT}/configs/chest_xray.py:smoke")
-    config.data.data_dir = str(tfds_data_dir)
-    config.seed = seed
+
+def smoke_config(data_dir, spec: str = SMOKE, **train_overrides):
+    """A smoke config reading the session's prepared data, with ``config.train`` overrides."""
+    from medjax import config_lib
+
+    config = config_lib.load_config_file(spec)
+    config.data.data_dir = str(data_dir)
     config.train.update(train_overrides)
+    return config
+
+
+def _train_smoke(tfds_data_dir: Path, workdir: Path, *, seed: int = 0, **train_overrides) -> Path:
+    from medjax import train
+
+    config = smoke_config(tfds_data_dir, **train_overrides)
+    config.seed = seed
     train.train_and_evaluate(config, workdir)
     return workdir
 

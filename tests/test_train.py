@@ -18,17 +18,9 @@ import pytest
 from medjax import allocator, config_lib, models, train, trained
 from medjax.errors import ConfigError, MedjaxError, NonFiniteLossError
 
-from .conftest import ROOT
+from .conftest import ROOT, SMOKE, smoke_config
 
-SMOKE = f"{ROOT}/configs/chest_xray.py:smoke"  # MobileNetV2: the loop tests share one compiled step.
 COMPARED = ("steps", "best_step", "stopped_early", "validation", "test")
-
-
-def smoke_config(data_dir, spec=SMOKE, **train_overrides):
-    config = config_lib.load_config_file(spec)
-    config.data.data_dir = str(data_dir)
-    config.train.update(train_overrides)
-    return config
 
 
 def _same_results(a: dict, b: dict) -> None:
