@@ -4,7 +4,8 @@ A deployment should need neither the training state nor medjax's model code. Fro
 checkpoint (:func:`medjax.trained.load_trained`) this writes, into ``<out>`` (default ``<workdir>/export``):
 
 - ``params/``: an Orbax checkpoint of ``{'params', 'batch_stats'}`` only (no optimizer state, no data
-  iterator), restorable with no target tree (:func:`load_params`), for fine-tuning or re-export.
+  iterator), restorable with no target tree (:func:`load_params`), for fine-tuning or re-export. An
+  ensemble's holds ``{'member_<k>': {'params', 'batch_stats'}}``.
 - ``probs_<dtype>.jax``: a serialized :mod:`jax.export` artifact, ``(B, H, W, C) images -> (B, K)
   class probabilities``, weights embedded as constants and ``B`` symbolic, so one file serves every batch
   size. ``uint8`` takes decoded pixels already resized to ``H x W`` with ``C`` channels and applies the
@@ -14,8 +15,13 @@ checkpoint (:func:`medjax.trained.load_trained`) this writes, into ``<out>`` (de
   (:func:`load_exported` shows the five lines).
 - ``probs_<dtype>.onnx`` with ``--onnx`` (needs ``jax2onnx`` and ``onnxruntime``): the same function as
   ONNX with a dynamic batch axis, checked against onnxruntime at export time.
-- ``metadata.json``: class names, input shape and dtypes, normalisation, config and model name, training
-  step, jax version, parameter count and the size in bytes of every artifact.
+- ``metadata.json``: class names, input shape and dtypes, normalisation, jax version, parameter count,
+  the size in bytes of every artifact, and under ``members`` each run's workdir, config and model name,
+  training step and parameter count.
+
+``--workdir`` repeated (with ``--out``) exports an ensemble as one artifact: the mean of the runs' class
+probabilities, exactly what ``python -m medjax.evaluate`` judges for the same runs. Its members must
+share class names, input shape and normalisation (runs of one config with different seeds do).
 
 Resizing stays outside the artifacts: it is data-dependent and the run resized with Pillow
 (``config.data.interpolation``), which a deployer reproduces with the same library.
@@ -88,27 +94,77 @@ def _normalisation(trained: trained_lib.TrainedModel) -> tuple[np.ndarray, np.nd
     return np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
 
 
-def _trained_fn(
-    trained: trained_lib.TrainedModel, *, input_dtype: str, model: nn.Module | None = None
+Members = trained_lib.TrainedModel | Sequence[trained_lib.TrainedModel]
+
+
+def _as_members(members: Members) -> list[trained_lib.TrainedModel]:
+    """One run or an ensemble's runs as a non-empty list, checked to be exportable as one artifact.
+
+    Raises:
+      MedjaxError: when there is no run, or a member's class names, input shape or normalisation
+        differ from the first member's (one artifact takes one kind of input), naming both runs.
+    """
+    members = [members] if isinstance(members, trained_lib.TrainedModel) else list(members)
+    if not members:
+        raise MedjaxError("No run to export: pass at least one --workdir.")
+    first = members[0]
+    for member in members[1:]:
+        for what, get in (
+            ("class names", lambda m: list(m.class_names)),
+            ("input shape", lambda m: m.image_shape),
+            ("normalisation (mean, std)", _configured_normalisation),
+        ):
+            if get(member) != get(first):
+                raise MedjaxError(
+                    f"{member.workdir} has {what} {get(member)} but {first.workdir} has {get(first)}: "
+                    "an exported ensemble takes one input and names one set of classes, so its members "
+                    "must share class names, input shape and normalisation."
+                )
+    return members
+
+
+def _configured_normalisation(trained: trained_lib.TrainedModel) -> list:
+    norm = trained.config.data.normalize
+    return [np.asarray(norm.mean).tolist(), np.asarray(norm.std).tolist()]
+
+
+def _members_fn(
+    members: Sequence[trained_lib.TrainedModel], *, input_dtype: str, depthwise_impl: str | None = None
 ) -> Callable[[jax.Array], jax.Array]:
-    mean, std = _normalisation(trained)
-    return probability_fn(
-        model or trained.model, trained.variables, input_dtype=input_dtype, mean=mean, std=std
-    )
+    """The :func:`probability_fn` of one run, or the mean of several runs' (an ensemble).
+
+    Args:
+      depthwise_impl: rebuilds the models with this ``depthwise_impl`` where they have one.
+    """
+    fns = []
+    for member in members:
+        model = member.model
+        if depthwise_impl is not None and hasattr(model, "depthwise_impl"):
+            model = model.clone(depthwise_impl=depthwise_impl)
+        mean, std = _normalisation(member)
+        fns.append(probability_fn(model, member.variables, input_dtype=input_dtype, mean=mean, std=std))
+    if len(fns) == 1:
+        return fns[0]
+    return lambda images: jnp.mean(jnp.stack([fn(images) for fn in fns]), axis=0)
+
+
+def _input_spec(members: Sequence[trained_lib.TrainedModel], input_dtype: str, name: str):
+    (batch,) = jax.export.symbolic_shape(name, constraints=(f"{name} >= 1",))
+    return jax.ShapeDtypeStruct((batch, *members[0].image_shape), jnp.dtype(input_dtype))
 
 
 def export_probabilities(
-    trained: trained_lib.TrainedModel, *, input_dtype: str, platforms: Sequence[str] = ("cpu",)
+    members: Members, *, input_dtype: str, platforms: Sequence[str] = ("cpu",)
 ) -> jax.export.Exported:
-    """The :func:`probability_fn` of ``trained`` exported with a symbolic batch dimension ``b >= 1``.
+    """The :func:`probability_fn` of a run (or an ensemble's mean of them) exported with a symbolic batch
+    dimension ``b >= 1``.
 
     ``platforms`` may name several, e.g. ('cpu', 'cuda'): lowering for a GPU needs no GPU (the weights
     are stored once), running on it does.
     """
-    (batch,) = jax.export.symbolic_shape("b", constraints=("b >= 1",))
-    spec = jax.ShapeDtypeStruct((batch, *trained.image_shape), jnp.dtype(input_dtype))
-    fn = jax.jit(_trained_fn(trained, input_dtype=input_dtype))
-    return jax.export.export(fn, platforms=tuple(platforms))(spec)
+    members = _as_members(members)
+    fn = jax.jit(_members_fn(members, input_dtype=input_dtype))
+    return jax.export.export(fn, platforms=tuple(platforms))(_input_spec(members, input_dtype, "b"))
 
 
 def save_params(variables: dict, directory: Path) -> None:
@@ -137,9 +193,10 @@ def load_params(directory: str | Path) -> dict:
 
 
 def export_onnx(
-    trained: trained_lib.TrainedModel, path: Path, *, input_dtype: str, check_against: jax.export.Exported
+    members: Members, path: Path, *, input_dtype: str, check_against: jax.export.Exported
 ) -> float:
-    """Writes the :func:`probability_fn` of ``trained`` as ONNX and checks it with onnxruntime.
+    """Writes the :func:`probability_fn` of a run (or an ensemble's mean) as ONNX and checks it with
+    onnxruntime.
 
     The ONNX graph is traced with ``depthwise_impl='xla'``: jax2onnx cannot convert the ``lax.pad`` of
     the fast depthwise path with a symbolic batch, and ONNX runtimes have their own depthwise kernels
@@ -158,17 +215,13 @@ def export_onnx(
         import onnxruntime
     except ImportError as e:
         raise MedjaxError(f"--onnx needs jax2onnx and onnxruntime ({e}); see medjax/export.py.") from e
-    model = trained.model
-    if hasattr(model, "depthwise_impl"):
-        model = model.clone(depthwise_impl="xla")
-    fn = _trained_fn(trained, input_dtype=input_dtype, model=model)
-    (batch,) = jax.export.symbolic_shape("batch", constraints=("batch >= 1",))
-    spec = jax.ShapeDtypeStruct((batch, *trained.image_shape), jnp.dtype(input_dtype))
+    members = _as_members(members)
+    fn = _members_fn(members, input_dtype=input_dtype, depthwise_impl="xla")
     with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13 prints DEBUG lines per Conv.
         proto = jax2onnx.to_onnx(
             fn,
-            inputs=[spec],
-            model_name=f"medjax_{trained.config.get('name', 'model')}",
+            inputs=[_input_spec(members, input_dtype, "batch")],
+            model_name=f"medjax_{members[0].config.get('name', 'model')}",
             input_names=["images"],
             output_names=["probabilities"],
         )
@@ -177,7 +230,7 @@ def export_onnx(
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # Its shape-merge warnings on broadcasts are noise here.
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    images = random_images(3, trained.image_shape, input_dtype)
+    images = random_images(3, members[0].image_shape, input_dtype)
     onnx_probs = session.run(None, {"images": images})[0]
     error = float(np.abs(onnx_probs - np.asarray(check_against.call(images))).max())
     if not error <= ONNX_TOLERANCE:
@@ -200,27 +253,32 @@ def _size(path: Path) -> int:
 
 
 def export_run(
-    workdir: str | Path,
+    workdirs: str | Path | Sequence[str | Path],
     *,
     out: str | Path | None = None,
     input_dtypes: Sequence[str] = INPUT_DTYPES,
     platforms: Sequence[str] = ("cpu",),
     onnx: bool = False,
 ) -> dict:
-    """Exports the best checkpoint of ``workdir`` into ``out`` (default ``<workdir>/export``).
+    """Exports the best checkpoint of a run directory, or the ensemble of several, into ``out``
+    (default ``<workdir>/export``; required for an ensemble, whose export belongs to none of its runs).
 
     See :func:`export_trained` for the other arguments and the result.
 
     Raises:
-      MedjaxError: when ``workdir`` is not a run with a best checkpoint, or for ``--onnx`` problems.
+      MedjaxError: when a workdir is not a run with a best checkpoint, an ensemble has no ``out`` or
+        incompatible members, or for ``--onnx`` problems.
     """
-    out = Path(out) if out is not None else Path(workdir) / "export"
-    trained = trained_lib.load_trained(workdir)
-    return export_trained(trained, out, input_dtypes=input_dtypes, platforms=platforms, onnx=onnx)
+    paths = [Path(workdirs)] if isinstance(workdirs, str | Path) else [Path(w) for w in workdirs]
+    if len(paths) > 1 and out is None:
+        raise MedjaxError("An ensemble's export belongs to none of its runs: pass --out.")
+    members = [trained_lib.load_trained(path) for path in paths]
+    out = Path(out) if out is not None else paths[0] / "export"
+    return export_trained(members, out, input_dtypes=input_dtypes, platforms=platforms, onnx=onnx)
 
 
 def export_trained(
-    trained: trained_lib.TrainedModel,
+    members: Members,
     out: str | Path,
     *,
     input_dtypes: Sequence[str] = INPUT_DTYPES,
@@ -230,7 +288,7 @@ def export_trained(
     """Writes the params checkpoint, one artifact per input dtype (and ONNX) and ``metadata.json``.
 
     Args:
-      trained: the model and variables to export.
+      members: the run to export (a ``TrainedModel``), or an ensemble's runs (mean of probabilities).
       out: the export directory (created; files of the same names are replaced).
       input_dtypes: which of ``INPUT_DTYPES`` to export, one artifact (copy of the weights) each.
       platforms: ``jax.export`` lowering platforms.
@@ -239,6 +297,7 @@ def export_trained(
     Returns:
       The metadata written to ``<out>/metadata.json``.
     """
+    members = _as_members(members)
     unknown = sorted(set(input_dtypes) - set(INPUT_DTYPES))
     if unknown or not input_dtypes:
         raise MedjaxError(f"input_dtypes must be a non-empty subset of {INPUT_DTYPES}, got {input_dtypes}.")
@@ -246,42 +305,55 @@ def export_trained(
         raise MedjaxError("onnx=True checks the ONNX file against the JAX one on CPU: add cpu to platforms.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_params(trained.variables, out / PARAMS_DIR)
+    variables = [member.variables for member in members]
+    save_params(variables[0] if len(members) == 1 else _member_keyed(variables), out / PARAMS_DIR)
     files = {"params": PARAMS_DIR}
     inputs, onnx_errors = {}, {}
     for dtype in input_dtypes:
-        exported = export_probabilities(trained, input_dtype=dtype, platforms=platforms)
+        exported = export_probabilities(members, input_dtype=dtype, platforms=platforms)
         name = f"probs_{dtype}.jax"
         (out / name).write_bytes(exported.serialize())
         inputs[dtype] = {"jax": name}
         files[name] = name
         if onnx:
             name = f"probs_{dtype}.onnx"
-            onnx_errors[name] = export_onnx(trained, out / name, input_dtype=dtype, check_against=exported)
+            onnx_errors[name] = export_onnx(members, out / name, input_dtype=dtype, check_against=exported)
             inputs[dtype]["onnx"] = name
             files[name] = name
-    mean, std = _normalisation(trained)
-    leaves = jax.tree.leaves(trained.variables["params"])
+    mean, std = _normalisation(members[0])
+    runs = [
+        {
+            "workdir": str(Path(member.workdir).absolute()),
+            "config_name": member.config.get("name"),
+            "model_name": member.config.model_name,
+            "step": member.step,
+            "num_parameters": int(sum(x.size for x in jax.tree.leaves(member.variables["params"]))),
+        }
+        for member in members
+    ]
     metadata = {
-        "config_name": trained.config.get("name"),
-        "model_name": trained.config.model_name,
-        "class_names": list(trained.class_names),
-        "input_shape": list(trained.image_shape),
-        "channels": trained.image_shape[-1],
+        "class_names": list(members[0].class_names),
+        "input_shape": list(members[0].image_shape),
+        "channels": members[0].image_shape[-1],
         "inputs": inputs,
         "normalize": {"mean": mean.tolist(), "std": std.tolist()},
         "normalize_note": "uint8 inputs get (x / 255 - mean) / std inside; float32 inputs must have it.",
+        "ensemble": "mean of the members' class probabilities" if len(members) > 1 else None,
+        "members": runs,
         "platforms": list(platforms),
-        "step": trained.step,
-        "workdir": str(Path(trained.workdir).absolute()),
         "jax_version": jax.__version__,
-        "num_parameters": int(sum(x.size for x in leaves)),
+        "num_parameters": sum(run["num_parameters"] for run in runs),
         "sizes": {key: _size(out / name) for key, name in files.items()},
     }
     if onnx:
         metadata["onnx_max_abs_error_vs_jax"] = onnx_errors
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     return metadata
+
+
+def _member_keyed(variables: Sequence[dict]) -> dict:
+    """An ensemble's variables as one checkpointable tree: ``{'member_<k>': variables of member k}``."""
+    return {f"member_{k}": v for k, v in enumerate(variables)}
 
 
 def load_exported(directory: str | Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -321,12 +393,13 @@ def load_exported(directory: str | Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def _define_flags() -> None:
     """Defined only when run as a script, so importing this module next to other CLIs defines nothing."""
-    flags.DEFINE_string("workdir", None, "Run directory written by `python -m medjax.launch`.")
-    flags.DEFINE_string("out", None, "Export directory (default: <workdir>/export).")
+    flags.DEFINE_multi_string(
+        "workdir", None, "Run directory of `python -m medjax.launch`; repeat for an ensemble.", required=True
+    )
+    flags.DEFINE_string("out", None, "Export directory (default: <workdir>/export; ensembles need one).")
     flags.DEFINE_bool("onnx", False, "Also write ONNX files (needs jax2onnx and onnxruntime).")
     flags.DEFINE_list("input_dtypes", list(INPUT_DTYPES), "Input dtypes to export, one file each.")
     flags.DEFINE_list("platforms", ["cpu"], "jax.export platforms, e.g. cpu,cuda.")
-    flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
@@ -338,14 +411,16 @@ def main(argv: list[str]) -> None:
         for name in ("jax2onnx", "onnx_ir"):
             std_logging.getLogger(name).setLevel(std_logging.ERROR)
     args = flags.FLAGS
-    out = Path(args.out) if args.out else Path(args.workdir) / "export"
+    out = Path(args.out) if args.out else Path(args.workdir[0]) / "export"
     try:
         metadata = export_run(
             args.workdir, out=out, input_dtypes=args.input_dtypes, platforms=args.platforms, onnx=args.onnx
         )
     except MedjaxError as e:
         raise SystemExit(f"medjax: error: {e}") from None
-    print(f"Exported step {metadata['step']} of {metadata['model_name']} to {out}:")
+    runs = ", ".join(f"{run['model_name']} step {run['step']}" for run in metadata["members"])
+    kind = "the ensemble of " if len(metadata["members"]) > 1 else ""
+    print(f"Exported {kind}{runs} to {out}:")
     for name, size in metadata["sizes"].items():
         print(f"  {name:<20} {size / 2**20:8.2f} MiB ({size:,} bytes)")
     for name, error in metadata.get("onnx_max_abs_error_vs_jax", {}).items():

@@ -1,4 +1,5 @@
-"""Export of a trained run: jax.export round trip, params-only checkpoint, standalone loading, ONNX parity."""
+"""Export of a trained run or ensemble: jax.export round trip, params-only checkpoint, standalone loading,
+ONNX parity."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from medjax import export
+from medjax.errors import MedjaxError
 from tests.conftest import ROOT
 
 
@@ -123,11 +125,14 @@ def test_cli_reports_sizes_and_metadata(smoke_run, tmp_path):
     assert metadata["class_names"] == info["class_names"]
     assert (metadata["input_shape"], metadata["channels"]) == ([32, 32, 1], 1)  # chest_xray:smoke.
     assert metadata["normalize"] == {"mean": 0.5, "std": 0.25}
-    assert (metadata["config_name"], metadata["model_name"]) == ("chest_xray", "mobilenet_v2")
+    (run,) = metadata["members"]
+    assert (run["config_name"], run["model_name"]) == ("chest_xray", "mobilenet_v2")
+    assert run["workdir"] == str(smoke_run.absolute()) and metadata["ensemble"] is None
     assert metadata["jax_version"] == jax.__version__
     assert list(metadata["inputs"]) == ["uint8"]
     # 0.35-width MobileNetV2 with 2 classes: the artifact is its float32 weights plus a small graph.
     num_parameters = metadata["num_parameters"]
+    assert num_parameters == run["num_parameters"]
     assert 4 * num_parameters < metadata["sizes"]["probs_uint8.jax"] < 5 * num_parameters
 
 
@@ -144,3 +149,55 @@ def test_onnx_matches_onnxruntime(trained, export_dir, tmp_path):
     assert expected[:, 0].std() > 0.05
     np.testing.assert_allclose(session.run(None, {"images": images})[0], expected, atol=1e-4)
     assert [p.name for p in tmp_path.iterdir()] == ["probs.onnx"]  # No external-data sidecar.
+
+
+@pytest.fixture(scope="module")
+def second_member(trained):
+    """The same network with another random head: a second ensemble member with its own predictions."""
+    rng = np.random.default_rng(5)
+    params = dict(trained.variables["params"])
+    kernel = params["classifier"]["kernel"]
+    params["classifier"] = {
+        "kernel": (rng.standard_normal(kernel.shape) * 0.02).astype(np.float32),
+        "bias": np.full(kernel.shape[1], 0.1, np.float32),
+    }
+    return dataclasses.replace(trained, variables={**trained.variables, "params": params})
+
+
+def test_ensemble_artifact_is_the_mean_of_its_members(trained, second_member, tmp_path):
+    metadata = export.export_trained([trained, second_member], tmp_path)
+    images = export.random_images(4, trained.image_shape, "float32", seed=6)
+    probs = [member.predict_proba(images, batch_size=4) for member in (trained, second_member)]
+    assert np.abs(probs[0] - probs[1]).max() > 0.05  # Distinct members, so the mean is a real test.
+    predict = export.load_exported(tmp_path)
+    np.testing.assert_allclose(predict(images), np.mean(probs, axis=0), atol=1e-6)
+    pixels = export.random_images(3, trained.image_shape, "uint8", seed=7)
+    float_images = np.stack([trained.preprocess(p) for p in pixels])
+    np.testing.assert_allclose(predict(pixels), predict(float_images), atol=1e-6)
+    assert metadata["num_parameters"] == 2 * metadata["members"][0]["num_parameters"]
+    assert metadata["ensemble"] == "mean of the members' class probabilities"
+    restored = export.load_params(tmp_path)
+    assert sorted(restored) == ["member_0", "member_1"]
+    np.testing.assert_array_equal(
+        restored["member_1"]["params"]["classifier"]["bias"],
+        second_member.variables["params"]["classifier"]["bias"],
+    )
+
+
+def test_ensemble_members_must_share_their_input(trained, second_member, tmp_path):
+    renamed = dataclasses.replace(second_member, class_names=("a", "b"))
+    with pytest.raises(MedjaxError, match=r"class names \['a', 'b'\].*must share class names"):
+        export.export_trained([trained, renamed], tmp_path)
+    config = second_member.config.copy_and_resolve_references()
+    config.data.normalize.mean = 0.4
+    with pytest.raises(MedjaxError, match=r"normalisation \(mean, std\) \[0.4, 0.25\]"):
+        export.export_trained([trained, dataclasses.replace(second_member, config=config)], tmp_path)
+    assert not list(tmp_path.iterdir())  # Refused before writing anything.
+
+
+def test_export_run_of_an_ensemble_needs_out(smoke_run, second_smoke_run, tmp_path):
+    with pytest.raises(MedjaxError, match="pass --out"):
+        export.export_run([smoke_run, second_smoke_run])
+    metadata = export.export_run([smoke_run, second_smoke_run], out=tmp_path, input_dtypes=["uint8"])
+    assert [run["workdir"] for run in metadata["members"]] == [str(smoke_run), str(second_smoke_run)]
+    assert metadata["members"][1]["step"] == 1  # The second run trained one step.
