@@ -4,8 +4,9 @@ For each model (MobileNetV2 1.0, ConvNeXt-Tiny, MedNeXt-tiny) at 224x224x3, batc
 training images/s of the jitted ``medjax.train`` step (optimizer included, median over timed steps after
 warm-up, ``block_until_ready``), compile time, eval-mode latency at batch 1 and throughput at batch N,
 peak RSS, parameters and XLA GFLOPs per step (``cost_analysis``). When torch imports, the PyTorch peers of
-``launch/torch_reference.py`` are timed in the same run (eager and ``torch.compile``, channels_last, same
-thread count) and the ratios medjax/torch are printed.
+``launch/torch_reference.py`` (all three models; MedNeXt's transcribes medjax's ``mednext_plos``) are timed
+in the same run (eager and ``torch.compile``, channels_last, same thread count) and the ratios medjax/torch
+are printed.
 
 Every case runs in a fresh subprocess: peak RSS is then the case's own, and ``--xla_flags`` and
 ``--allocator`` variants (read once per process) can be compared in one run; PyTorch peers run under each
@@ -39,7 +40,7 @@ MODEL_KWARGS = {
     "mednext_plos": {"variant": "tiny"},
 }
 OPTIM = {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.05, "schedule": "cosine"}
-TORCH_PEERS = ("mobilenet_v2", "convnext")
+TORCH_PEERS = ("mobilenet_v2", "convnext", "mednext_plos")
 
 
 def _peak_rss_mb() -> float:

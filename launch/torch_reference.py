@@ -1,9 +1,11 @@
-"""PyTorch peers of ConvNeXt-Tiny and MobileNetV2 for ``launch/benchmark.py`` (never imported by medjax).
+"""PyTorch peers of ConvNeXt-Tiny, MobileNetV2 and MedNeXt-tiny for ``launch/benchmark.py``.
 
-Self-contained ``nn.Module`` definitions following the canonical architectures in PAPERS.md
-("Canonical baselines"), so the benchmark needs neither torchvision nor weights: random initialisation
-costs the same per step as pretrained weights. Only the training-step cost matters here, so init schemes
-are the defaults of ``torch.nn`` layers except where the forward pass depends on them (layer scale).
+Never imported by medjax. Self-contained ``nn.Module`` definitions following the canonical architectures
+in PAPERS.md ("Canonical baselines"), so the benchmark needs neither torchvision nor weights: random
+initialisation costs the same per step as pretrained weights. Only the training-step cost matters here, so
+init schemes are the defaults of ``torch.nn`` layers except where the forward pass depends on them (layer
+scale). MedNeXt (PLoS One 2026, study B) has no published code, so its peer transcribes medjax's own
+``mednext_plos`` 'tiny' layer for layer: same parameter count, same logits given the same weights.
 """
 
 import time
@@ -125,7 +127,131 @@ class MobileNetV2(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-MODELS = {"convnext": ConvNeXt, "mobilenet_v2": MobileNetV2}
+MEDNEXT_TINY = ((2, 2, 6, 2), (48, 96, 192, 384))
+MEDNEXT_FFN = ("smooth", "smooth", "la", "la")  # Channel mixer of each stage's blocks.
+MEDNEXT_SEM_BRANCHES = ((3, 1), (7, 1), (7, 3))  # (kernel, dilation) of the SEM's depthwise branches.
+
+
+def _depthwise(channels: int, kernel: int, dilation: int = 1) -> nn.Conv2d:
+    """Depthwise conv with bias and symmetric padding ``(k - 1) * d // 2``, as medjax's ``DepthwiseConv``."""
+    padding = (kernel - 1) * dilation // 2
+    return nn.Conv2d(channels, channels, kernel, padding=padding, dilation=dilation, groups=channels)
+
+
+def _on_nhwc(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Applies an NCHW conv to an NHWC tensor; both permutes are views of the same channels_last memory."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SpatialEncoding(nn.Module):
+    """Linear C -> exact GELU -> sum of depthwise 3x3, 7x7, 7x7 dilated 3 -> Linear C (NHWC in and out)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim)
+        self.branches = nn.ModuleList(_depthwise(dim, k, d) for k, d in MEDNEXT_SEM_BRANCHES)
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.proj_in(x)).permute(0, 3, 1, 2)
+        context = sum(conv(h) for conv in self.branches)
+        return self.proj_out(context.permute(0, 2, 3, 1))
+
+
+class LinearAttentionFFN(nn.Module):
+    """medjax's ``attention='conv'`` gate: ``Linear(gelu(DWConv7x7(Linear(x))) * Linear(x))``, hidden 2C."""
+
+    def __init__(self, dim: int, ratio: float = 2.0, kernel: int = 7):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.gate = nn.Linear(dim, hidden)
+        self.gate_dw = _depthwise(hidden, kernel)
+        self.value = nn.Linear(dim, hidden)
+        self.proj_out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(F.gelu(_on_nhwc(self.gate_dw, self.gate(x))) * self.value(x))
+
+
+class SmoothFFN(nn.Module):
+    """Linear 4C -> ``h + DWConv3x3(h)`` -> exact GELU -> Linear C."""
+
+    def __init__(self, dim: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dw = _depthwise(hidden, 3)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(F.gelu(h + _on_nhwc(self.dw, h)))
+
+
+class MedNeXtBlock(nn.Module):
+    """Pre-norm ``x + drop_path(gamma0 * SEM(LN(x)))``, then ``x + drop_path(gamma1 * FFN(LN(x)))`` (NHWC).
+
+    Attribute names follow medjax's ``Block`` parameters (``norm0``, ``sem``, ``gamma0``, ...).
+    """
+
+    def __init__(self, dim: int, ffn: str, drop_rate: float):
+        super().__init__()
+        self.norm0 = nn.LayerNorm(dim, eps=1e-6)
+        self.sem = SpatialEncoding(dim)
+        self.gamma0 = nn.Parameter(torch.full((dim,), 1e-6))
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.ffn0 = SmoothFFN(dim) if ffn == "smooth" else LinearAttentionFFN(dim)
+        self.gamma1 = nn.Parameter(torch.full((dim,), 1e-6))
+        self.drop_rate = drop_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.sem(self.norm0(x)) * self.gamma0, self.drop_rate, self.training)
+        return x + drop_path(self.ffn0(self.norm1(x)) * self.gamma1, self.drop_rate, self.training)
+
+
+class Downsample(nn.Module):
+    """LayerNorm then 2x2 stride-2 conv on an NHWC tensor (medjax's TF 'SAME' = no padding for even sides)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(cin, eps=1e-6)
+        self.conv = nn.Conv2d(cin, cout, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _on_nhwc(self.conv, self.norm(x))
+
+
+class MedNeXt(nn.Module):
+    """MedNeXt-tiny (PLoS One 2026) as medjax's ``mednext_plos`` (5,610,904 parameters with 1000 classes).
+
+    The residual stream between stem and head is NHWC, which for channels_last input is the same memory
+    as the NCHW tensors the convolutions see: every MLP is then an ``nn.Linear`` on the last axis (one
+    matmul, as in medjax) and every permute is a view.
+    """
+
+    def __init__(self, num_classes: int, *, drop_path_rate: float = 0.0):
+        super().__init__()
+        depths, widths = MEDNEXT_TINY
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stem = nn.Conv2d(3, widths[0], 4, stride=4)
+        self.stem_norm = nn.LayerNorm(widths[0], eps=1e-6)
+        layers: list[nn.Module] = []
+        index = 0
+        for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+            if stage > 0:
+                layers.append(Downsample(widths[stage - 1], width))
+            layers += [MedNeXtBlock(width, MEDNEXT_FFN[stage], rates[index + b]) for b in range(depth)]
+            index += depth
+        self.features = nn.Sequential(*layers)
+        self.head_norm = nn.LayerNorm(widths[-1], eps=1e-6)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(self.head_norm(self.features(x).mean((1, 2))))
+
+
+MODELS = {"convnext": ConvNeXt, "mobilenet_v2": MobileNetV2, "mednext_plos": MedNeXt}
 
 
 def benchmark(
@@ -146,7 +272,8 @@ def benchmark(
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    kwargs = {"drop_path_rate": 0.1} if name == "convnext" else {}
+    # medjax's benchmark trains ConvNeXt and MedNeXt with stochastic depth 0.1 (MedNeXt's Encoder default).
+    kwargs = {"drop_path_rate": 0.1} if name in ("convnext", "mednext_plos") else {}
     model = MODELS[name](num_classes, **kwargs).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     images = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
