@@ -1,15 +1,25 @@
-"""Parity of the fast depthwise convolution (forward and both gradients) against XLA's grouped convolution."""
+"""Parity of the fast depthwise convolution (forward and both gradients) against XLA's grouped convolution,
+with the kernel gradient from the pure-XLA loop and from the native kernel."""
+
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medjax.errors import MedjaxError
+from medjax.models import native
 from medjax.models.depthwise import DepthwiseConv, depthwise_conv2d, resolve_padding
 
 jax.config.update("jax_platforms", "cpu")
 
 RTOL = 1e-5
+# 'loop' and 'native' differ only in the kernel gradient; 'fast' is whichever of them is available.
+FAST_IMPLS = [
+    "loop",
+    pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="no C++ compiler")),
+]
 
 
 def _rel_err(a, b) -> float:
@@ -50,24 +60,26 @@ def _cases():
     return cases
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize(("hw", "k", "stride", "dil", "padding"), _cases())
-def test_matches_xla(hw, k, stride, dil, padding):
+def test_matches_xla(hw, k, stride, dil, padding, impl):
     channels = 3 if k % 2 else 8
     kx, kk = jax.random.split(jax.random.key(k * 100 + stride * 10 + dil))
     x = jax.random.normal(kx, (2, *hw, channels))
     kernel = jax.random.normal(kk, (k, k, 1, channels))
     conv = dict(strides=(stride, stride), padding=padding, dilation=(dil, dil))
-    fast, ref = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("fast", "xla"))
+    fast, ref = (_jit_fwd_and_grads(i, x, kernel, **conv) for i in (impl, "xla"))
     for name, a, b in zip(("y", "dx", "dkernel"), fast, ref, strict=True):
         assert a.shape == b.shape, name
         assert _rel_err(a, b) < RTOL, (name, _rel_err(a, b))
 
 
-def test_rectangular_kernel_and_mixed_strides():
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_rectangular_kernel_and_mixed_strides(impl):
     x = jax.random.normal(jax.random.key(0), (3, 9, 12, 8))
     kernel = jax.random.normal(jax.random.key(1), (3, 5, 1, 8))
     conv = dict(strides=(2, 1), padding=((1, 2), (0, 3)), dilation=(2, 1))
-    fast, ref = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("fast", "xla"))
+    fast, ref = (_jit_fwd_and_grads(i, x, kernel, **conv) for i in (impl, "xla"))
     for a, b in zip(fast, ref, strict=True):
         assert _rel_err(a, b) < RTOL
 
@@ -108,3 +120,60 @@ def test_module_same_output_for_both_impls():
 def test_unknown_impl_raises():
     with pytest.raises(ValueError, match="depthwise_impl"):
         depthwise_conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="cuda")
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler")
+@pytest.mark.parametrize(
+    ("channels", "k", "stride", "dil"),
+    # 83 channels: a 4-vector tile, a single vector and 3 scalar channels; 200: chunks on two threads;
+    # 13 is wider than the kernels compiled per width (up to 11), so it goes one tap column at a time.
+    [(16, 3, 1, 1), (83, 3, 2, 1), (83, 7, 1, 3), (200, 5, 1, 1), (40, 13, 1, 1)],
+)
+def test_native_kernel_gradient_equals_the_loop(channels, k, stride, dil):
+    x = jax.random.normal(jax.random.key(channels), (3, 17, 15, channels))
+    kernel = jax.random.normal(jax.random.key(k), (k, k, 1, channels))
+    conv = dict(
+        strides=(stride, stride), padding=resolve_padding("SAME", (k, k), (dil, dil)), dilation=(dil, dil)
+    )
+    native_grads, loop_grads = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("native", "loop"))
+    assert _rel_err(native_grads[2], loop_grads[2]) < RTOL
+    np.testing.assert_array_equal(native_grads[1], loop_grads[1])  # The input gradient is shared code.
+
+
+def test_fast_is_native_when_it_builds_else_the_loop(monkeypatch):
+    x = jax.random.normal(jax.random.key(6), (2, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.key(7), (3, 3, 1, 4))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: depthwise_conv2d(x, k, impl="fast").sum()))(kernel))
+    assert (native.TARGET in jaxpr) == native.available()
+    monkeypatch.setenv("MEDJAX_NATIVE", "0")
+    native.available.cache_clear()
+    try:
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: depthwise_conv2d(x, k, impl="fast").sum()))(kernel))
+        assert native.TARGET not in jaxpr and "scan" in jaxpr  # The row loop.
+        with pytest.raises(MedjaxError, match="MEDJAX_NATIVE=0"):
+            jax.grad(lambda k: depthwise_conv2d(x, k, impl="native").sum())(kernel)
+    finally:
+        native.available.cache_clear()
+
+
+def test_no_compiler_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+            assert not native.available()
+    finally:
+        native.available.cache_clear()
+
+
+def test_failed_build_shows_the_compiler_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDJAX_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    with pytest.raises(MedjaxError, match=r"Building broken.cc failed .*\n.*error"):
+        native.build(compiler)
+    assert not list((tmp_path / "native").glob("*.so"))  # No half-written library is left to load.

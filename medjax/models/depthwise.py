@@ -2,7 +2,9 @@
 
 XLA's grouped convolution (``feature_group_count=C``) is pathologically slow on CPU (DESIGN.md §4), and
 every medjax architecture is built on depthwise convolutions. ``impl='xla'`` is the reference path;
-``impl='fast'`` is the path models use by default.
+``impl='fast'`` is the path models use by default: shifted multiply-adds with a hand-written VJP, whose kernel
+gradient comes from medjax's native kernel when a C++ compiler is there to build it (``'native'``), else
+from a pure-XLA loop (``'loop'``).
 
 The kernel is stored as ``(kh, kw, 1, C)``, the layout of ``flax.linen.Conv(feature_group_count=C)``,
 so weights convert between the two and from Keras/PyTorch without reshuffling.
@@ -15,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from medjax.models import native
 
 PaddingLike = str | int | Sequence[tuple[int, int]]
 
@@ -166,38 +170,69 @@ def _grad_kernel(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dil
     return jnp.stack([jnp.sum(a, axis=0) for a in acc]).reshape(kernel_shape)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _depthwise_fast(x, kernel, strides, padding, dilation):
+def _grad_kernel_native(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation) -> jax.Array:
+    """The same kernel gradient from medjax's native kernel (:mod:`medjax.models.native`): one pass over
+    the input and cotangent with the accumulators in registers. It accumulates in float32, so float64
+    inputs take the loop."""
+    if _acc_dtype(g.dtype) != jnp.float32:
+        return _grad_kernel(x, g, kernel_shape, strides, padding, dilation)
+    return native.depthwise_kernel_grad(_pad(x, padding), g, kernel_shape, strides, dilation)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _depthwise_fast(x, kernel, strides, padding, dilation, kernel_grad):
     return _forward(x, kernel, strides, padding, dilation)
 
 
-def _depthwise_fast_fwd(x, kernel, strides, padding, dilation):
+def _depthwise_fast_fwd(x, kernel, strides, padding, dilation, kernel_grad):
     return _forward(x, kernel, strides, padding, dilation), (x, kernel)
 
 
-def _depthwise_fast_bwd(strides, padding, dilation, residuals, g):
+def _depthwise_fast_bwd(strides, padding, dilation, kernel_grad, residuals, g):
     x, kernel = residuals
     dx = _grad_input(g, kernel, x.shape[1:3], strides, padding, dilation)
-    dk = _grad_kernel(x, g, kernel.shape, strides, padding, dilation)
+    dk = kernel_grad(x, g, kernel.shape, strides, padding, dilation)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 _depthwise_fast.defvjp(_depthwise_fast_fwd, _depthwise_fast_bwd)
 
 
-def depthwise_conv2d_fast(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
-    """Depthwise convolution as shifted multiply-adds with a hand-written VJP; same contract as the reference.
+def _shifted(x, kernel, strides, padding, dilation, kernel_grad):
+    strides, dilation = _pair(strides), _pair(dilation)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _depthwise_fast(x, kernel, strides, padding, dilation, kernel_grad)
+
+
+def depthwise_conv2d_loop(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+    """Depthwise convolution as shifted multiply-adds with a hand-written VJP, its kernel gradient the
+    pure-XLA row loop; same contract as the reference.
 
     Forward and input gradient cost one fused pass each; outputs and gradients match ``depthwise_conv2d_xla``
     to float rounding (tests/test_depthwise.py), forward+backward 5-19x faster on CPU
     (launch/bench_depthwise.py). bfloat16 inputs are accumulated in float32.
     """
-    strides, dilation = _pair(strides), _pair(dilation)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _depthwise_fast(x, kernel, strides, padding, dilation)
+    return _shifted(x, kernel, strides, padding, dilation, _grad_kernel)
 
 
-IMPLEMENTATIONS = {"xla": depthwise_conv2d_xla, "fast": depthwise_conv2d_fast}
+def depthwise_conv2d_native(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+    """``depthwise_conv2d_loop`` with the kernel gradient from medjax's native kernel (built with the
+    system's C++ compiler, :mod:`medjax.models.native`)."""
+    return _shifted(x, kernel, strides, padding, dilation, _grad_kernel_native)
+
+
+def depthwise_conv2d_fast(x, kernel, **kwargs):
+    """The fastest available: ``depthwise_conv2d_native`` when its kernel builds (and ``MEDJAX_NATIVE`` is
+    not 0), else ``depthwise_conv2d_loop``."""
+    return (depthwise_conv2d_native if native.available() else depthwise_conv2d_loop)(x, kernel, **kwargs)
+
+
+IMPLEMENTATIONS = {
+    "xla": depthwise_conv2d_xla,
+    "fast": depthwise_conv2d_fast,
+    "loop": depthwise_conv2d_loop,
+    "native": depthwise_conv2d_native,
+}
 
 
 def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), impl="fast"):
