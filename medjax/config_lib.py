@@ -18,7 +18,13 @@ import ml_collections
 
 # Keys (or whole sections) that change how a run is *watched* or judged, not what it computes; a workdir
 # may be resumed with them changed.
-RESUMABLE_WITH_CHANGES = ("train.progress_bar", "train.log_every_steps", "data.num_workers", "eval")
+RESUMABLE_WITH_CHANGES = (
+    "train.progress_bar",
+    "train.log_every_steps",
+    "data.num_workers",
+    "eval",
+    "cpu_cores",
+)
 
 REQUIRED_KEYS = (
     "seed",
@@ -65,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     # PRNG behind the seed: 'rbg' compiles parameter initialisation about 1.7x faster than 'threefry2x32'
     # on XLA CPU (MobileNetV2-0.35, jitted: 9.7 s vs 16.4 s) and is as reproducible for a given seed.
     c.rng_impl = "rbg"
+    # CPU cores the run may use (None: all the process may run on); XLA sizes its thread pool to them
+    # (medjax/cores.py). Set it to leave cores to other work, or to match a study's thread count.
+    c.cpu_cores = ml_collections.FieldReference(None, field_type=int)
 
     c.model_name = "mobilenet_v2"  # A module in medjax/models (see medjax.models.available_models()).
     c.model = ml_collections.ConfigDict()  # Keyword arguments of that module's Model.

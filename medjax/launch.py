@@ -12,7 +12,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from medjax import allocator, cli, config_lib
+from medjax import allocator, cli, config_lib, cores
 from medjax.errors import DatasetNotFoundError, MedjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,8 +63,13 @@ def main(argv: list[str]) -> None:
 
     spec = flags.FLAGS["config"].serialize().split("=", 1)[1]
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(spec)
-    print(f"medjax: config {spec}, workdir {workdir}, allocator {allocator.active()}", flush=True)
     try:
+        cores.limit(_CONFIG.value.get("cpu_cores"))  # Before JAX starts (train_and_evaluate checks again).
+        print(
+            f"medjax: config {spec}, workdir {workdir}, allocator {allocator.active()}, "
+            f"{len(cores.available())} CPU cores",
+            flush=True,
+        )
         train.train_and_evaluate(_CONFIG.value, workdir)
     except DatasetNotFoundError as e:
         demo = spec.partition(":")[0] + ":synthetic"

@@ -24,7 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from medjax import allocator, config_lib, losses, metrics, models, optim, sharding, trained
+from medjax import allocator, config_lib, cores, losses, metrics, models, optim, sharding, trained
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
@@ -364,6 +364,7 @@ def train_and_evaluate(
       NonFiniteLossError: naming the step; the last good checkpoint stays in the workdir.
     """
     config_lib.validate(config)
+    cores.limit(config.get("cpu_cores"))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir_config(workdir, config)
@@ -442,6 +443,7 @@ def train_and_evaluate(
         report = _final_report(config, exp, ckpt, writer, state, step=step, stopped=stopped)
         report["wall_time_s"] = time.perf_counter() - t_start
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
+        report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
         (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
         print(
             f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "

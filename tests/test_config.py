@@ -115,3 +115,24 @@ def test_launcher_missing_dataset_gives_layout_and_offline_alternative(tmp_path)
     assert "COVID/Covid (1).png" in result.stderr  # The expected layout.
     assert "--config=configs/covid_ct.py:synthetic" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_launcher_refuses_more_cores_than_it_may_use(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medjax.launch",
+            "--config=configs/covid_ct.py:smoke",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.cpu_cores=10000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "config.cpu_cores=10000: expected a whole number from 1 to" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # Refused before anything was written.

@@ -36,6 +36,7 @@ def test_smoke_run_writes_outputs_compiles_once_and_resumes(tmp_path, tfds_data_
 
     assert report["steps"] == 3 and report["total_steps"] == 3
     assert report["allocator"] == allocator.active()  # In-process: whatever pytest was started under.
+    assert report["cpu_cores"] == len(os.sched_getaffinity(0))  # The cores the wall time was measured on.
     assert report["test"]["num_examples"] == 24  # Padded eval batches count every example once.
     for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "loss"):
         assert key in report["test"]
