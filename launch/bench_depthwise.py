@@ -1,4 +1,7 @@
-"""Micro-benchmark of depthwise convolution: medjax impl='xla' and impl='fast' against PyTorch in one run.
+"""Micro-benchmark of depthwise convolution: medjax's implementations against PyTorch in one run.
+
+``--impls`` (default ``xla,loop,native``): XLA's grouped convolution, and medjax's fast path with its kernel
+gradient from the pure-XLA row loop or from the native kernel (``'fast'`` is whichever of the two builds).
 
 Forward and forward+backward (gradients wrt input and kernel) wall time, median of repeats after warm-up.
 PyTorch is timed in the same process when importable (channels_last, ``torch.no_grad`` for the forward,
@@ -104,7 +107,7 @@ def bench_torch(shape, *, repeats: int, warmup: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="NxHxWxC:k<kernel>s<stride>d<dilation>,...")
-    parser.add_argument("--impls", default="xla,fast")
+    parser.add_argument("--impls", default="xla,loop,native", help="depthwise_impl values, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
