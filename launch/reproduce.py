@@ -30,19 +30,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # The repository, for medjax.
 from medjax import allocator, cli  # noqa: E402  (no jax: --help stays fast)
 
-_SHARED = flags.DEFINE_string(
-    "shared_data",
-    os.environ.get("MEDJAX_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
-    "Folder holding pneumoniamnist/, breastmnist/ and chest_xray/ as laid out in its README.",
-)
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "reproduce"), "Run directories.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir for the prepared datasets (default TFDS').")
-_OUTPUT = flags.DEFINE_string("output", str(ROOT / "RESULTS.md"), "Markdown results table.")
-_ONLY = flags.DEFINE_list("only", None, "Experiment names to run (default: all).")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap_samples", 1000, "Resamples behind each 95 % interval.")
-_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
-_ALLOCATOR = cli.define_allocator_flag()
-_NOTE = flags.DEFINE_string("note", None, "A sentence for RESULTS.md, e.g. what else loaded the machine.")
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so tests can import this module beside other commands' flags."""
+    flags.DEFINE_string(
+        "shared_data",
+        os.environ.get("MEDJAX_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
+        "Folder holding pneumoniamnist/, breastmnist/ and chest_xray/ as laid out in its README.",
+    )
+    flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "reproduce"), "Run directories.")
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir for the prepared datasets (default TFDS').")
+    flags.DEFINE_string("output", str(ROOT / "RESULTS.md"), "Markdown results table.")
+    flags.DEFINE_list("only", None, "Experiment names to run (default: all).")
+    flags.DEFINE_integer("bootstrap_samples", 1000, "Resamples behind each 95 % interval.")
+    flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
+    cli.define_allocator_flag()
+    flags.DEFINE_string("note", None, "A sentence for RESULTS.md, e.g. what else loaded the machine.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,9 @@ EXPERIMENTS = (
 )
 
 
-def run_experiment(exp: Experiment, *, shared: Path, root: Path, data_dir: str | None) -> dict | None:
+def run_experiment(
+    exp: Experiment, *, shared: Path, root: Path, data_dir: str | None, bootstrap_samples: int
+) -> dict | None:
     """Trains (or reads back) every run of one experiment and evaluates it; None when its data is absent."""
     from medjax import config_lib, evaluate
 
@@ -118,14 +123,14 @@ def run_experiment(exp: Experiment, *, shared: Path, root: Path, data_dir: str |
         config.seed = seed
         train_reports.append(_train_or_read_back(exp, config, workdir))
     out = root / exp.name / "evaluation"
-    evaluation = _reusable_evaluation(out / "report.json", workdirs)
+    evaluation = reusable_evaluation(out / "report.json", workdirs, bootstrap_samples=bootstrap_samples)
     if evaluation is None:
         evaluation = evaluate.evaluate_run(
             workdirs,
             out=out,
             data_dir=data_dir,
             splits=("validation", "test"),
-            bootstrap_samples=_BOOTSTRAP.value,
+            bootstrap_samples=bootstrap_samples,
         )
     return {
         "experiment": dataclasses.asdict(exp),
@@ -135,7 +140,7 @@ def run_experiment(exp: Experiment, *, shared: Path, root: Path, data_dir: str |
     }
 
 
-def _reusable_evaluation(path: Path, workdirs: list[Path]) -> dict | None:
+def reusable_evaluation(path: Path, workdirs: list[Path], *, bootstrap_samples: int) -> dict | None:
     """The evaluation report at ``path`` if it is of these runs as they are now, with this invocation's
     resamples; None when it must be redone (absent, of other or since retrained runs, from before reports
     named their members, or with another ``--bootstrap_samples``)."""
@@ -143,7 +148,7 @@ def _reusable_evaluation(path: Path, workdirs: list[Path]) -> dict | None:
         return None
     evaluation = json.loads(path.read_text())
     same_runs = [m["workdir"] for m in evaluation.get("members", [])] == [str(w) for w in workdirs]
-    if not same_runs or evaluation["settings"]["bootstrap_samples"] != _BOOTSTRAP.value:
+    if not same_runs or evaluation["settings"]["bootstrap_samples"] != bootstrap_samples:
         return None
     return evaluation
 
@@ -183,7 +188,7 @@ def _interval(metrics: dict, key: str) -> str:
     return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
-def _target_text(exp: dict, test: dict) -> str:
+def target_text(exp: dict, test: dict) -> str:
     parts = []
     for key, target in exp["targets"].items():
         value = test[key]["value"]
@@ -195,8 +200,18 @@ def _target_text(exp: dict, test: dict) -> str:
     return "; ".join(parts)
 
 
-def markdown(results: dict, *, skipped: dict, started: str, command: str, note: str | None) -> str:
-    """RESULTS.md: the table, then each experiment's recipe and comparison."""
+def markdown(
+    results: dict,
+    *,
+    skipped: dict,
+    started: str,
+    command: str,
+    note: str | None,
+    bootstrap_samples: int,
+    shared: Path,
+) -> str:
+    """RESULTS.md: the table, then each experiment's recipe and comparison (``shared``: the data folder
+    the recipes name)."""
     import jax
 
     lines = [
@@ -212,7 +227,7 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
         "ensemble, whose prediction is the mean of its runs' probabilities) from scratch, or, where its "
         "recipe says so, from the best checkpoint of an experiment above (no downloaded weights); "
         "test metrics are of the best-on-validation checkpoints, with 95 % bootstrap intervals "
-        f"({_BOOTSTRAP.value} stratified resamples of the test set). Sensitivity and specificity are at the "
+        f"({bootstrap_samples} stratified resamples of the test set). Sensitivity and specificity are at the "
         "threshold chosen on validation (Youden's J), applied unchanged to test; accuracy, F1 and the "
         "confusion counts use the argmax. Wall time is training plus evaluation on this machine (dataset "
         "preparation excluded), summed over an ensemble's runs.",
@@ -245,23 +260,23 @@ def markdown(results: dict, *, skipped: dict, started: str, command: str, note: 
             f"| {name} | {model} | {size}x{size}x{config['data']['channels']} "
             f"| {epochs} | {wall} | {_interval(test, 'accuracy')} | {_interval(test, 'auc')} "
             f"| {_interval(test, 'f1')} | {youden['sensitivity']:.3f} | {youden['specificity']:.3f} "
-            f"| {card['params'] / 1e6:.2f} M | {card['params_mb']:.1f} MB | {_target_text(exp, test)} |"
+            f"| {card['params'] / 1e6:.2f} M | {card['params_mb']:.1f} MB | {target_text(exp, test)} |"
         )
     for name, reason in skipped.items():
         lines.append(f"| {name} | skipped: {reason} | | | | | | | | | | | |")
     lines += ["", "## Recipes and published comparisons", ""]
     for name, result in results.items():
-        lines += [f"### {name}", *_recipe_lines(result), ""]
+        lines += [f"### {name}", *_recipe_lines(result, shared=shared), ""]
     return "\n".join(lines)
 
 
-def _recipe_lines(result: dict) -> list[str]:
+def _recipe_lines(result: dict, *, shared: Path) -> list[str]:
     """One experiment's config, runs, validation numbers and published comparison."""
     exp, train_reports = result["experiment"], result["train"]
     workdirs = [Path(w) for w in result["workdirs"]]
     ensemble = len(workdirs) > 1
     folder = _shown(workdirs[0].parent if ensemble else workdirs[0])
-    data = _shown(Path(_SHARED.value) / exp["data"])
+    data = _shown(shared / exp["data"])
     config = f"- Config: `{exp['config']}` with `--config.data.manual_dir={data}`"
     if ensemble:
         config += (
@@ -296,13 +311,14 @@ def _recipe_lines(result: dict) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.setup(compilation_cache_dir=_CACHE_DIR.value, memory_allocator=_ALLOCATOR.value)
+    args = flags.FLAGS
+    cli.setup(compilation_cache_dir=args.compilation_cache_dir, memory_allocator=args.allocator)
     started = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
-    chosen = [e for e in EXPERIMENTS if not _ONLY.value or e.name in _ONLY.value]
-    unknown = set(_ONLY.value or ()) - {e.name for e in EXPERIMENTS}
+    chosen = [e for e in EXPERIMENTS if not args.only or e.name in args.only]
+    unknown = set(args.only or ()) - {e.name for e in EXPERIMENTS}
     if unknown:
         sys.exit(f"Unknown experiments {sorted(unknown)}; known: {', '.join(e.name for e in EXPERIMENTS)}.")
-    shared, root = Path(_SHARED.value), Path(_WORKDIR_ROOT.value)
+    shared, root = Path(args.shared_data), Path(args.workdir_root)
     results, skipped = {}, {}
     for exp in chosen:
         t0 = time.perf_counter()
@@ -310,20 +326,30 @@ def main(argv: list[str]) -> None:
             skipped[exp.name] = f"starts from the `{exp.init_from}` run, which has not finished"
             print(f"== {exp.name}: skipped, {skipped[exp.name]}", flush=True)
             continue
-        result = run_experiment(exp, shared=shared, root=root, data_dir=_DATA_DIR.value)
+        result = run_experiment(
+            exp, shared=shared, root=root, data_dir=args.data_dir, bootstrap_samples=args.bootstrap_samples
+        )
         if result is None:
             skipped[exp.name] = f"no data at `{_shown(shared / exp.data)}`"
             print(f"== {exp.name}: skipped, no data at {shared / exp.data}", flush=True)
             continue
         results[exp.name] = result
         print(f"== {exp.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    command = "python launch/reproduce.py" + (f" --only={','.join(_ONLY.value)}" if _ONLY.value else "")
-    Path(_OUTPUT.value).write_text(
-        markdown(results, skipped=skipped, started=started, command=command, note=_NOTE.value)
+    command = "python launch/reproduce.py" + (f" --only={','.join(args.only)}" if args.only else "")
+    text = markdown(
+        results,
+        skipped=skipped,
+        started=started,
+        command=command,
+        note=args.note,
+        bootstrap_samples=args.bootstrap_samples,
+        shared=shared,
     )
+    Path(args.output).write_text(text)
     (root / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    print(f"Wrote {_OUTPUT.value} and {root / 'results.json'}.", flush=True)
+    print(f"Wrote {args.output} and {root / 'results.json'}.", flush=True)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
