@@ -177,3 +177,9 @@ def test_failed_build_shows_the_compiler_output(tmp_path, monkeypatch):
     with pytest.raises(MedjaxError, match=r"Building broken.cc failed .*\n.*error"):
         native.build(compiler)
     assert not list((tmp_path / "native").glob("*.so"))  # No half-written library is left to load.
+    native.available.cache_clear()
+    try:  # Training goes on without the speed-up, and the warning carries the reason.
+        with pytest.warns(UserWarning, match="native kernel unavailable.*Building broken.cc failed"):
+            assert not native.available()
+    finally:
+        native.available.cache_clear()

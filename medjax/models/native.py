@@ -1,12 +1,12 @@
 """medjax's native CPU kernels: C++ sources built on first use and called through XLA's FFI.
 
-One kernel so far, the depthwise convolution's kernel gradient (``native/depthwise_kernel_grad.cc``):
+One kernel so far, the depthwise convolution's kernel gradient (``csrc/depthwise_kernel_grad.cc``):
 XLA CPU can only express it as one small fusion per tap and output row, and dispatching those is most
 of a MobileNetV2 or MedNeXt backward pass (issue 6's profiles). The source is compiled once per machine
 with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) for the CPU it runs on, into
 ``$MEDJAX_CACHE_DIR/native`` (default ``~/.cache/medjax/native``), keyed by the source, the jax version
-and the compiler, and registered as an XLA FFI target. Without a compiler medjax falls back to its
-pure-XLA path and says so once; ``MEDJAX_NATIVE=0`` turns the native path off.
+and the compiler, and registered as an XLA FFI target. Without a compiler, or when the build fails,
+medjax falls back to its pure-XLA path and says why once; ``MEDJAX_NATIVE=0`` turns the native path off.
 """
 
 import ctypes
@@ -25,7 +25,7 @@ import numpy as np
 
 from medjax.errors import MedjaxError
 
-SOURCE = Path(__file__).with_name("native") / "depthwise_kernel_grad.cc"
+SOURCE = Path(__file__).with_name("csrc") / "depthwise_kernel_grad.cc"
 TARGET = "medjax_depthwise_kernel_grad"
 _SYMBOL = "MedjaxDepthwiseKernelGrad"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
@@ -82,7 +82,11 @@ def available() -> bool:
             stacklevel=2,
         )
         return False
-    library = ctypes.cdll.LoadLibrary(str(build(compiler)))
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build(compiler)))
+    except (MedjaxError, OSError) as e:  # An optional speed-up must not stop training: say why, fall back.
+        warnings.warn(f"medjax: native kernel unavailable, using the pure-XLA path: {e}", stacklevel=2)
+        return False
     capsule = jax.ffi.pycapsule(getattr(library, _SYMBOL))
     jax.ffi.register_ffi_target(TARGET, capsule, platform="cpu")
     return True
