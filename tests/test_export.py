@@ -60,7 +60,11 @@ def test_exported_probabilities_equal_predict_proba_for_any_batch_size(trained, 
     expected = trained.predict_proba(images, batch_size=4)
     assert expected[:, 0].std() > 0.05  # Input-dependent, so the comparison below can fail.
     np.testing.assert_allclose(predict(images), expected, atol=1e-6)
-    np.testing.assert_allclose(predict(images[:3]), expected[:3], atol=1e-6)  # Another batch size.
+    # Another batch size, against the model run at that size: XLA tiles each batch shape differently, so
+    # the same image's float32 probabilities differ across batch sizes by float rounding (1.2e-6 seen).
+    np.testing.assert_allclose(
+        predict(images[:3]), trained.predict_proba(images[:3], batch_size=3), atol=1e-6
+    )
     artifact = jax.export.deserialize(bytearray((export_dir / "probs_float32.jax").read_bytes()))
     assert str(artifact.in_avals[0].shape[0]) == "b"
     assert artifact.in_avals[0].shape[1:] == trained.image_shape
