@@ -89,9 +89,16 @@ def probability_fn(
     return probabilities
 
 
-def _normalisation(trained: trained_lib.TrainedModel) -> tuple[np.ndarray, np.ndarray]:
+def _configured_normalisation(trained: trained_lib.TrainedModel) -> list:
+    """``[mean, std]`` as the config states them (plain numbers: messages show 0.4, not 0.40000001)."""
     norm = trained.config.data.normalize
-    return np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
+    return [np.asarray(norm.mean).tolist(), np.asarray(norm.std).tolist()]
+
+
+def _normalisation(trained: trained_lib.TrainedModel) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std)`` in float32, as the eval pipeline applies them."""
+    mean, std = _configured_normalisation(trained)
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
 Members = trained_lib.TrainedModel | Sequence[trained_lib.TrainedModel]
@@ -121,11 +128,6 @@ def _as_members(members: Members) -> list[trained_lib.TrainedModel]:
                     "must share class names, input shape and normalisation."
                 )
     return members
-
-
-def _configured_normalisation(trained: trained_lib.TrainedModel) -> list:
-    norm = trained.config.data.normalize
-    return [np.asarray(norm.mean).tolist(), np.asarray(norm.std).tolist()]
 
 
 def _members_fn(
@@ -411,15 +413,19 @@ def main(argv: list[str]) -> None:
         for name in ("jax2onnx", "onnx_ir"):
             std_logging.getLogger(name).setLevel(std_logging.ERROR)
     args = flags.FLAGS
-    out = Path(args.out) if args.out else Path(args.workdir[0]) / "export"
-    try:
+    try:  # export_run picks the default --out, and refuses an ensemble without one.
         metadata = export_run(
-            args.workdir, out=out, input_dtypes=args.input_dtypes, platforms=args.platforms, onnx=args.onnx
+            args.workdir,
+            out=args.out,
+            input_dtypes=args.input_dtypes,
+            platforms=args.platforms,
+            onnx=args.onnx,
         )
     except MedjaxError as e:
         raise SystemExit(f"medjax: error: {e}") from None
     runs = ", ".join(f"{run['model_name']} step {run['step']}" for run in metadata["members"])
     kind = "the ensemble of " if len(metadata["members"]) > 1 else ""
+    out = Path(args.out) if args.out else Path(args.workdir[0]) / "export"
     print(f"Exported {kind}{runs} to {out}:")
     for name, size in metadata["sizes"].items():
         print(f"  {name:<20} {size / 2**20:8.2f} MiB ({size:,} bytes)")

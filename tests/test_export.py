@@ -205,3 +205,18 @@ def test_export_run_of_an_ensemble_needs_out(smoke_run, second_smoke_run, tmp_pa
     metadata = export.export_run([smoke_run, second_smoke_run], out=tmp_path, input_dtypes=["uint8"])
     assert [run["workdir"] for run in metadata["members"]] == [str(smoke_run), str(second_smoke_run)]
     assert metadata["members"][1]["step"] == 1  # The second run trained one step.
+
+
+def test_cli_refuses_an_ensemble_without_out(smoke_run, second_smoke_run):
+    args = [f"--workdir={smoke_run}", f"--workdir={second_smoke_run}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "medjax.export", *args],
+        cwd=ROOT,
+        env=os.environ | {"JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1
+    assert "pass --out" in result.stderr and "Traceback" not in result.stderr
+    assert not (smoke_run / "export").exists()  # Nothing written into the first run's directory.
