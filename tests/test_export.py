@@ -108,10 +108,9 @@ def test_artifact_runs_in_a_process_without_medjax(trained, export_dir, tmp_path
     assert result.stdout.strip() == "ok"
 
 
-def test_cli_reports_sizes_and_metadata(smoke_run, tmp_path):
-    out = tmp_path / "export"
-    args = [f"--workdir={smoke_run}", f"--out={out}", "--input_dtypes=uint8"]
-    result = subprocess.run(
+def _export_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m medjax.export ARGS`` from the repository root, as a user runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "medjax.export", *args],
         cwd=ROOT,
         env=os.environ | {"JAX_PLATFORMS": "cpu"},
@@ -119,6 +118,12 @@ def test_cli_reports_sizes_and_metadata(smoke_run, tmp_path):
         text=True,
         timeout=180,
     )
+
+
+def test_cli_reports_sizes_and_metadata(smoke_run, tmp_path):
+    out = tmp_path / "export"
+    args = [f"--workdir={smoke_run}", f"--out={out}", "--input_dtypes=uint8"]
+    result = _export_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["sizes"]["probs_uint8.jax"] == (out / "probs_uint8.jax").stat().st_size
@@ -209,14 +214,7 @@ def test_export_run_of_an_ensemble_needs_out(smoke_run, second_smoke_run, tmp_pa
 
 def test_cli_refuses_an_ensemble_without_out(smoke_run, second_smoke_run):
     args = [f"--workdir={smoke_run}", f"--workdir={second_smoke_run}"]
-    result = subprocess.run(
-        [sys.executable, "-m", "medjax.export", *args],
-        cwd=ROOT,
-        env=os.environ | {"JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = _export_cli(*args)
     assert result.returncode == 1
     assert "pass --out" in result.stderr and "Traceback" not in result.stderr
     assert not (smoke_run / "export").exists()  # Nothing written into the first run's directory.
