@@ -9,6 +9,7 @@ import functools
 from types import SimpleNamespace
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from medjax.models import available_models, get_model
 from medjax.models.convnext import Block
-from medjax.models.layers import gelu
+from medjax.models.layers import Conv, gelu
 from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
 
 IMPROVED = {"pooling": "avg+max", "fusion": "concat", "sevector_ratio": 16}  # study A's head
@@ -379,6 +380,38 @@ def test_gelu_values_and_derivatives_match_float64_reference():
     np.testing.assert_allclose(gelu(x32), jax.nn.gelu(x32, approximate=False), rtol=1e-6, atol=1e-7)
     _, tangent = jax.jvp(gelu, (x32,), (jnp.full_like(x32, 2.0),))  # forward mode works too
     np.testing.assert_allclose(tangent, 2 * (cdf + x * phi), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "strides", "padding"),
+    [
+        (17, (3, 3), 2, ((1, 1), (1, 1))),  # MobileNetV2's stem ('torch' padding), odd size
+        (16, (3, 3), 2, "SAME"),  # ... 'tf' padding, asymmetric
+        (16, (4, 4), 4, "VALID"),  # ConvNeXt's patchify stem
+        (18, (4, 4), 4, "SAME"),  # MedNeXt's stem where the size is not a multiple of the stride
+        (7, (2, 2), 2, "SAME"),  # downsampling an odd-sized map
+        (9, (2, 2), 2, "VALID"),  # ... which drops the last row and column
+        (8, (1, 1), 1, "SAME"),  # pointwise
+        (8, (3, 1), (1, 2), "SAME"),  # neither: a rectangular kernel with unequal strides
+    ],
+)
+def test_conv_equals_nn_conv_with_the_same_parameters(size, kernel, strides, padding):
+    """``layers.Conv`` is ``nn.Conv`` computed another way: same parameter tree from the same key, and
+    outputs and both gradients equal (float32 sums in another order)."""
+    x = jax.random.normal(jax.random.key(1), (2, size, size + 1, 5))
+    ours = Conv(6, kernel, strides=strides, padding=padding)
+    flax_conv = nn.Conv(6, kernel, strides=strides, padding=padding)
+    variables = ours.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(variables, flax_conv.init(jax.random.key(0), x))
+    variables = jax.tree.map(lambda v: v + 0.1, variables)  # a non-zero bias
+
+    def loss(module, v, x):
+        return jnp.sum(jnp.sin(module.apply(v, x)))
+
+    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+    ours_grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(variables, x)
+    flax_grads = jax.grad(functools.partial(loss, flax_conv), argnums=(0, 1))(variables, x)
+    chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)
 
 
 # --- padding, registry, configuration errors --------------------------------------------------------

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medjax.models.layers import Dense, DepthwiseConv, DropPath, GlobalPool, SEVector, gelu
+from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, SEVector, gelu
 
 # name -> (depths, widths), from the official repository.
 VARIANTS = {
@@ -122,13 +122,13 @@ class Model(nn.Module):
         depths, widths = self.stage_config()
         rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
 
-        x = nn.Conv(widths[0], (4, 4), strides=4, padding="VALID", kernel_init=_init, name="stem_conv")(x)
+        x = Conv(widths[0], (4, 4), strides=4, padding="VALID", kernel_init=_init, name="stem_conv")(x)
         x = nn.LayerNorm(epsilon=LN_EPSILON, name="stem_norm")(x)
         index = 0
         for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             if stage > 0:
                 x = nn.LayerNorm(epsilon=LN_EPSILON, name=f"downsample_{stage}_norm")(x)
-                x = nn.Conv(
+                x = Conv(
                     width,
                     (2, 2),
                     strides=2,

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.models.layers import Dense, DepthwiseConv, DropPath, GlobalPool, gelu
+from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, gelu
 
 VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
     "tiny": {"widths": (48, 96, 192, 384), "depths": (2, 2, 6, 2)},
@@ -240,13 +240,13 @@ class Encoder(nn.Module):
         if not len(widths) == len(depths) == len(self.ffn):
             raise ValueError(f"widths {widths}, depths {depths} and ffn {self.ffn} need equal lengths")
         rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
-        x = nn.Conv(widths[0], (4, 4), strides=4, padding="SAME", name="stem")(x)
+        x = Conv(widths[0], (4, 4), strides=4, padding="SAME", name="stem")(x)
         x = _layer_norm("stem_norm")(x)
         stages = []
         for s, (width, depth) in enumerate(zip(widths, depths, strict=True)):
             if s > 0:
                 x = _layer_norm(f"down{s}_norm")(x)
-                x = nn.Conv(width, (2, 2), strides=2, padding="SAME", name=f"down{s}")(x)
+                x = Conv(width, (2, 2), strides=2, padding="SAME", name=f"down{s}")(x)
             for b in range(depth):
                 x = Block(
                     ffn=self.ffn[s],

@@ -26,7 +26,7 @@ depthwise/project layers sit one index earlier (``features.1.conv.0.{0,1}``, ``f
 import flax.linen as nn
 import jax
 
-from medjax.models.layers import DepthwiseConv, GlobalPool, PointwiseConv
+from medjax.models.layers import Conv, DepthwiseConv, GlobalPool
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper / torchvision.
 INVERTED_RESIDUAL_SETTINGS = (
@@ -99,9 +99,7 @@ class InvertedResidual(nn.Module):
 
         y = x
         if self.expansion != 1:
-            y = PointwiseConv(
-                in_channels * self.expansion, use_bias=False, kernel_init=_conv_init, name="expand"
-            )(y)
+            y = Conv(in_channels * self.expansion, use_bias=False, kernel_init=_conv_init, name="expand")(y)
             y = jax.nn.relu6(bn("expand_bn")(y))
         pad = conv_padding(y.shape[1:3], kernel=3, stride=self.stride, style=self.padding_style)
         y = DepthwiseConv(
@@ -114,7 +112,7 @@ class InvertedResidual(nn.Module):
             name="depthwise",
         )(y)
         y = jax.nn.relu6(bn("depthwise_bn")(y))
-        y = PointwiseConv(self.out_channels, use_bias=False, kernel_init=_conv_init, name="project")(y)
+        y = Conv(self.out_channels, use_bias=False, kernel_init=_conv_init, name="project")(y)
         y = bn("project_bn")(y)
         if self.stride == 1 and in_channels == self.out_channels:
             y = x + y
@@ -162,7 +160,7 @@ class Model(nn.Module):
         width = self.width_multiplier
 
         pad = conv_padding(x.shape[1:3], kernel=3, stride=2, style=self.padding_style)
-        x = nn.Conv(
+        x = Conv(
             make_divisible(STEM_CHANNELS * width),
             (3, 3),
             strides=2,
@@ -189,7 +187,7 @@ class Model(nn.Module):
                 index += 1
 
         last_channels = make_divisible(LAST_CHANNELS * max(1.0, width))
-        x = PointwiseConv(last_channels, use_bias=False, kernel_init=_conv_init, name="head_conv")(x)
+        x = Conv(last_channels, use_bias=False, kernel_init=_conv_init, name="head_conv")(x)
         feature_map = jax.nn.relu6(nn.BatchNorm(**bn_kwargs, name="head_bn")(x))
         feature_map = feature_map if self.is_initializing() else self.perturb("feature_map", feature_map)
 
