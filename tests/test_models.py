@@ -19,7 +19,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from medjax.models import available_models, get_model
 from medjax.models.convnext import Block
-from medjax.models.layers import Conv, gelu
+from medjax.models.layers import BatchNorm, Conv, gelu
 from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
 
 IMPROVED = {"pooling": "avg+max", "fusion": "concat", "sevector_ratio": 16}  # study A's head
@@ -412,6 +412,45 @@ def test_conv_equals_nn_conv_with_the_same_parameters(size, kernel, strides, pad
     ours_grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(variables, x)
     flax_grads = jax.grad(functools.partial(loss, flax_conv), argnums=(0, 1))(variables, x)
     chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_equals_flax_batch_norm():
+    """``layers.BatchNorm`` is ``nn.BatchNorm`` with a closed-form backward: same variables, outputs,
+    running averages and gradients, in training and evaluation."""
+    x = 3.0 * jax.random.normal(jax.random.key(1), (4, 5, 6, 7)) + 2.0
+    ours, flax_bn = BatchNorm(momentum=0.9, epsilon=1e-3), nn.BatchNorm(momentum=0.9, epsilon=1e-3)
+    variables = ours.init(jax.random.key(0), x, use_running_average=False)
+    chex.assert_trees_all_equal(variables, flax_bn.init(jax.random.key(0), x, use_running_average=False))
+    keys = jax.random.split(jax.random.key(2), 2)
+    variables = {
+        "params": {"scale": jax.random.normal(keys[0], (7,)), "bias": jax.random.normal(keys[1], (7,))},
+        "batch_stats": variables["batch_stats"],
+    }
+    weights = jax.random.normal(jax.random.key(3), x.shape)
+
+    def loss(module, params, x):
+        y, updates = module.apply(
+            {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.tanh(y) * weights), (y, updates)
+
+    (_, (ours_y, ours_stats)), ours_grads = jax.value_and_grad(
+        functools.partial(loss, ours), argnums=(0, 1), has_aux=True
+    )(variables["params"], x)
+    (_, (flax_y, flax_stats)), flax_grads = jax.value_and_grad(
+        functools.partial(loss, flax_bn), argnums=(0, 1), has_aux=True
+    )(variables["params"], x)
+    np.testing.assert_allclose(ours_y, flax_y, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(ours_stats, flax_stats, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(ours_stats["batch_stats"]["mean"], 0.0)  # the averages moved
+    chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)
+    stored = {**variables, "batch_stats": ours_stats["batch_stats"]}
+    np.testing.assert_allclose(
+        ours.apply(stored, x, use_running_average=True),
+        flax_bn.apply(stored, x, use_running_average=True),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 # --- padding, registry, configuration errors --------------------------------------------------------

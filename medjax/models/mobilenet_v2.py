@@ -26,7 +26,7 @@ depthwise/project layers sit one index earlier (``features.1.conv.0.{0,1}``, ``f
 import flax.linen as nn
 import jax
 
-from medjax.models.layers import Conv, DepthwiseConv, GlobalPool
+from medjax.models.layers import BatchNorm, Conv, DepthwiseConv, GlobalPool
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper / torchvision.
 INVERTED_RESIDUAL_SETTINGS = (
@@ -92,8 +92,8 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
 
-        def bn(name: str) -> nn.BatchNorm:
-            return nn.BatchNorm(
+        def bn(name: str) -> BatchNorm:
+            return BatchNorm(
                 use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
             )
 
@@ -169,7 +169,7 @@ class Model(nn.Module):
             kernel_init=_conv_init,
             name="stem",
         )(x)
-        x = jax.nn.relu6(nn.BatchNorm(**bn_kwargs, name="stem_bn")(x))
+        x = jax.nn.relu6(BatchNorm(**bn_kwargs, name="stem_bn")(x))
 
         index = 0
         for expansion, channels, repeats, stride in INVERTED_RESIDUAL_SETTINGS:
@@ -188,7 +188,7 @@ class Model(nn.Module):
 
         last_channels = make_divisible(LAST_CHANNELS * max(1.0, width))
         x = Conv(last_channels, use_bias=False, kernel_init=_conv_init, name="head_conv")(x)
-        feature_map = jax.nn.relu6(nn.BatchNorm(**bn_kwargs, name="head_bn")(x))
+        feature_map = jax.nn.relu6(BatchNorm(**bn_kwargs, name="head_bn")(x))
         feature_map = feature_map if self.is_initializing() else self.perturb("feature_map", feature_map)
 
         features = GlobalPool(self.pooling, self.fusion)(feature_map)
