@@ -72,7 +72,8 @@ def test_exported_probabilities_equal_predict_proba_for_any_batch_size(trained, 
 
 def test_uint8_artifact_normalises_like_the_eval_pipeline(trained, export_dir):
     pixels = export.random_images(3, trained.image_shape, "uint8", seed=2)
-    expected = trained.predict_proba(np.stack([trained.preprocess(p) for p in pixels]), batch_size=4)
+    # Same batch shape on both sides: XLA tiles each shape differently, which moves float32 sums by ~1e-6.
+    expected = trained.predict_proba(np.stack([trained.preprocess(p) for p in pixels]), batch_size=3)
     np.testing.assert_allclose(export.load_exported(export_dir)(pixels), expected, atol=1e-6)
 
 

@@ -409,6 +409,8 @@ def test_conv_equals_nn_conv_with_the_same_parameters(size, kernel, strides, pad
         return jnp.sum(jnp.sin(module.apply(v, x)))
 
     np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+    reference = Conv(6, kernel, strides=strides, padding=padding, impl="xla")  # what ONNX export traces
+    np.testing.assert_allclose(reference.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-6)
     ours_grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(variables, x)
     flax_grads = jax.grad(functools.partial(loss, flax_conv), argnums=(0, 1))(variables, x)
     chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)

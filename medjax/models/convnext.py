@@ -54,7 +54,8 @@ class Block(nn.Module):
     Attributes:
       drop_path_rate: stochastic-depth probability of this block.
       layer_scale_init: initial value of the per-channel scale ``gamma``; 0 disables layer scale.
-      depthwise_impl: :class:`DepthwiseConv` implementation.
+      depthwise_impl: :class:`DepthwiseConv` implementation; 'xla' also computes the dense convolutions
+        with XLA's (:class:`Conv`).
     """
 
     drop_path_rate: float = 0.0
@@ -88,7 +89,8 @@ class Model(nn.Module):
       fusion: how 'avg+max' fuses, 'concat' (study A default, 2C features) or 'sum'.
       sevector_ratio: reduction ratio of the :class:`SEVector` after the head LayerNorm; None disables it.
       head_zero_init: zero the classifier kernel and bias (big_vision); False uses trunc_normal(0.02).
-      depthwise_impl: :class:`DepthwiseConv` implementation, 'fast' or 'xla' (the reference).
+      depthwise_impl: :class:`DepthwiseConv` implementation, 'fast' or 'xla' (the reference); 'xla' also
+        computes the dense convolutions with XLA's (:class:`Conv`).
 
     ``aux['features']`` is the vector the classifier reads (after head LayerNorm and SEVector);
     ``aux['feature_map']`` is the last stage's output (Grad-CAM's target layer).
@@ -122,7 +124,15 @@ class Model(nn.Module):
         depths, widths = self.stage_config()
         rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
 
-        x = Conv(widths[0], (4, 4), strides=4, padding="VALID", kernel_init=_init, name="stem_conv")(x)
+        x = Conv(
+            widths[0],
+            (4, 4),
+            strides=4,
+            padding="VALID",
+            kernel_init=_init,
+            impl=self.depthwise_impl,
+            name="stem_conv",
+        )(x)
         x = nn.LayerNorm(epsilon=LN_EPSILON, name="stem_norm")(x)
         index = 0
         for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
@@ -134,6 +144,7 @@ class Model(nn.Module):
                     strides=2,
                     padding="SAME",
                     kernel_init=_init,
+                    impl=self.depthwise_impl,
                     name=f"downsample_{stage}_conv",
                 )(x)
             for b in range(depth):

@@ -76,6 +76,8 @@ class Conv(nn.Module):
       kernel_size: ``(kh, kw)``.
       strides: an int or a pair.
       padding: ``'SAME'``, ``'VALID'`` or ``((top, bottom), (left, right))``, as in ``nn.Conv``.
+      impl: ``'xla'`` computes with ``lax.conv_general_dilated`` (the reference, and what ONNX export
+        traces); any other value, the patches. Models pass their ``depthwise_impl``.
     """
 
     features: int
@@ -85,6 +87,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    impl: str = "fast"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,10 +97,15 @@ class Conv(nn.Module):
         pads = self.padding
         if isinstance(pads, str):
             pads = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, pads)
-        if any(p != (0, 0) for p in map(tuple, pads)):
-            x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-        patches = _patches(x, (kh, kw), strides)
-        y = _matmul_last_axis(patches, kernel.reshape(-1, self.features).astype(x.dtype))
+        if self.impl == "xla":
+            dims = ("NHWC", "HWIO", "NHWC")
+            y = lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, pads, dimension_numbers=dims)
+        else:
+            if any(p != (0, 0) for p in map(tuple, pads)):
+                x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+            y = _matmul_last_axis(
+                _patches(x, (kh, kw), strides), kernel.reshape(-1, self.features).astype(x.dtype)
+            )
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(x.dtype)
         return y
@@ -135,8 +143,9 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, features, jnp.float32)
         bias = self.param("bias", self.bias_init, features, jnp.float32)
         if use_running_average:
-            mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
-            return ((x - ra_mean.value) * mul + bias).astype(x.dtype)
+            shape = (1,) * (x.ndim - 1) + features
+            mul = (lax.rsqrt(ra_var.value + self.epsilon) * scale).reshape(shape)
+            return ((x - ra_mean.value.reshape(shape)) * mul + bias.reshape(shape)).astype(x.dtype)
         y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * lax.stop_gradient(mean)

@@ -209,7 +209,7 @@ class Encoder(nn.Module):
       mlp_ratio: Smooth FFN hidden ratio.
       layer_scale_init: initial gamma (0 disables layer scale).
       drop_path_rate: stochastic depth of the last block (linear from 0).
-      depthwise_impl: passed to every DepthwiseConv ('fast' or 'xla').
+      depthwise_impl: passed to every DepthwiseConv and Conv ('fast' or 'xla').
     """
 
     variant: str = "tiny"
@@ -240,13 +240,15 @@ class Encoder(nn.Module):
         if not len(widths) == len(depths) == len(self.ffn):
             raise ValueError(f"widths {widths}, depths {depths} and ffn {self.ffn} need equal lengths")
         rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
-        x = Conv(widths[0], (4, 4), strides=4, padding="SAME", name="stem")(x)
+        x = Conv(widths[0], (4, 4), strides=4, padding="SAME", impl=self.depthwise_impl, name="stem")(x)
         x = _layer_norm("stem_norm")(x)
         stages = []
         for s, (width, depth) in enumerate(zip(widths, depths, strict=True)):
             if s > 0:
                 x = _layer_norm(f"down{s}_norm")(x)
-                x = Conv(width, (2, 2), strides=2, padding="SAME", name=f"down{s}")(x)
+                x = Conv(width, (2, 2), strides=2, padding="SAME", impl=self.depthwise_impl, name=f"down{s}")(
+                    x
+                )
             for b in range(depth):
                 x = Block(
                     ffn=self.ffn[s],

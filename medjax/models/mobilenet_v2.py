@@ -92,14 +92,22 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
 
-        def bn(name: str) -> BatchNorm:
-            return BatchNorm(
+        def bn(name: str) -> nn.Module:
+            # Training uses the closed-form backward; evaluation nn.BatchNorm itself (same variables), which
+            # jax2onnx converts to one ONNX BatchNormalization (it rejects the traced form).
+            return (BatchNorm if train else nn.BatchNorm)(
                 use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
             )
 
         y = x
         if self.expansion != 1:
-            y = Conv(in_channels * self.expansion, use_bias=False, kernel_init=_conv_init, name="expand")(y)
+            y = Conv(
+                in_channels * self.expansion,
+                use_bias=False,
+                kernel_init=_conv_init,
+                impl=self.depthwise_impl,
+                name="expand",
+            )(y)
             y = jax.nn.relu6(bn("expand_bn")(y))
         pad = conv_padding(y.shape[1:3], kernel=3, stride=self.stride, style=self.padding_style)
         y = DepthwiseConv(
@@ -112,7 +120,13 @@ class InvertedResidual(nn.Module):
             name="depthwise",
         )(y)
         y = jax.nn.relu6(bn("depthwise_bn")(y))
-        y = Conv(self.out_channels, use_bias=False, kernel_init=_conv_init, name="project")(y)
+        y = Conv(
+            self.out_channels,
+            use_bias=False,
+            kernel_init=_conv_init,
+            impl=self.depthwise_impl,
+            name="project",
+        )(y)
         y = bn("project_bn")(y)
         if self.stride == 1 and in_channels == self.out_channels:
             y = x + y
@@ -132,7 +146,8 @@ class Model(nn.Module):
       padding_style: 'torch' (symmetric) or 'tf' (TensorFlow 'SAME'), see :func:`conv_padding`.
       head_zero_init: zero the classifier kernel and bias (big_vision), so fine-tuning starts from
         uniform predictions; False uses torchvision's normal(0, 0.01).
-      depthwise_impl: :class:`DepthwiseConv` implementation, 'fast' or 'xla' (the reference).
+      depthwise_impl: :class:`DepthwiseConv` implementation, 'fast' or 'xla' (the reference); 'xla' also
+        computes the dense convolutions with XLA's (:class:`Conv`).
       pooling, fusion: the global pooling of :class:`medjax.models.layers.GlobalPool`; 'avg' is the
         canonical head, 'avg+max' study A's dual pooling (max pooling keeps small, local findings such
         as a lesion from being averaged away).
@@ -167,9 +182,10 @@ class Model(nn.Module):
             padding=pad,
             use_bias=False,
             kernel_init=_conv_init,
+            impl=self.depthwise_impl,
             name="stem",
         )(x)
-        x = jax.nn.relu6(BatchNorm(**bn_kwargs, name="stem_bn")(x))
+        x = jax.nn.relu6((BatchNorm if train else nn.BatchNorm)(**bn_kwargs, name="stem_bn")(x))
 
         index = 0
         for expansion, channels, repeats, stride in INVERTED_RESIDUAL_SETTINGS:
@@ -187,8 +203,10 @@ class Model(nn.Module):
                 index += 1
 
         last_channels = make_divisible(LAST_CHANNELS * max(1.0, width))
-        x = Conv(last_channels, use_bias=False, kernel_init=_conv_init, name="head_conv")(x)
-        feature_map = jax.nn.relu6(BatchNorm(**bn_kwargs, name="head_bn")(x))
+        x = Conv(
+            last_channels, use_bias=False, kernel_init=_conv_init, impl=self.depthwise_impl, name="head_conv"
+        )(x)
+        feature_map = jax.nn.relu6((BatchNorm if train else nn.BatchNorm)(**bn_kwargs, name="head_bn")(x))
         feature_map = feature_map if self.is_initializing() else self.perturb("feature_map", feature_map)
 
         features = GlobalPool(self.pooling, self.fusion)(feature_map)
