@@ -131,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Selective unfreezing: regexes over '/'-joined parameter paths that train, e.g.
     # ('block_1[4-6]/.*', 'head_.*', 'classifier/.*') for MobileNetV2's last 3 blocks + head; None: all.
     c.optim.trainable = ml_collections.FieldReference(None, field_type=tuple)
+    # Selective unfreezing as a schedule (medjax/unfreeze.py): phases, each with 'trainable' patterns
+    # (None: all) and a start, 'epoch': E or 'plateau': N evaluations without improvement, e.g.
+    # ({'epoch': 0, 'trainable': ('classifier/.*',)}, {'epoch': 2, 'trainable': None}). The train step
+    # compiles once for all phases; exclusive with optim.trainable. None: no schedule.
+    c.optim.unfreeze = ml_collections.FieldReference(None, field_type=tuple)
     c.optim.freeze_batch_stats = True  # Frozen BatchNorms keep their running statistics.
 
     c.train = ml_collections.ConfigDict()

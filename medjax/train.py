@@ -24,7 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from medjax import allocator, config_lib, cores, losses, metrics, models, optim, sharding, trained
+from medjax import allocator, config_lib, cores, losses, metrics, models, optim, sharding, trained, unfreeze
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
@@ -66,6 +66,7 @@ def train_step(
     state: TrainState,
     batch: dict,
     seed_key: jax.Array,
+    phase: jax.Array | None = None,
     *,
     model,
     tx,
@@ -77,6 +78,9 @@ def train_step(
 
     ``frozen_stats`` (a pytree of Python bools over ``batch_stats``, see
     :func:`medjax.optim.frozen_statistics_mask`) keeps the running statistics of frozen BatchNorms.
+    With an unfreezing schedule, ``phase`` is its current phase (an int32 scalar, traced, so the step
+    compiles once for all phases), ``tx.update`` receives it, and ``frozen_stats`` holds bool arrays
+    indexed by it (:func:`medjax.optim.frozen_statistics_tables`).
     ``ema_decay`` > 0 updates ``state.ema`` (see :func:`ema_update`).
     """
     rng = jax.random.fold_in(seed_key, state.step)
@@ -97,9 +101,17 @@ def train_step(
     )
     if frozen_stats is not None:
         batch_stats = jax.tree.map(
-            lambda frozen, new, old: old if frozen else new, frozen_stats, batch_stats, state.batch_stats
+            lambda frozen, new, old: (
+                jnp.where(jnp.asarray(frozen)[phase], old, new)
+                if phase is not None
+                else (old if frozen else new)
+            ),
+            frozen_stats,
+            batch_stats,
+            state.batch_stats,
         )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    phase_args = {} if phase is None else {"phase": phase}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **phase_args)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
@@ -246,6 +258,8 @@ class _Experiment:
     total_steps: int
     eval_every: int
     schedule: optax.Schedule
+    unfreeze: tuple[unfreeze.Phase, ...] | None
+    steps_per_epoch: int
     state: TrainState
     p_train: Callable
     p_eval: Callable
@@ -303,7 +317,11 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     initial = _initial_variables(config, model, init_key, image_shape)
     state = sharding.replicate(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
     frozen_stats = None
-    if config.optim.trainable is not None and config.optim.freeze_batch_stats:
+    phases = unfreeze.parse(config.optim.unfreeze)
+    if phases is not None and config.optim.freeze_batch_stats:
+        tables = optim.trainable_tables(abstract_params, phases)
+        frozen_stats = optim.frozen_statistics_tables(tables, state.batch_stats)
+    elif config.optim.trainable is not None and config.optim.freeze_batch_stats:
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
         frozen_stats = optim.frozen_statistics_mask(trainable, state.batch_stats)
     p_train, p_eval = make_steps(model, tx, loss_fn, frozen_stats=frozen_stats, ema_decay=ema_decay)
@@ -314,6 +332,8 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
         total_steps=total_steps,
         eval_every=max(1, round(config.train.eval_every_epochs * steps_per_epoch)),
         schedule=schedule,
+        unfreeze=phases,
+        steps_per_epoch=steps_per_epoch,
         state=state,
         p_train=p_train,
         p_eval=p_eval,
@@ -393,6 +413,16 @@ def train_and_evaluate(
     step = last_saved = start_step or 0
     stopper = EarlyStopping(**train_cfg.early_stopping, state=loop_state.get("early_stopping"))
     stopped = loop_state.get("stopped", False)
+    phases = None
+    if exp.unfreeze is not None:
+        phases = unfreeze.PhaseTracker(
+            exp.unfreeze,
+            steps_per_epoch=exp.steps_per_epoch,
+            monitor=train_cfg.early_stopping.monitor,
+            min_delta=train_cfg.early_stopping.min_delta,
+            state=loop_state.get("unfreeze"),
+        )
+        print(phases.describe(), flush=True)
     writer = MetricWriter(workdir, resume_step=step or None)
     progress = Progress(
         total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
@@ -400,8 +430,14 @@ def train_and_evaluate(
     window: list[dict] = []
     try:
         while step < exp.total_steps and not stopped:
+            phase_arg = ()
+            if phases is not None:
+                if phases.at_step(step):
+                    stopper.bad_evals = 0  # Each phase gets the full early-stopping patience.
+                    progress.message(f"step {step}: {phases.describe()}")
+                phase_arg = (jnp.asarray(phases.phase, jnp.int32),)
             state, step_metrics = exp.p_train(
-                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key
+                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key, *phase_arg
             )
             step += 1
             step_metrics = jax.device_get(step_metrics)
@@ -415,6 +451,8 @@ def train_and_evaluate(
             progress.update(step, loss=float(step_metrics["loss"]))
             if step % train_cfg.log_every_steps == 0:
                 summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                if phases is not None:
+                    summary["unfreeze_phase"] = phases.phase
                 writer.write(step, "train", {**summary, "learning_rate": float(exp.schedule(step - 1))})
                 window = []
             evaluate_now = step % exp.eval_every == 0 or step == exp.total_steps
@@ -426,6 +464,12 @@ def train_and_evaluate(
                     f"accuracy {val['accuracy']:.4f} auc {val['auc']:.4f}"
                 )
                 stopped = stopper.update(val[train_cfg.early_stopping.monitor])
+                if phases is not None:
+                    # Early stopping acts in the last phase only: an earlier phase ends by its schedule.
+                    stopped = stopped and phases.phase == len(phases.phases) - 1
+                    if phases.after_evaluation(val[train_cfg.early_stopping.monitor]):
+                        stopper.bad_evals = 0
+                        progress.message(f"step {step}: {phases.describe()}")
                 scalars = {k: v for k, v in val.items() if np.isscalar(v)}
                 ckpt.save_best(step, variables=state.eval_variables, metrics=scalars)
                 if stopped:
@@ -436,6 +480,8 @@ def train_and_evaluate(
                 train_cfg.checkpoint_every_steps and step % train_cfg.checkpoint_every_steps == 0
             ):
                 loop = {"early_stopping": stopper.state(), "stopped": stopped}
+                if phases is not None:
+                    loop["unfreeze"] = phases.state()
                 ckpt.save(step, state=state, data_iterator=train_iter, loop_state=loop)
                 last_saved = step
         progress.close()
