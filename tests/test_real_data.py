@@ -10,7 +10,7 @@ import time
 import pytest
 import tensorflow_datasets as tfds
 
-from medjax.data.builders import chest_xray, medmnist
+from medjax.data.builders import chest_xray, medmnist, ucsd_covid_ct
 from tests.conftest import shared_data_dir
 
 DATA = shared_data_dir()
@@ -66,6 +66,16 @@ def test_medmnist_official_counts(tmp_path, subset, counts, straddling, conflict
 
 
 @pytest.mark.slow
+def test_ucsd_covid_ct_official_split(tmp_path):
+    """About 10 s on 2 shared cores (746 PNG/JPEG slices up to 1408 px)."""
+    builder = prepare(ucsd_covid_ct, DATA / "ucsd_covid_ct", tmp_path, image_size=32)
+    assert builder.info.metadata["preparation"]["counts"] == {
+        "train": {"CT_NonCOVID": 234, "CT_COVID": 191},
+        "validation": {"CT_NonCOVID": 58, "CT_COVID": 60},
+        "test": {"CT_NonCOVID": 105, "CT_COVID": 98},
+    }
+
+
 def test_chest_xray_kermany(tmp_path):
     """About 25 s on 2 shared cores (5,840 JPEGs decoded, resized to 64 and re-encoded)."""
     builder = prepare(chest_xray, DATA / "chest_xray", tmp_path, image_size=64)
