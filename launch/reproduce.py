@@ -82,7 +82,7 @@ EXPERIMENTS = (
     *(
         Experiment(
             f"chest_xray_{family}",
-            f"configs/chest_xray.py:variant=cpu,model={family}",
+            f"configs/chest_xray.py:variant=scratch,model={family}",
             "chest_xray",
             "Study C (MobileNetV2, ImageNet-pretrained, 224x224): validation ACC 0.912, AUC 0.947",
             {"auc": 0.95},

@@ -136,3 +136,42 @@ def test_launcher_refuses_more_cores_than_it_may_use(tmp_path):
     assert "config.cpu_cores=10000: expected a whole number from 1 to" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # Refused before anything was written.
+
+
+RECIPE_VARIANTS = (
+    "chest_xray.py:cpu",
+    "chest_xray.py:variant=scratch,model=convnext",
+    "covid_ct.py:cpu",
+    "covid_ct.py:model=mednext_plos",
+    "ucsd_covid_ct.py:cpu",
+    "ucsd_covid_ct.py:model=mednext_plos",
+)
+
+
+@pytest.mark.parametrize("spec", RECIPE_VARIANTS)
+def test_real_data_variants_load(spec):
+    config = config_lib.load_config_file(f"{ROOT}/configs/{spec}")
+    config_lib.validate(config)
+    assert config.data.name != "synthetic_ct"
+    assert config.data.builder_kwargs.get("image_size", 224) == config.data.image_size
+    if config.optim.unfreeze is not None:  # The ImageNet start: the weights file and a schedule.
+        assert config.init_from.path.endswith(".tflite") and config.model_name == "mobilenet_v2"
+    with pytest.raises(ValueError, match="variant"):
+        config_lib.load_config_file(f"{ROOT}/configs/{spec.split(':')[0]}:nonsense")
+
+
+def test_imagenet_recipe_schedule_matches_mobilenet_v2_parameters():
+    import jax
+
+    from medjax import optim, train, unfreeze
+
+    config = config_lib.load_config_file(f"{ROOT}/configs/ucsd_covid_ct.py")
+    model = models.get_model("mobilenet_v2", num_classes=2, **config.model)
+    shapes = jax.eval_shape(
+        lambda: train.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
+    )
+    tables = optim.trainable_tables(shapes["params"], unfreeze.parse(config.optim.unfreeze))
+    leaves = jax.tree.leaves(tables)
+    counts = [sum(bool(t[p]) for t in leaves) for p in range(3)]
+    # The classifier; + blocks 14-16 (3 kernels, 3 BatchNorms each) and the head conv and BN; all.
+    assert counts == [2, 2 + 3 * 9 + 3, len(leaves)]
