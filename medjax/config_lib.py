@@ -77,9 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model_name = "mobilenet_v2"  # A module in medjax/models (see medjax.models.available_models()).
     c.model = ml_collections.ConfigDict()  # Keyword arguments of that module's Model.
-    # Pretrained weights loaded at the start of a fresh run: a Keras .weights.h5/.keras/.h5, or a
-    # torchvision/timm/official .pth/.safetensors state dict (medjax.models.convert.load_pretrained); or a
-    # medjax run directory, whose best checkpoint starts a fine-tuning run (medjax.trained.init_from_run).
+    # Pretrained weights loaded at the start of a fresh run: a Keras .weights.h5/.keras/.h5, a
+    # torchvision/timm/official .pth/.safetensors state dict or a quantized MobileNetV2 .tflite
+    # (medjax.models.convert.load_pretrained); or a medjax run directory, whose best checkpoint starts a
+    # fine-tuning run (medjax.trained.init_from_run).
     c.init_from = ml_collections.ConfigDict(
         {
             "path": ml_collections.FieldReference(None, field_type=str),

@@ -195,7 +195,8 @@ def _initial_variables(config, model, init_key, image_shape) -> dict:
     if not path.exists():
         raise ConfigError(
             f"init_from.path {path} does not exist. Give a weights file (.weights.h5, .keras, .h5, .pth, "
-            ".safetensors) or a medjax run directory (with config.json and checkpoints/), or unset it."
+            ".safetensors, .tflite) or a medjax run directory (with config.json and checkpoints/), or "
+            "unset it."
         )
     if path.is_dir() and (path / "config.json").is_file():
         if config.init_from.source is not None:
@@ -214,6 +215,7 @@ def _initial_variables(config, model, init_key, image_shape) -> dict:
         target_variables=variables,
         source=config.init_from.source,
         reinit_head=config.init_from.reinit_head,
+        model=model,
     )
 
 
