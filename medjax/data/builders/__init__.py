@@ -93,6 +93,29 @@ def config_name(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
     return f"{readable or 'default'}-{digest}"
 
 
+def check_kwargs(name: str, builder_kwargs: Mapping[str, Any]) -> tfds.core.BuilderConfig | None:
+    """The dataset's ``Config`` for ``builder_kwargs`` (None for a dataset without kwargs), built without
+    reading or writing any file, so a config is checked before any work starts.
+
+    Raises:
+      ValueError: an unknown kwarg (the message lists the accepted ones) or a value the dataset's
+        ``Config`` rejects; TypeError: a value of the wrong type.
+    """
+    module = _import(name)
+    kwargs = dict(builder_kwargs)
+    defaults = accepted_kwargs(name)
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"Unknown builder_kwargs {unknown} for dataset {name!r}. "
+            f"Accepted: {', '.join(sorted(defaults)) or '(none)'}."
+        )
+    if not hasattr(module, "Config"):
+        return None
+    values = {**defaults, **kwargs}
+    return module.Config(name=config_name(values, defaults), description=f"{name} with {values}", **values)
+
+
 def get_builder(
     name: str,
     *,
@@ -120,20 +143,7 @@ def get_builder(
     builder_cls = module.Builder
     if builder_cls.name != name:
         raise TypeError(f"medjax.data.builders.{name}.Builder is registered in TFDS as {builder_cls.name!r}.")
-    kwargs = dict(builder_kwargs or {})
-    defaults = accepted_kwargs(name)
-    unknown = sorted(set(kwargs) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"Unknown builder_kwargs {unknown} for dataset {name!r}. "
-            f"Accepted: {', '.join(sorted(defaults)) or '(none)'}."
-        )
-    config = None
-    if hasattr(module, "Config"):
-        values = {**defaults, **kwargs}
-        config = module.Config(
-            name=config_name(values, defaults), description=f"{name} with {values}", **values
-        )
+    config = check_kwargs(name, builder_kwargs or {})
     data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
     builder = builder_cls(data_dir=data_dir, config=config)
     setattr(builder, _MANUAL_DIR_ATTR, os.path.expanduser(manual_dir or _default_manual_dir(data_dir, name)))
