@@ -124,7 +124,7 @@ class RunCheckpointer:
                 ),
             )
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
-            raise CheckpointError(f"{step_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{step_dir}: unreadable checkpoint ({_brief(e)})") from e
         _check_finite(restored["state"], step_dir / "state")
         return restored["state"], dict(restored["loop"])
 
@@ -190,7 +190,7 @@ class RunCheckpointer:
                 step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables))
             )
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
-            raise CheckpointError(f"{step_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{step_dir}: unreadable checkpoint ({_brief(e)})") from e
         _check_finite(restored["variables"], step_dir / "variables")
         return restored["variables"]
 
@@ -206,7 +206,8 @@ def _check_json_files(step_dir: Path) -> None:
     bare ``JSONDecodeError`` that names no file)."""
     candidates = [step_dir / "_CHECKPOINT_METADATA"]
     for item in sorted(p for p in step_dir.iterdir() if p.is_dir()) if step_dir.is_dir() else []:
-        candidates += [item / n for n in ("_METADATA", "_sharding", "metadata")] + sorted(item.glob("*.json"))
+        candidates += [item / n for n in ("_METADATA", "_sharding", "metadata")]
+        candidates += sorted(item.glob("*.json")) + sorted(item.glob("array_metadatas/*"))
     for path in candidates:
         if not path.is_file():
             continue
@@ -214,6 +215,12 @@ def _check_json_files(step_dir: Path) -> None:
             json.loads(path.read_bytes())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _brief(error: Exception) -> str:
+    """The first line of a library error, cut to a readable length (TensorStore's run to pages)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
 
 
 def _check_finite(tree: Any, where: Path) -> None:

@@ -83,4 +83,3 @@ def exclusive(
         yield
     finally:
         os.close(fd)  # Releases the lock; the file stays, naming the last holder.
-

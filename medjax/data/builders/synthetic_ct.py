@@ -56,6 +56,22 @@ class Config(tfds.core.BuilderConfig):
     lesion_contrast: tuple[float, float] = (0.06, 0.35)
     lesion_radius: tuple[float, float] = (0.05, 0.15)
 
+    def __post_init__(self):
+        for key in ("image_size", "num_train", "num_validation", "num_test", "seed"):
+            value = getattr(self, key)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (8 if key == "image_size" else 1)
+            ):
+                raise ValueError(
+                    f"{key} must be an integer >= {8 if key == 'image_size' else 1}, got {value!r}"
+                )
+        for key in ("lesion_contrast", "lesion_radius"):
+            low, high = getattr(self, key)
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"{key} must be (low, high) with 0 <= low <= high <= 1, got {(low, high)}")
+
 
 class SyntheticCt(tfds.core.GeneratorBasedBuilder):
     """Generated CT-like slices for tests and offline demos (not medical data)."""
