@@ -37,7 +37,7 @@ VALIDATION_METRICS = (
 @dataclasses.dataclass(frozen=True)
 class Range:
     """A number in ``[low, high]`` (ends excluded where ``open_low``/``open_high``); ``integer`` demands an
-    int; ``optional`` accepts None."""
+    int; ``optional`` accepts None; ``per_channel`` also accepts a sequence of such numbers."""
 
     low: float = -math.inf
     high: float = math.inf
@@ -45,10 +45,14 @@ class Range:
     open_high: bool = False
     integer: bool = False
     optional: bool = False
+    per_channel: bool = False
 
     def problem(self, value: Any) -> str | None:
         if value is None and self.optional:
             return None
+        if self.per_channel and isinstance(value, tuple | list) and value:
+            problems = [p for v in value if (p := dataclasses.replace(self, per_channel=False).problem(v))]
+            return f"{problems[0]} (each)" if problems else None
         kind = int if self.integer else int | float
         if isinstance(value, bool) or not isinstance(value, kind):
             return f"must be {'an integer' if self.integer else 'a number'}{' or None' * self.optional}"
@@ -108,7 +112,7 @@ RULES: dict[str, Range | Choice] = {
     "data.batch_size": POSITIVE_INT,
     "data.eval_batch_size": POSITIVE_INT,
     "data.num_workers": NON_NEGATIVE_INT,
-    "data.normalize.std": POSITIVE,
+    "data.normalize.std": Range(0, open_low=True, per_channel=True),
     "data.augment.rotation_degrees": Range(0, 180),
     "data.augment.brightness": UNIT_OPEN_HIGH,
     "data.augment.contrast": UNIT_OPEN_HIGH,

@@ -31,6 +31,7 @@ from absl import app, flags
 from medjax import cli, config_lib, eval_report, evaluation, profiling, trained
 from medjax.data import pipeline
 from medjax.errors import MedjaxError
+from medjax.finite import check_probabilities
 from medjax.metrics import classification_metrics, probabilities
 
 
@@ -52,6 +53,7 @@ def predict_split(
         index.append(batch["index"][mask])
     order = np.argsort(np.concatenate(index))
     probs = probabilities(np.concatenate(logits)[order])
+    check_probabilities(probs, what=f"{model.workdir} (best checkpoint, step {model.step}) on split {split}")
     return np.concatenate(labels)[order].astype(np.int64), probs
 
 

@@ -44,6 +44,7 @@ from flax import linen as nn
 from medjax import cli
 from medjax import trained as trained_lib
 from medjax.errors import MedjaxError
+from medjax.finite import check_probabilities
 
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
@@ -313,6 +314,9 @@ def export_trained(
     inputs, onnx_errors = {}, {}
     for dtype in input_dtypes:
         exported = export_probabilities(members, input_dtype=dtype, platforms=platforms)
+        if "cpu" in platforms:  # An artifact of a damaged checkpoint would compute NaN for any input.
+            probe = random_images(2, members[0].image_shape, dtype)
+            check_probabilities(np.asarray(exported.call(probe)), what=f"the exported {dtype} artifact")
         name = f"probs_{dtype}.jax"
         (out / name).write_bytes(exported.serialize())
         inputs[dtype] = {"jax": name}

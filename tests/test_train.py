@@ -86,7 +86,7 @@ def test_weight_average_is_what_is_selected_checkpointed_and_resumed(tmp_path, t
 
 def test_workdir_of_another_config_is_refused(tmp_path, tfds_data_dir):
     workdir = tmp_path / "run"
-    workdir.mkdir()
+    (workdir / "checkpoints" / "latest" / "4").mkdir(parents=True)  # It has finished something.
     other = smoke_config(tfds_data_dir)
     other.optim.learning_rate = 0.5
     (workdir / "config.json").write_text(config_lib.to_json(other))

@@ -57,16 +57,11 @@ class Config(tfds.core.BuilderConfig):
     lesion_radius: tuple[float, float] = (0.05, 0.15)
 
     def __post_init__(self):
-        for key in ("image_size", "num_train", "num_validation", "num_test", "seed"):
+        minimum = {"image_size": 8, "num_train": 1, "num_validation": 1, "num_test": 1, "seed": 0}
+        for key, low in minimum.items():
             value = getattr(self, key)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (8 if key == "image_size" else 1)
-            ):
-                raise ValueError(
-                    f"{key} must be an integer >= {8 if key == 'image_size' else 1}, got {value!r}"
-                )
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
         for key in ("lesion_contrast", "lesion_radius"):
             low, high = getattr(self, key)
             if not 0.0 <= low <= high <= 1.0:

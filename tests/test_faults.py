@@ -1,0 +1,219 @@
+"""Fault injection: what a kill, a damaged file, a second launch or a full disk does to a run, and that
+the workdir then resumes to the numbers of an uninterrupted run.
+
+Every test starts from a copy of the session's finished smoke run (``conftest.smoke_run``: 8 steps,
+evaluations and checkpoints at steps 4 and 8) or kills a fresh run at a chosen point through the
+test-only hook ``MEDJAX_FAULT_AT=<point>:<step>`` (:mod:`medjax.checkpointing`).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from medjax import checkpointing, cli, locking, train, trained
+from medjax.checkpointing import RunCheckpointer
+from medjax.data import pipeline
+from medjax.errors import CheckpointError
+from medjax.run_log import MetricWriter
+
+from .conftest import ROOT, SMOKE, smoke_config
+
+COMPARED = ("steps", "best_step", "stopped_early", "validation", "test")
+
+
+def _copy_run(smoke_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_run, workdir, ignore=shutil.ignore_patterns(locking.WORKDIR_LOCK))
+    return workdir
+
+
+def _report(workdir) -> dict:
+    return {k: v for k, v in json.loads((workdir / "report.json").read_text()).items() if k in COMPARED}
+
+
+def _launch(workdir, data_dir, cache_dir, *args, env=None) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "medjax.launch",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--compilation_cache_dir={cache_dir}",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_kill_between_the_best_and_latest_saves_resumes_to_the_same_result(
+    smoke_run, tmp_path, tfds_data_dir, compilation_cache
+):
+    workdir = tmp_path / "run"
+    env = {checkpointing.FAULT_ENV: "after_best_save:4"}
+    victim = _launch(workdir, tfds_data_dir, compilation_cache, env=env)
+    victim.communicate(timeout=600)
+    assert victim.returncode == -9
+    checkpoints = workdir / "checkpoints"
+    assert (checkpoints / "best" / "4").is_dir() and not list((checkpoints / "latest").glob("[0-9]*"))
+
+    report = train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)  # Refused step 4 before.
+    assert {k: report[k] for k in COMPARED} == _report(smoke_run)
+    assert (workdir / "metrics.jsonl").read_text() == (smoke_run / "metrics.jsonl").read_text()
+
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, min(len(data), len(data) // 3 + 64)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data[: max(1, len(data) // 2)]))
+
+
+def _largest_tensor_file(step_dir):
+    return max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("_CHECKPOINT_METADATA", "_CHECKPOINT_METADATA: unreadable JSON"),
+        ("loop/metadata", "loop/metadata: unreadable JSON"),
+        ("data/process_0-of-1.json", "data/process_0-of-1.json: unreadable JSON"),
+        ("state/_METADATA", "state/_METADATA: unreadable JSON"),
+        ("state/_sharding", "state/_sharding: unreadable JSON"),
+        ("state/manifest.ocdbt", "latest/8: unreadable checkpoint"),
+        ("tensor data", "latest/8: unreadable checkpoint"),
+    ],
+)
+def test_each_damaged_checkpoint_file_is_named_and_the_previous_step_restored(
+    kind, named, smoke_run, tmp_path, tfds_data_dir
+):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(smoke_run / "checkpoints", checkpoints)
+    step_dir = checkpoints / "latest" / "8"
+    _corrupt(_largest_tensor_file(step_dir) if kind == "tensor data" else step_dir / kind)
+    config = smoke_config(tfds_data_dir)
+    iterator = iter(pipeline.make_train_loader(config.data, seed=config.seed))
+    ckpt = RunCheckpointer(checkpoints, keep=2, best_metric="loss", best_mode="min")
+    said = []
+    try:
+        step, state, loop = ckpt.restore_latest(abstract_state=None, data_iterator=iterator, say=said.append)
+    finally:
+        ckpt.close()
+    assert step == 4 and int(state["step"]) == 4 and "early_stopping" in loop
+    assert named in said[0] and said[0].startswith("Checkpoint at step 8 is unusable")
+    assert iterator.get_state() == json.loads(
+        (checkpoints / "latest" / "4" / "data" / "process_0-of-1.json").read_text()
+    )
+    assert not step_dir.exists()  # Deleted, so the replay can save step 8 again.
+
+
+def test_damaged_latest_checkpoint_and_torn_metrics_line_resume_to_the_same_result(
+    smoke_run, tmp_path, tfds_data_dir, capsys
+):
+    workdir = _copy_run(smoke_run, tmp_path)
+    (workdir / "report.json").unlink()
+    _corrupt(workdir / "checkpoints" / "latest" / "8" / "loop" / "metadata")
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "kind": "tr')  # A kill mid-write.
+    report = train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)
+    out = capsys.readouterr().out
+    assert "latest/8/loop/metadata: unreadable JSON" in out
+    assert "Resuming from the checkpoint at step 4" in out
+    assert {k: report[k] for k in COMPARED} == _report(smoke_run)
+    assert (workdir / "metrics.jsonl").read_text() == (smoke_run / "metrics.jsonl").read_text()
+
+
+def test_metrics_file_damaged_before_its_last_line_names_file_and_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: damaged line"):
+        MetricWriter(tmp_path, resume_step=3)
+
+
+def test_damaged_best_checkpoint_stops_inference_instead_of_predicting_nan(smoke_run, tmp_path):
+    workdir = _copy_run(smoke_run, tmp_path)
+    (best,) = (workdir / "checkpoints" / "best").glob("[0-9]*")
+    variables = ocp.StandardCheckpointer().restore(best / "variables")
+    variables["params"]["classifier"]["kernel"] = np.full_like(
+        variables["params"]["classifier"]["kernel"], np.nan
+    )
+    shutil.rmtree(best / "variables")
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(best / "variables", variables)
+    with pytest.raises(CheckpointError, match=r"\['params'\]\['classifier'\]\['kernel'\] holds NaN"):
+        trained.load_trained(workdir)
+    _corrupt(best / "_CHECKPOINT_METADATA")
+    with pytest.raises(CheckpointError, match="_CHECKPOINT_METADATA: unreadable JSON"):
+        trained.load_trained(workdir)
+
+
+def test_a_second_launch_on_a_busy_workdir_is_refused_naming_the_first(
+    tmp_path, tfds_data_dir, compilation_cache
+):
+    workdir = tmp_path / "run"
+    first = _launch(workdir, tfds_data_dir, compilation_cache)
+    lock = workdir / locking.WORKDIR_LOCK
+    deadline = time.monotonic() + 300
+    while not (lock.is_file() and lock.read_text()):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    second = _launch(workdir, tfds_data_dir, compilation_cache)
+    _, err = second.communicate(timeout=300)
+    first.kill()
+    first.communicate()
+    assert second.returncode == 1
+    assert err.startswith(f"medjax: error: workdir {workdir} is in use by pid {first.pid} on host")
+    assert "Traceback" not in err
+
+
+def test_a_config_that_fails_at_start_leaves_the_workdir_to_the_fixed_command(tmp_path, tfds_data_dir):
+    workdir = tmp_path / "run"
+    too_big = smoke_config(tfds_data_dir)
+    too_big.data.batch_size = 128  # More than the 64 training examples.
+    with pytest.raises(Exception, match="data.batch_size=128 exceeds the 64 training examples"):
+        train.train_and_evaluate(too_big, workdir)
+    assert not (workdir / "config.json").exists()
+    # A workdir with no checkpoint has finished nothing: another config may take it over.
+    (workdir / "config.json").write_text(json.dumps(too_big.to_dict(), default=str))
+    train._check_workdir_config(workdir, smoke_config(tfds_data_dir))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs (a full disk after the first few files), or a skip where mounting is not allowed."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_one_user_facing_error_and_the_workdir_stays_resumable(
+    smoke_run, small_tmpfs, tfds_data_dir
+):
+    workdir = small_tmpfs / "run"
+    with pytest.raises(Exception) as info:
+        train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)
+    error = info.value
+    assert cli.is_user_error(error), repr(error)
+    assert "No space left on device" in cli.error_paragraph(error)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    report = train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)
+    assert {k: report[k] for k in COMPARED} == _report(smoke_run)
