@@ -22,10 +22,12 @@ the next older step is tried; the run says which step it resumed from. A corrupt
 :class:`~medjax.errors.CheckpointError` naming it, rather than producing NaN predictions.
 """
 
+import contextlib
 import json
 import os
+import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +94,16 @@ class RunCheckpointer:
     def save(self, step: int, *, state: Any, data_iterator: Any, loop_state: dict) -> None:
         """Saves everything needed to resume after ``step`` completed steps."""
         _fault_point("before_latest_save", step)
-        self.latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
-                loop=ocp.args.JsonSave(loop_state),
-            ),
-            force=True,
-        )
+        with _os_errors(self.latest.directory):
+            self.latest.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(data_iterator),
+                    loop=ocp.args.JsonSave(loop_state),
+                ),
+                force=True,
+            )
         _fault_point("after_latest_save", step)
 
     def restore(self, step: int, *, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict]:
@@ -164,12 +167,13 @@ class RunCheckpointer:
     def save_best(self, step: int, *, variables: Any, metrics: dict) -> None:
         """Offers ``variables`` as the best checkpoint; Orbax keeps it only if ``metrics`` is better."""
         _fault_point("before_best_save", step)
-        self.best.save(
-            step,
-            args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)),
-            metrics=metrics,
-            force=True,
-        )
+        with _os_errors(self.best.directory):
+            self.best.save(
+                step,
+                args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)),
+                metrics=metrics,
+                force=True,
+            )
         _fault_point("after_best_save", step)
 
     def best_step(self) -> int | None:
@@ -215,6 +219,21 @@ def _check_json_files(step_dir: Path) -> None:
             json.loads(path.read_bytes())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+
+
+@contextlib.contextmanager
+def _os_errors(directory: Any) -> Iterator[None]:
+    """Turns TensorStore's report of an operating-system failure (a full disk: ``RESOURCE_EXHAUSTED ...
+    [os_error_code='28']``) back into the ``OSError`` it is, naming the checkpoint directory, so the
+    command reports it as such instead of as a library error. Orbax leaves no partial step behind."""
+    try:
+        yield
+    except ValueError as e:
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), os.fspath(directory)) from e
 
 
 def _brief(error: Exception) -> str:

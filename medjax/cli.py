@@ -65,14 +65,30 @@ def verbose() -> bool:
     return bool(holder.present and holder.value >= 1)
 
 
+def _os_cause(error: BaseException) -> OSError | None:
+    """The operating-system failure behind ``error``: itself or an exception it was raised from
+    (Orbax and TensorStore wrap a full disk in their own types)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def is_user_error(error: BaseException) -> bool:
     """Errors reported as a ``medjax: error:`` paragraph (everything else keeps its traceback)."""
-    return isinstance(error, MedjaxError) or (isinstance(error, OSError) and error.errno in _USER_ERRNOS)
+    return isinstance(error, MedjaxError) or _os_cause(error) is not None
 
 
 def error_paragraph(error: BaseException) -> str:
     """``medjax: error: <message>`` with blank lines squeezed out, so it reads as one paragraph."""
-    text = str(error) if isinstance(error, MedjaxError) else f"{error.strerror}: {_filenames(error)}"
+    if isinstance(error, MedjaxError):
+        text = str(error)
+    else:
+        cause = _os_cause(error) or error
+        text = f"{cause.strerror}: {_filenames(cause)}"
     lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
     return "medjax: error: " + "\n".join(lines)
 
