@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from medjax.data import pipeline
 from medjax.errors import CheckpointError
 from medjax.run_log import MetricWriter
 
-from .conftest import ROOT, SMOKE, smoke_config
+from .conftest import launch_smoke, smoke_config
 
 COMPARED = ("steps", "best_step", "stopped_early", "validation", "test")
 
@@ -39,33 +38,12 @@ def _report(workdir) -> dict:
     return {k: v for k, v in json.loads((workdir / "report.json").read_text()).items() if k in COMPARED}
 
 
-def _launch(workdir, data_dir, cache_dir, *args, env=None) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "medjax.launch",
-        f"--config={SMOKE}",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        f"--compilation_cache_dir={cache_dir}",
-        *args,
-    ]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_kill_between_the_best_and_latest_saves_resumes_to_the_same_result(
     smoke_run, tmp_path, tfds_data_dir, compilation_cache
 ):
     workdir = tmp_path / "run"
     env = {checkpointing.FAULT_ENV: "after_best_save:4"}
-    victim = _launch(workdir, tfds_data_dir, compilation_cache, env=env)
+    victim = launch_smoke(workdir, tfds_data_dir, compilation_cache, env=env)
     victim.communicate(timeout=600)
     assert victim.returncode == -9
     checkpoints = workdir / "checkpoints"
@@ -165,13 +143,13 @@ def test_a_second_launch_on_a_busy_workdir_is_refused_naming_the_first(
     tmp_path, tfds_data_dir, compilation_cache
 ):
     workdir = tmp_path / "run"
-    first = _launch(workdir, tfds_data_dir, compilation_cache)
+    first = launch_smoke(workdir, tfds_data_dir, compilation_cache)
     lock = workdir / locking.WORKDIR_LOCK
     deadline = time.monotonic() + 300
     while not (lock.is_file() and lock.read_text()):
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    second = _launch(workdir, tfds_data_dir, compilation_cache)
+    second = launch_smoke(workdir, tfds_data_dir, compilation_cache)
     _, err = second.communicate(timeout=300)
     first.kill()
     first.communicate()
