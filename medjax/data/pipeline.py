@@ -12,9 +12,8 @@ example exactly once.
 
 ``data_cfg`` (``config.data``) fields read here: ``name``, ``data_dir``, ``manual_dir``,
 ``builder_kwargs``, ``image_size``, ``channels``, ``batch_size``, ``eval_batch_size``, ``num_workers``,
-``augment``, ``normalize`` (see :mod:`medjax.data.transforms`), and optionally ``interpolation``
-('bilinear'), ``read_threads`` (2: threads per process producing batches) and ``prefetch_batches``
-(4: batches buffered per process).
+``augment``, ``normalize``, ``interpolation`` (see :mod:`medjax.data.transforms`), ``read_threads`` and
+``prefetch_batches`` (documented in :func:`medjax.config_lib.base_config`).
 
 Performance on this 2-core machine (synthetic_ct, batch 32, full augmentation, 3 channels): 64 px ~1000
 images/s, 224 px ~380 images/s with ``num_workers=0``; two worker processes were slower here (~250
@@ -144,9 +143,9 @@ def _apply(ds: grain.MapDataset, steps: Sequence[grain.transforms.Transformation
 
 def _to_iter_dataset(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict) -> grain.IterDataset:
     """Background threads, and worker processes when ``num_workers > 0``; buffers are counted in batches."""
-    threads = data_cfg.get("read_threads", 2)
+    threads = data_cfg.read_threads
     read = grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=max(data_cfg.get("prefetch_batches", 4), threads)
+        num_threads=threads, prefetch_buffer_size=max(data_cfg.prefetch_batches, threads)
     )
     iter_ds = ds.to_iter_dataset(read)
     if data_cfg.num_workers > 0:
