@@ -49,8 +49,13 @@ def coerce_fields(config: tfds.core.BuilderConfig) -> None:
             setattr(config, field.name, _coerce(field.name, getattr(config, field.name), field.default))
 
 
-def features(channels: int, *, extra_masks: Sequence[str] = ()) -> tfds.features.FeaturesDict:
-    """The shared schema (module docstring) plus ``extra_masks`` stored like ``mask``."""
+def features(
+    channels: int,
+    *,
+    extra_masks: Sequence[str] = (),
+    extra: Mapping[str, tfds.features.FeatureConnector] | None = None,
+) -> tfds.features.FeaturesDict:
+    """The shared schema (module docstring), ``extra_masks`` stored like ``mask``, and ``extra`` features."""
     plane = (None, None, 1)
     spec = {
         "image": tfds.features.Image(shape=(None, None, channels), encoding_format="png"),
@@ -62,6 +67,7 @@ def features(channels: int, *, extra_masks: Sequence[str] = ()) -> tfds.features
         "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
     }
     spec.update({name: tfds.features.Image(shape=plane, encoding_format="png") for name in extra_masks})
+    spec.update(extra or {})
     return tfds.features.FeaturesDict(spec)
 
 
@@ -219,21 +225,30 @@ def decode_png(data: bytes) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def resize_planes(example: Example, size: int) -> Example:
-    """Resizes the image bilinearly and every mask with nearest neighbour to ``size`` x ``size``."""
-    if size <= 0 or example.mask.shape == (size, size):
-        return example
+def resize_planes(example: Example, shape: tuple[int, int]) -> Example:
+    """Resizes to ``shape`` (H, W): the image bilinearly, every mask plane nearest-neighbour only.
+
+    Pillow's bilinear filter widens its support when shrinking (area-like, no aliasing); labels are never
+    blended, so a resized mask holds only label values that existed. ``spacing`` follows the new grid.
+    """
     h, w = example.mask.shape
+    if tuple(shape) == (h, w):
+        return example
+
+    def resize(plane: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+        grey = plane.ndim == 3 and plane.shape[-1] == 1
+        out = np.asarray(Image.fromarray(plane[..., 0] if grey else plane).resize(shape[::-1], resample))
+        return out[..., None] if grey else out
 
     def nearest(plane: np.ndarray) -> np.ndarray:
-        pil = Image.fromarray(plane.astype(np.uint8))
-        return np.asarray(pil.resize((size, size), Image.Resampling.NEAREST))
+        return resize(plane.astype(np.uint8), Image.Resampling.NEAREST)
 
+    dy, dx, dz = example.spacing
     return dataclasses.replace(
         example,
-        image=images.resize_image(example.image, size=size, policy="stretch"),
+        image=resize(example.image, Image.Resampling.BILINEAR),
         mask=nearest(example.mask),
         valid=None if example.valid is None else nearest(example.valid),
-        spacing=(example.spacing[0] * h / size, example.spacing[1] * w / size, example.spacing[2]),
+        spacing=(dy * h / shape[0], dx * w / shape[1], dz),
         extras={k: nearest(v) for k, v in example.extras.items()},
     )

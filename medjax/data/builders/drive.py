@@ -106,7 +106,9 @@ Download DRIVE (https://drive.grand-challenge.org, registration needed) and unpa
                 case_id=case,
                 extras={"second_observer": observer2},
             )
-            yield example.id, stats.add(split, seg.resize_planes(example, self.builder_config.image_size))
+            if size := self.builder_config.image_size:
+                example = seg.resize_planes(example, (size, size))
+            yield example.id, stats.add(split, example)
 
 
 def _find_root(manual_dir: Path) -> Path:

@@ -314,7 +314,9 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
                 planes.append(plane)
         except images.ImageDecodeError as e:
             return None, str(e)
-        example = seg.resize_planes(seg.Example(pair.id, image, np.maximum.reduce(planes)), config.image_size)
+        example = seg.Example(pair.id, image, np.maximum.reduce(planes))
+        if config.image_size:
+            example = seg.resize_planes(example, (config.image_size, config.image_size))
         return (example.image, example.mask), None
 
 
