@@ -67,6 +67,7 @@ Download DRIVE (https://drive.grand-challenge.org, registration needed) and unpa
             features=seg.features(3, extra_masks=("second_observer",)),
             homepage="https://drive.grand-challenge.org",
             metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # Storage order = id order; training shuffles anyway.
         )
 
     def _split_generators(self, dl_manager):

@@ -111,6 +111,7 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
             description=__doc__,
             features=seg.features(self.builder_config.channels),
             metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # Storage order = id order; training shuffles anyway.
         )
 
     def _error(self, message: str) -> DatasetLayoutError:
