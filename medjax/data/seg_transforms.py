@@ -140,12 +140,36 @@ class RandomFlip(grain.transforms.RandomMap):
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class RandomRotateScale(grain.transforms.RandomMap):
-    """Rotation by U(-degrees, degrees) and zoom by U(*scale) about the centre, with probability ``p``.
+def rotate_scale(element: Element, angle: float, zoom: float) -> Element:
+    """Rotates by ``angle`` degrees (clockwise on screen) and zooms by ``zoom`` about the image centre.
 
     Image bilinear (uint8 input), label and valid nearest; pixels from outside the image are 0 and invalid.
     """
+    image = element["image"]
+    if image.dtype != np.uint8:
+        raise TypeError("rotate_scale expects uint8 images (put it before normalisation)")
+    h, w = element["label"].shape
+    cos, sin = math.cos(math.radians(angle)) / zoom, math.sin(math.radians(angle)) / zoom
+    cx, cy = w / 2.0, h / 2.0
+    # PIL maps each output pixel (x, y) to the input point (a x + b y + c, d x + e y + f).
+    coeffs = (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+
+    def warp(plane: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+        grey = plane.ndim == 3 and plane.shape[-1] == 1
+        pil = Image.fromarray(plane[..., 0] if grey else plane)
+        out = np.asarray(pil.transform((w, h), Image.Transform.AFFINE, coeffs, resample, fillcolor=0))
+        return out[..., None] if grey else out
+
+    return {
+        **element,
+        "image": warp(image, Image.Resampling.BILINEAR),
+        **{k: warp(element[k], Image.Resampling.NEAREST) for k in _PLANES},
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomRotateScale(grain.transforms.RandomMap):
+    """:func:`rotate_scale` by U(-degrees, degrees) and U(*scale), with probability ``p``."""
 
     degrees: float = 0.0
     scale: tuple[float, float] = (1.0, 1.0)
@@ -156,26 +180,7 @@ class RandomRotateScale(grain.transforms.RandomMap):
         zoom = rng.uniform(*self.scale)
         if rng.random() >= self.p or (angle == 0.0 and zoom == 1.0):
             return element
-        h, w = element["label"].shape
-        cos, sin = math.cos(math.radians(angle)) / zoom, math.sin(math.radians(angle)) / zoom
-        cx, cy = w / 2.0, h / 2.0
-        # PIL maps each output pixel (x, y) to the input point (a x + b y + c, d x + e y + f).
-        coeffs = (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
-
-        def warp(plane: np.ndarray, resample: Image.Resampling) -> np.ndarray:
-            grey = plane.ndim == 3 and plane.shape[-1] == 1
-            pil = Image.fromarray(plane[..., 0] if grey else plane)
-            out = np.asarray(pil.transform((w, h), Image.Transform.AFFINE, coeffs, resample, fillcolor=0))
-            return out[..., None] if grey else out
-
-        image = element["image"]
-        if image.dtype != np.uint8:
-            raise TypeError("RandomRotateScale expects uint8 images (put it before normalisation)")
-        return {
-            **element,
-            "image": warp(image, Image.Resampling.BILINEAR),
-            **{k: warp(element[k], Image.Resampling.NEAREST) for k in _PLANES},
-        }
+        return rotate_scale(element, angle, zoom)
 
 
 @dataclasses.dataclass(frozen=True)
