@@ -15,6 +15,7 @@ from medjax.data import builders
 from medjax.data.builders import _segmentation as seg
 from medjax.data.builders._folder import DatasetLayoutError
 from medjax.data.images import ImageDecodeError
+from tests.conftest import shared_data_dir
 
 RNG = np.random.default_rng(0)
 H, W = 16, 20
@@ -152,8 +153,8 @@ def test_label_mapping_rules_and_palette_masks(tmp_path):
     assert seg.label_mapping({0, 2, 7}, "auto")[0] is None
     assert seg.label_mapping({0, 85, 170, 255}, "auto")[0] == {0: 0, 85: 1, 170: 2, 255: 3}
     assert seg.label_mapping({0, 3, 250, 255}, "binary")[0] == {0: 0, 3: 0, 250: 1, 255: 1}  # JPEG noise.
-    with pytest.raises(ValueError, match="label_mode='binary'"):
-        seg.label_mapping(set(range(0, 256, 5)), "auto")
+    jpeg, rule = seg.label_mapping(set(range(0, 256, 5)), "auto")  # 52 grey levels: smeared 0/255.
+    assert jpeg[125] == 0 and jpeg[130] == 1 and "JPEG" in rule
     indices = np.array([[0, 1], [2, 1]], np.uint8)
     save(tmp_path / "p.png", indices, "P", palette=[0, 0, 0, 255, 0, 0, 0, 255, 0])
     np.testing.assert_array_equal(seg.decode_mask_file(tmp_path / "p.png"), indices)
@@ -298,3 +299,25 @@ def test_msd_and_nnunet_dataset_json_channels_and_spacing_resample(tmp_path):
     builder = prepare("nifti_volumes", tmp_path / "nnunet", tmp_path / "data", layout="msd")
     cases = sorted(c for split_cases in builder.info.metadata["cases"].values() for c in split_cases)
     assert cases == ["x_000", "x_001", "x_002"]
+
+
+DRIVE = shared_data_dir() / "drive"
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not DRIVE.is_dir(), reason=f"DRIVE not found at {DRIVE}")
+def test_real_drive_counts_fov_and_second_observer_human_level(tmp_path):
+    builder = prepare("drive", DRIVE, tmp_path / "data")
+    counts = {split: info.num_examples for split, info in builder.info.splits.items()}
+    assert counts == {"train": 16, "validation": 4, "test": 20}
+    meta = builder.info.metadata["segmentation"]
+    fov = meta["valid_pixels"]["test"] / (20 * 584 * 565)
+    vessels = meta["pixel_counts"]["test"][1] / meta["valid_pixels"]["test"]
+    assert 0.6 < fov < 0.75 and 0.1 < vessels < 0.15, (fov, vessels)
+    agree = total = 0
+    for e in read(builder)["test"]:
+        assert e["image"].shape == (584, 565, 3) and set(np.unique(e["mask"])) == {0, 1}
+        inside = e["valid"][..., 0].astype(bool)
+        agree += int((e["mask"][..., 0] == e["second_observer"][..., 0])[inside].sum())
+        total += int(inside.sum())
+    assert agree / total == pytest.approx(0.9473, abs=5e-4)  # The published 2nd observer accuracy, 0.947.

@@ -276,7 +276,7 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
                     failures.append({"file": pair.id, "reason": error})
                     continue
                 image, mask = result
-                values |= set(np.unique(mask).tolist())
+                values |= seg.values_of(mask)
                 records.append(
                     {
                         "id": pair.id,
