@@ -49,6 +49,13 @@ def coerce_fields(config: tfds.core.BuilderConfig) -> None:
             setattr(config, field.name, _coerce(field.name, getattr(config, field.name), field.default))
 
 
+def check_options(dataset: str, checks: Sequence[tuple[bool, str]]) -> None:
+    """Raises ValueError naming ``dataset`` and the first failed ``(ok, message)`` option check."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{dataset}: {message}")
+
+
 def features(
     channels: int,
     *,

@@ -98,9 +98,7 @@ class NiftiConfig(tfds.core.BuilderConfig):
             (0.0 <= self.validation_fraction < 1.0, "validation_fraction must be in [0, 1)"),
             (self.window[0] < self.window[1], "window must be (low, high) with low < high"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"nifti_volumes: {message}")
+        seg.check_options("nifti_volumes", checks)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,9 +79,7 @@ class SegFolderConfig(tfds.core.BuilderConfig):
             (self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"),
             (abs(sum(self.split_fractions) - 1.0) < 1e-6, "split_fractions must sum to 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"seg_folder: {message}")
+        seg.check_options("seg_folder", checks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,13 +216,7 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
                 continue
             used.add(key)
             pairs.append(_Pair(rel, split, path, tuple(found)))
-        problems += [
-            f"{os.path.relpath(p, root)}: mask without an image"
-            for key, paths in masks.items()
-            if key not in used
-            for p in paths
-        ]
-        return pairs, problems
+        return pairs, problems + _orphans(masks, used, root)
 
     def _suffix_pairs(self, unit: Path, root: Path, split, report) -> tuple[list[_Pair], list[str]]:
         config = self.builder_config
@@ -256,13 +248,7 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
                 continue
             keep = found if config.extra_masks == "union" else found[:1]
             pairs.append(_Pair(rel, split, path, tuple(keep)))
-        problems += [
-            f"{os.path.relpath(p, root)}: mask without an image"
-            for key, paths in masks.items()
-            if key not in used
-            for p in paths
-        ]
-        return pairs, problems
+        return pairs, problems + _orphans(masks, used, root)
 
     # Decoding ------------------------------------------------------------------------------------------
 
@@ -319,6 +305,16 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
         if config.image_size:
             example = seg.resize_planes(example, (config.image_size, config.image_size))
         return (example.image, example.mask), None
+
+
+def _orphans(masks: dict, used: set, root: Path) -> list[str]:
+    """Problems for mask files whose image is missing (``masks``: pairing key -> paths)."""
+    return [
+        f"{os.path.relpath(p, root)}: mask without an image"
+        for key, paths in masks.items()
+        if key not in used
+        for p in paths
+    ]
 
 
 def _default_names(num_labels: int, rule: str) -> tuple[str, ...]:
