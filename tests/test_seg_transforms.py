@@ -129,6 +129,9 @@ def test_segmentation_batches_metadata_patches_and_padded_eval(tfds_data_dir):
         assert set(np.unique(batch["label"])) <= {0, 1}
     # Foreground-centred patches: each of the 8 lesion slices shows its lesion, the 8 normal ones none.
     assert sum(int(b["label"][i].any()) for b in epoch for i in range(8)) == 8
+    cached = next(iter(pipeline.make_train_loader(_config(tfds_data_dir, cache_decoded=True), seed=0)))
+    for key in ("image", "label", "valid"):
+        np.testing.assert_array_equal(cached[key], epoch[0][key])  # Caching changes nothing but speed.
 
     source, _ = pipeline.load_source(cfg, "test")
     batches = list(pipeline.iterate_eval(cfg, split="test"))
