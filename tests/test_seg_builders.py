@@ -6,12 +6,13 @@ read back through ``as_data_source()`` (no TensorFlow).
 
 import json
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.data import builders
+from medjax.data import builders, pipeline
 from medjax.data.builders import _segmentation as seg
 from medjax.data.builders._folder import DatasetLayoutError
 from medjax.data.images import ImageDecodeError
@@ -191,6 +192,17 @@ def test_drive_layout_fov_as_valid_second_observer_and_seeded_validation(tmp_pat
     meta = builder.info.metadata["segmentation"]
     assert meta["pixel_counts"]["test"] == [20 * 12 * 15, 20 * 4 * 15]  # Inside the FOV only.
     assert meta["second_observer_splits"] == ["test"]
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "drive", "data_dir": str(tmp_path / "data"), "manual_dir": str(tmp_path / "manual"),
+            "builder_kwargs": {"num_validation": 4, "seed": 1}, "channels": 3, "eval_batch_size": 8,
+            "num_workers": 0, "pad_multiple": 8, "normalize": {"mean": 0.0, "std": 1.0},
+        }
+    )  # fmt: skip
+    batch = next(pipeline.iterate_eval(cfg, split="test"))  # The 2nd observer reaches evaluation, padded.
+    assert batch["second_observer"].shape == (8, H, 24) and batch["second_observer"].dtype == np.int32
+    assert batch["second_observer"][:, :2, :W].all() and not batch["second_observer"][:, 2:].any()
+    assert batch["valid"][:, :, :15].all() and not batch["valid"][:, :, 15:].any()
     (tmp_path / "manual" / "DRIVE" / "test" / "mask" / "07_test_mask.gif").unlink()
     with pytest.raises(DatasetLayoutError, match="07_test_mask.gif"):
         prepare("drive", tmp_path / "manual", tmp_path / "data", num_validation=3)

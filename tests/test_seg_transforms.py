@@ -133,6 +133,9 @@ def test_segmentation_batches_metadata_patches_and_padded_eval(tfds_data_dir):
     for key in ("image", "label", "valid"):
         np.testing.assert_array_equal(cached[key], epoch[0][key])  # Caching changes nothing but speed.
 
+    info = pipeline.example_info(cfg, "test")
+    assert list(info["id"][:2]) == [b"test_000000", b"test_000001"] and (info["slice_index"] == -1).all()
+    assert info["spacing"].shape == (8, 3) and "image" not in info and "mask" not in info
     source, _ = pipeline.load_source(cfg, "test")
     batches = list(pipeline.iterate_eval(cfg, split="test"))
     assert len(batches) == 2 and sum(int(b["mask"].sum()) for b in batches) == 8

@@ -118,14 +118,9 @@ def dataset_metadata(data_cfg: ml_collections.ConfigDict) -> DatasetMetadata:
             task="segmentation",
         )
     label_feature = info.features["label"]
-    skip_images = {
-        key: tfds.decode.SkipDecoding()
-        for key, feature in info.features.items()
-        if isinstance(feature, tfds.features.Image)
-    }
     num_examples, label_counts = {}, {}
     for split, split_info in info.splits.items():
-        source = builder.as_data_source(split=split, decoders=skip_images)
+        source = builder.as_data_source(split=split, decoders=_skip_images(info))
         labels = [record["label"] for record in source.__getitems__(range(len(source)))]
         num_examples[split] = split_info.num_examples
         counts = np.bincount(np.asarray(labels, np.int64), minlength=label_feature.num_classes)
@@ -136,6 +131,26 @@ def dataset_metadata(data_cfg: ml_collections.ConfigDict) -> DatasetMetadata:
         num_examples=num_examples,
         label_counts=label_counts,
     )
+
+
+def example_info(data_cfg: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
+    """Every non-image field of ``split`` in storage order (row ``i`` is ``index == i`` of
+    :func:`iterate_eval`), read without decoding images: ``id`` and ``label`` for classification;
+    ``id``, ``case_id``, ``slice_index`` and ``spacing`` for segmentation, which is what volume metrics
+    need to put slices back into cases (slices of a case are stored in order)."""
+    builder = _builder(data_cfg)
+    skip = _skip_images(builder.info)
+    source = builder.as_data_source(split=split, decoders=skip)
+    records = source.__getitems__(range(len(source)))
+    return {key: np.asarray([r[key] for r in records]) for key in builder.info.features if key not in skip}
+
+
+def _skip_images(info: tfds.core.DatasetInfo) -> dict[str, tfds.decode.SkipDecoding]:
+    return {
+        key: tfds.decode.SkipDecoding()
+        for key, feature in info.features.items()
+        if isinstance(feature, tfds.features.Image)
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +187,12 @@ def _task_steps(
     if train:
         return seg_transforms.SegRecord(), seg_transforms.build_train_transforms(data_cfg)
     shape = tuple(seg_meta["max_shape"][split])
-    return seg_transforms.SegRecord(), seg_transforms.build_eval_transforms(data_cfg, shape=shape)
+    extras = tuple(
+        k
+        for k, feature in info.features.items()
+        if isinstance(feature, tfds.features.Image) and k not in ("image", "mask", "valid")
+    )
+    return seg_transforms.SegRecord(extras), seg_transforms.build_eval_transforms(data_cfg, shape=shape)
 
 
 def _apply(ds: grain.MapDataset, steps: Sequence[grain.transforms.Transformation]) -> grain.MapDataset:
@@ -236,7 +256,8 @@ def iterate_eval(
     ``B = batch_size or data_cfg.eval_batch_size``. The last batch is filled up with repeats of the first
     examples whose ``mask`` is False; ``index`` is the position in the split (``source[index]``).
     Segmentation batches hold whole images padded to the split's largest shape (rounded up to
-    ``data_cfg.pad_multiple``) with ``label`` i32 (B, H, W) and ``valid`` bool (B, H, W), padding invalid.
+    ``data_cfg.pad_multiple``) with ``label`` i32 (B, H, W) and ``valid`` bool (B, H, W), padding invalid,
+    plus any extra stored mask as i32 (B, H, W) (DRIVE: ``second_observer``, meaningful on 'test').
     """
     source, info = load_source(data_cfg, split)
     record, steps = _task_steps(data_cfg, info, split, train=False)

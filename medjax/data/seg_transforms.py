@@ -30,7 +30,11 @@ from medjax.data import transforms
 from medjax.errors import ConfigError
 
 Element = dict[str, Any]
-_PLANES = ("label", "valid")
+
+
+def _planes(element: Element) -> list[str]:
+    """Keys of the label-like planes: ``label``, ``valid`` and extra masks (e.g. a second observer)."""
+    return [k for k, v in element.items() if k != "image" and isinstance(v, np.ndarray) and v.ndim == 2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +42,19 @@ class SegRecord(grain.transforms.Map):
     """Decoded TFDS record -> ``{'image', 'label', 'valid'}`` (the stored ``mask`` becomes ``label``).
 
     ``label`` rather than ``mask``: evaluation batches already use ``mask`` for "this row is a real example,
-    not padding", and the train step reads its target from ``label`` for every task.
+    not padding", and the train step reads its target from ``label`` for every task. ``extras`` names
+    further stored masks to keep (DRIVE's ``second_observer``, for the human level in evaluation); they
+    follow every spatial transform like ``label`` and arrive in batches as int32.
     """
+
+    extras: tuple[str, ...] = ()
 
     def map(self, record: dict[str, Any]) -> Element:
         return {
             "image": np.asarray(record["image"]),
             "label": np.asarray(record["mask"])[..., 0],
             "valid": np.asarray(record["valid"])[..., 0],
+            **{k: np.asarray(record[k])[..., 0] for k in self.extras},
         }
 
 
@@ -59,13 +68,13 @@ def _pad_to(element: Element, height: int, width: int) -> Element:
     return {
         **element,
         "image": np.pad(image, (*pad, (0, 0))),
-        **{k: np.pad(element[k], pad) for k in _PLANES},
+        **{k: np.pad(element[k], pad) for k in _planes(element)},
     }
 
 
 def _crop(element: Element, top: int, left: int, height: int, width: int) -> Element:
     window = np.s_[top : top + height, left : left + width]
-    return {**element, "image": element["image"][window], **{k: element[k][window] for k in _PLANES}}
+    return {**element, "image": element["image"][window], **{k: element[k][window] for k in _planes(element)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +144,8 @@ class RandomFlip(grain.transforms.RandomMap):
         step = np.s_[:: -1 if flip_v else 1, :: -1 if flip_h else 1]
         if not (flip_h or flip_v):
             return element
-        return {
-            k: np.ascontiguousarray(v[step]) if k in ("image", *_PLANES) else v for k, v in element.items()
-        }
+        moved = {k: np.ascontiguousarray(element[k][step]) for k in ("image", *_planes(element))}
+        return {**element, **moved}
 
 
 def rotate_scale(element: Element, angle: float, zoom: float) -> Element:
@@ -163,7 +171,7 @@ def rotate_scale(element: Element, angle: float, zoom: float) -> Element:
     return {
         **element,
         "image": warp(image, Image.Resampling.BILINEAR),
-        **{k: warp(element[k], Image.Resampling.NEAREST) for k in _PLANES},
+        **{k: warp(element[k], Image.Resampling.NEAREST) for k in _planes(element)},
     }
 
 
@@ -210,15 +218,17 @@ class RandomElastic(grain.transforms.RandomMap):
 
         image = element["image"]
         planes = [warp(image[..., c], 1) for c in range(image.shape[-1])]
-        return {**element, "image": np.stack(planes, -1), **{k: warp(element[k], 0) for k in _PLANES}}
+        labels = {k: warp(element[k], 0) for k in _planes(element)}
+        return {**element, "image": np.stack(planes, -1), **labels}
 
 
 @dataclasses.dataclass(frozen=True)
 class ToBatchTypes(grain.transforms.Map):
-    """``label`` -> int32 and ``valid`` -> bool, the dtypes the train and eval steps receive."""
+    """``label`` (and extra masks) -> int32 and ``valid`` -> bool, the dtypes the steps receive."""
 
     def map(self, element: Element) -> Element:
-        return {**element, "label": element["label"].astype(np.int32), "valid": element["valid"].astype(bool)}
+        planes = {k: element[k].astype(np.int32) for k in _planes(element)}
+        return {**element, **planes, "valid": element["valid"].astype(bool)}
 
 
 def patch_size(data_cfg: ml_collections.ConfigDict) -> tuple[int, int]:
