@@ -149,13 +149,21 @@ def test_colour_masks_with_class_colors_and_nearest_resize(tmp_path):
 
 
 def test_label_mapping_rules_and_palette_masks(tmp_path):
-    assert seg.label_mapping({0, 255}, "auto")[0] == {0: 0, 255: 1}
-    assert seg.label_mapping({0, 1}, "auto")[0] is None  # Already a label map.
-    assert seg.label_mapping({0, 2, 7}, "auto")[0] is None
-    assert seg.label_mapping({0, 85, 170, 255}, "auto")[0] == {0: 0, 85: 1, 170: 2, 255: 3}
-    assert seg.label_mapping({0, 3, 250, 255}, "binary")[0] == {0: 0, 3: 0, 250: 1, 255: 1}  # JPEG noise.
-    jpeg, rule = seg.label_mapping(set(range(0, 256, 5)), "auto")  # 52 grey levels: smeared 0/255.
-    assert jpeg[125] == 0 and jpeg[130] == 1 and "JPEG" in rule
+    def hist(counts: dict) -> np.ndarray:
+        out = np.zeros(256, np.int64)
+        out[list(counts)] = list(counts.values())
+        return out
+
+    assert seg.label_mapping(hist({0: 9, 255: 1}), "auto")[0] == {0: 0, 255: 1}
+    assert seg.label_mapping(hist({0: 9, 1: 1}), "auto")[0] is None  # Already a label map.
+    assert seg.label_mapping(hist({0: 9, 2: 1, 7: 1}), "auto")[0] is None
+    grey = hist({0: 9, 85: 3, 170: 3, 255: 3})
+    assert seg.label_mapping(grey, "auto")[0] == {0: 0, 85: 1, 170: 2, 255: 3}
+    assert seg.label_mapping(hist({0: 9, 3: 1, 250: 1, 255: 5}), "binary")[0] == {0: 0, 3: 0, 250: 1, 255: 1}
+    # JPEG smear: many grey levels near 0 and 255, almost nothing in the middle of the range.
+    jpeg = hist({0: 900, **dict.fromkeys(range(1, 12), 3), **dict.fromkeys(range(244, 255), 3), 255: 300})
+    mapping, rule = seg.label_mapping(jpeg, "auto")
+    assert mapping[11] == 0 and mapping[244] == 1 and "JPEG" in rule
     indices = np.array([[0, 1], [2, 1]], np.uint8)
     save(tmp_path / "p.png", indices, "P", palette=[0, 0, 0, 255, 0, 0, 0, 255, 0])
     np.testing.assert_array_equal(seg.decode_mask_file(tmp_path / "p.png"), indices)
@@ -333,3 +341,20 @@ def test_real_drive_counts_fov_and_second_observer_human_level(tmp_path):
         agree += int((e["mask"][..., 0] == e["second_observer"][..., 0])[inside].sum())
         total += int(inside.sum())
     assert agree / total == pytest.approx(0.9473, abs=5e-4)  # The published 2nd observer accuracy, 0.947.
+
+
+def test_kvasir_like_jpeg_masks_need_no_options_and_max_size_keeps_aspect(tmp_path):
+    root = tmp_path / "Kvasir-SEG"
+    for i in range(3):
+        save(root / "images" / f"cju{i}.jpg", noise((40, 60, 3)))
+        mask = np.zeros((40, 60), np.uint8)
+        mask[10:30, 20:50] = 255
+        save(root / "masks" / f"cju{i}.jpg", mask)  # JPEG smears 0/255 into many grey levels.
+    builder = prepare("seg_folder", tmp_path, tmp_path / "data", root="Kvasir-SEG", max_size=30)
+    assert "JPEG-compressed" in builder.info.metadata["preparation"]["label_rule"]
+    examples = [e for rows in read(builder).values() for e in rows]
+    assert len(examples) == 3 and all(e["mask"].shape == (20, 30, 1) for e in examples)
+    reference = np.zeros((20, 30), np.uint8)
+    reference[5:15, 10:25] = 1
+    for e in examples:
+        assert (e["mask"][..., 0] != reference).mean() < 0.02  # Only a few edge pixels differ.

@@ -192,33 +192,36 @@ def colours_to_labels(plane: np.ndarray, class_colors: Sequence[Sequence[float]]
     return out
 
 
-def values_of(plane: np.ndarray) -> set[int]:
-    """Distinct values of a uint8 plane (a histogram: several times faster than ``np.unique``)."""
-    return set(np.flatnonzero(np.bincount(plane.ravel(), minlength=256)).tolist())
+def histogram(plane: np.ndarray) -> np.ndarray:
+    """Pixel count per value 0..255 of a uint8 plane (several times faster than ``np.unique``)."""
+    return np.bincount(plane.ravel(), minlength=256)
 
 
-def label_mapping(values: set[int], mode: str) -> tuple[dict[int, int] | None, str]:
-    """How stored mask values become labels, from the set of values found in every mask of a dataset.
+def label_mapping(hist: np.ndarray, mode: str) -> tuple[dict[int, int] | None, str]:
+    """How stored mask values become labels, from the value histogram of every mask of a dataset.
 
     Returns ``(mapping or None for identity, explanation)``. ``binary``: value > 0 (0/1 masks) or > 127
-    (0/255 masks, also JPEG-compressed ones) is foreground; ``labels``: values kept as stored; ``auto``:
-    binary when the values are {0, 1} or {0, 255}, stored values when all are below 32, the sorted
-    distinct values ranked 0..K-1 when there are at most 32 (grey-coded label maps such as
-    0/85/170/255), and binary again when there are more (the grey levels JPEG compression smears into
-    0/255 masks, as in Kvasir-SEG); the explanation, kept in the preparation report, says which.
+    (0/255 masks, also JPEG-compressed ones) is foreground; ``labels``: values kept as stored. ``auto``
+    decides, in order: values all below 32 are a label map kept as stored; {0, 255} is binary; more than
+    32 distinct values, or more than 8 of which under 1 % of the pixels lie in 64..191, are the grey
+    levels JPEG compression smears into 0/255 masks (Kvasir-SEG), read as binary; a few distinct values
+    are a grey-coded label map (0/85/170/255), ranked 0..K-1. The explanation goes in the preparation
+    report.
     """
     if mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {mode!r}")
+    values = [int(v) for v in np.flatnonzero(hist)]
     top = max(values, default=0)
-    smeared = mode == "auto" and len(values) > _DIRECT_LABEL_LIMIT
-    if mode == "binary" or smeared or (mode == "auto" and values <= {0, 255} and top == 255):
+    middle = float(hist[64:192].sum()) / max(float(hist.sum()), 1.0)
+    smeared = mode == "auto" and top >= 32 and (len(values) > 32 or (len(values) > 8 and middle < 0.01))
+    if mode == "binary" or smeared or (mode == "auto" and set(values) <= {0, 255} and top == 255):
         cut = 0 if top <= 1 else 127
         why = f" ({len(values)} grey levels: JPEG-compressed binary masks)" if smeared else ""
         return {v: int(v > cut) for v in values}, f"binary: value > {cut} is foreground{why}"
     if mode == "labels" or top < _DIRECT_LABEL_LIMIT:
         return None, "label map: values kept as stored"
-    ranked = {v: i for i, v in enumerate(sorted(values))}
-    return ranked, f"grey-coded label map: values {sorted(values)} ranked 0..{len(ranked) - 1}"
+    ranked = {v: i for i, v in enumerate(values)}
+    return ranked, f"grey-coded label map: values {values} ranked 0..{len(ranked) - 1}"
 
 
 def apply_mapping(plane: np.ndarray, mapping: Mapping[int, int] | None) -> np.ndarray:

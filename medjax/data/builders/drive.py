@@ -138,7 +138,7 @@ def _cases(folder: Path, kind: str) -> list[str]:
 def _binary(path: Path) -> np.ndarray:
     """0/1 plane of a DRIVE GIF, whether it stores 0/255 grey or 0/1 palette indices."""
     plane = seg.decode_mask_file(path)
-    mapping, _ = seg.label_mapping(seg.values_of(plane), "binary")
+    mapping, _ = seg.label_mapping(seg.histogram(plane), "binary")
     return seg.apply_mapping(plane, mapping)
 
 

@@ -43,7 +43,7 @@ import tensorflow_datasets as tfds
 
 from medjax.data import splits
 from medjax.data.builders import _segmentation as seg
-from medjax.data.builders._folder import DatasetLayoutError
+from medjax.data.builders._folder import DatasetLayoutError, is_junk
 
 SYNAPSE_TRAIN = (5, 6, 7, 9, 10, 21, 23, 24, 26, 27, 28, 30, 31, 33, 34, 37, 39, 40)
 SYNAPSE_TEST = (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)
@@ -243,6 +243,7 @@ class NiftiVolumes(tfds.core.GeneratorBasedBuilder):
             entries = [
                 (p, base / "labelsTr" / re.sub(channel, ending, p.name))
                 for p in sorted((base / "imagesTr").glob(f"*_{self.builder_config.channel:04d}{ending}"))
+                if not is_junk(p.name)  # MSD tarballs carry macOS '._*' twins of every volume.
             ]
         if not entries:
             raise self._error(f"no training cases listed in {base / 'dataset.json'} or found in imagesTr/")

@@ -49,7 +49,12 @@ LAYOUT = """\
 
 @dataclasses.dataclass(eq=False)
 class SegFolderConfig(tfds.core.BuilderConfig):
-    """Options of ``seg_folder`` (module docstring); ``image_size`` 0 keeps the native resolution."""
+    """Options of ``seg_folder`` (module docstring).
+
+    Resolution: ``image_size`` > 0 stretches every pair to that square; else ``max_size`` > 0 shrinks pairs
+    whose longer side exceeds it, keeping the aspect ratio (dermoscopy archives hold 6000 px photos);
+    else the native resolution is kept. Masks are always resized nearest-neighbour.
+    """
 
     root: str = ""
     layout: str = "sibling"
@@ -59,6 +64,7 @@ class SegFolderConfig(tfds.core.BuilderConfig):
     image_glob: str = "*"
     channels: int = 3
     image_size: int = 0
+    max_size: int = 0
     label_mode: str = "auto"
     class_names: tuple[str, ...] = ()
     class_colors: tuple = ()
@@ -118,16 +124,18 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         config = self.builder_config
         root = (Path(dl_manager.manual_dir) / config.root).resolve()
+        if not root.is_relative_to(Path(dl_manager.manual_dir).resolve()):
+            raise self._error(f"root {config.root!r} leaves manual_dir {dl_manager.manual_dir}")
         if not root.is_dir():
             raise self._error(f"{root} is not a directory")
         report: dict = {"skipped": [], "ignored": []}
         pairs = self._pairs(root, report)
         spill = _Spill()
-        records, values = self._decode(pairs, spill, report)
+        records, hist = self._decode(pairs, spill, report)
         if not records:
             raise self._error(f"no image with a readable mask under {root}")
-        mapping, rule = seg.label_mapping(values, config.label_mode)
-        num_labels = 1 + max(seg.apply_mapping(np.array(sorted(values), np.uint8), mapping), default=0)
+        mapping, rule = seg.label_mapping(hist, config.label_mode)
+        num_labels = 1 + int(seg.apply_mapping(np.flatnonzero(hist).astype(np.uint8), mapping).max())
         report["label_rule"] = rule
         plan = splits.plan_splits(
             labels=[r["foreground"] for r in records],
@@ -252,17 +260,17 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
 
     # Decoding ------------------------------------------------------------------------------------------
 
-    def _decode(self, pairs: list[_Pair], spill: _Spill, report: dict) -> tuple[list[dict], set[int]]:
-        """Decodes and checks every pair (threads); spills PNGs; returns records and all mask values."""
+    def _decode(self, pairs: list[_Pair], spill: _Spill, report: dict) -> tuple[list[dict], np.ndarray]:
+        """Decodes and checks every pair (threads); spills PNGs; returns records and the mask histogram."""
         config = self.builder_config
-        records, failures, values = [], [], set()
+        records, failures, hist = [], [], np.zeros(256, np.int64)
         with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
             for pair, (result, error) in zip(pairs, pool.map(self._load, pairs), strict=True):
                 if error is not None:
                     failures.append({"file": pair.id, "reason": error})
                     continue
                 image, mask = result
-                values |= seg.values_of(mask)
+                hist += seg.histogram(mask)
                 records.append(
                     {
                         "id": pair.id,
@@ -280,7 +288,7 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
                 "Pass skip_corrupt=True to skip them (they are then listed in the preparation report)."
             )
         report["skipped"] += failures
-        return records, values
+        return records, hist
 
     def _load(self, pair: _Pair) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
         config = self.builder_config
@@ -302,8 +310,12 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
         except images.ImageDecodeError as e:
             return None, str(e)
         example = seg.Example(pair.id, image, np.maximum.reduce(planes))
+        h, w = example.mask.shape
         if config.image_size:
             example = seg.resize_planes(example, (config.image_size, config.image_size))
+        elif config.max_size and max(h, w) > config.max_size:
+            scale = config.max_size / max(h, w)
+            example = seg.resize_planes(example, (max(1, round(h * scale)), max(1, round(w * scale))))
         return (example.image, example.mask), None
 
 
