@@ -5,6 +5,7 @@ read back through ``as_data_source()`` (no TensorFlow).
 """
 
 import json
+import sys
 
 import ml_collections
 import nibabel as nib
@@ -358,3 +359,7 @@ def test_kvasir_like_jpeg_masks_need_no_options_and_max_size_keeps_aspect(tmp_pa
     reference[5:15, 10:25] = 1
     for e in examples:
         assert (e["mask"][..., 0] != reference).mean() < 0.02  # Only a few edge pixels differ.
+
+
+def test_segmentation_preparation_never_imports_tensorflow():
+    assert "tensorflow" not in sys.modules
