@@ -229,7 +229,7 @@ def build_train_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.tr
     if aug.brightness or aug.contrast:
         transforms.append(RandomBrightnessContrast(aug.brightness, aug.contrast))
     # Channels last: grey sources (most of ours) are then augmented once, not three times.
-    return [*transforms, ToChannels(data_cfg.channels), _normalizer(data_cfg)]
+    return [*transforms, ToChannels(data_cfg.channels), normalizer(data_cfg)]
 
 
 def build_eval_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.transforms.Transformation]:
@@ -237,11 +237,13 @@ def build_eval_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.tra
     return [
         Resize(data_cfg.image_size, data_cfg.interpolation),
         ToChannels(data_cfg.channels),
-        _normalizer(data_cfg),
+        normalizer(data_cfg),
     ]
 
 
-def _normalizer(data_cfg: ml_collections.ConfigDict) -> ScaleAndNormalize:
+def normalizer(data_cfg: ml_collections.ConfigDict) -> ScaleAndNormalize:
+    """``ScaleAndNormalize`` from ``data.normalize.{mean, std}`` (scalars or per-channel sequences)."""
+
     def as_value(v: Any) -> float | tuple[float, ...]:
         return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)
 
