@@ -19,19 +19,23 @@ import ml_collections
 
 from medjax.errors import ConfigError
 
-# Scalar validation metrics a run may select its best checkpoint or stop early on
-# (medjax.metrics.classification_metrics plus the loss; sensitivity/specificity exist for 2 classes).
-VALIDATION_METRICS = (
-    "loss",
-    "accuracy",
-    "balanced_accuracy",
-    "auc",
-    "precision",
-    "recall",
-    "f1",
-    "sensitivity",
-    "specificity",
-)
+# Per task, the scalar validation metrics a run may select its best checkpoint or stop early on
+# (classification: medjax.metrics.classification_metrics plus the loss; sensitivity and specificity exist
+# for 2 classes). A task missing here has its metric keys left unchecked.
+VALIDATION_METRICS = {
+    "classification": (
+        "loss",
+        "accuracy",
+        "balanced_accuracy",
+        "auc",
+        "precision",
+        "recall",
+        "f1",
+        "sensitivity",
+        "specificity",
+    ),
+}
+METRIC_KEYS = ("train.early_stopping.monitor", "train.select_best_on")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,12 @@ def _models() -> list[str]:
     return models.available_models()
 
 
+def _tasks() -> list[str]:
+    from medjax import tasks
+
+    return tasks.available_tasks()
+
+
 def _datasets() -> list[str]:
     from medjax.data import builders
 
@@ -102,6 +112,7 @@ UNIT = Range(0, 1)
 UNIT_OPEN_HIGH = Range(0, 1, open_high=True)
 
 RULES: dict[str, Range | Choice] = {
+    "task": Choice(_tasks),
     "seed": Range(integer=True),
     "rng_impl": Choice(("rbg", "unsafe_rbg", "threefry2x32")),
     "cpu_cores": Range(1, integer=True, optional=True),
@@ -131,10 +142,8 @@ RULES: dict[str, Range | Choice] = {
     "train.log_every_steps": POSITIVE_INT,
     "train.checkpoint_every_steps": NON_NEGATIVE_INT,
     "train.keep_checkpoints": POSITIVE_INT,  # 0 would keep no checkpoint to resume from.
-    "train.early_stopping.monitor": Choice(VALIDATION_METRICS),
     "train.early_stopping.patience": NON_NEGATIVE_INT,
     "train.early_stopping.min_delta": NON_NEGATIVE,
-    "train.select_best_on": Choice(VALIDATION_METRICS),
     "train.ema_decay": UNIT_OPEN_HIGH,
     "eval.bootstrap_samples": NON_NEGATIVE_INT,
     "eval.target_sensitivity": Range(0, 1, open_low=True),
@@ -152,6 +161,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     for key, rule in RULES.items():
         found, value = _lookup(config, key)
         if found and (problem := rule.problem(value)) is not None:
+            problems.append(f"{key}={value!r}: {problem}")
+    metric_names = VALIDATION_METRICS.get(config.get("task", "classification"))
+    for key in METRIC_KEYS if metric_names else ():
+        found, value = _lookup(config, key)
+        if found and (problem := Choice(metric_names).problem(value)) is not None:
             problems.append(f"{key}={value!r}: {problem}")
     for name, term in dict(config.get("loss") or {}).items():
         weight = dict(term or {}).get("weight")

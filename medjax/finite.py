@@ -10,11 +10,11 @@ import numpy as np
 from medjax.errors import NonFiniteOutputError
 
 
-def check_probabilities(probs: np.ndarray, *, what: str) -> None:
-    """Raises when any row of ``probs`` (N, K) holds NaN or infinity.
+def check_outputs(probs: np.ndarray, *, what: str) -> None:
+    """Raises when any example of ``probs`` (N, ...) holds NaN or infinity.
 
     Args:
-      probs: class probabilities (or logits) per example.
+      probs: per-example model outputs (class probabilities, logits, segmentation maps).
       what: what produced them, for the message (e.g. ``"run runs/x, best checkpoint step 40"``).
 
     Raises:

@@ -23,8 +23,6 @@ from pathlib import Path
 
 from medjax.errors import BusyError
 
-WORKDIR_LOCK = ".medjax.lock"  # In a run directory, held by training for the run's life.
-
 
 def holder_info() -> dict:
     """What this process writes into a lock it holds."""

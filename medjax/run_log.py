@@ -19,18 +19,21 @@ from medjax.errors import CheckpointError
 
 
 class MetricWriter:
-    """Appends metrics to ``<workdir>/metrics.jsonl`` and TensorBoard files in ``<workdir>/tensorboard``.
+    """Appends metrics to a JSON-lines file and TensorBoard event files (a run's ``metrics.jsonl`` and
+    ``tensorboard/``, see :mod:`medjax.run_dir`).
 
-    A resumed run first cuts ``metrics.jsonl`` back to what its checkpoint had seen: the first
-    ``resume_lines`` lines (the count the checkpoint recorded, :attr:`lines`), or, for checkpoints
-    without that count, the lines of steps up to ``resume_step``. Lines after that are redone by the replay.
-    A last line cut short by a kill mid-write is dropped; a damaged line elsewhere names the file and line.
+    A resumed run first cuts the file back to what its checkpoint had seen: the first ``resume_lines``
+    lines (the count the checkpoint recorded, :attr:`lines`), or, for checkpoints without that count, the
+    lines of steps up to ``resume_step``. Lines after that are redone by the replay. A last line cut short
+    by a kill mid-write is dropped; a damaged line elsewhere names the file and line.
     """
 
-    def __init__(self, workdir: Path, *, resume_step: int = 0, resume_lines: int | None = None):
-        self.path = Path(workdir) / "metrics.jsonl"
+    def __init__(
+        self, path: Path, tensorboard_dir: Path, *, resume_step: int = 0, resume_lines: int | None = None
+    ):
+        self.path = Path(path)
         self.lines = self._cut_back(resume_step, resume_lines)
-        self._tb = tensorboardX.SummaryWriter(str(Path(workdir) / "tensorboard"))
+        self._tb = tensorboardX.SummaryWriter(str(tensorboard_dir))
 
     def _cut_back(self, step: int, lines: int | None) -> int:
         """Rewrites the file to the lines a run resumed at ``step`` keeps; returns their count."""

@@ -17,10 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import checkpointing, cli, locking, train, trained
+from medjax import checkpointing, cli, train, trained
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.errors import CheckpointError
+from medjax.run_dir import RunDir
 from medjax.run_log import MetricWriter
 
 from .conftest import launch_smoke, smoke_config
@@ -30,7 +31,7 @@ COMPARED = ("steps", "best_step", "stopped_early", "validation", "test")
 
 def _copy_run(smoke_run, tmp_path):
     workdir = tmp_path / "run"
-    shutil.copytree(smoke_run, workdir, ignore=shutil.ignore_patterns(locking.WORKDIR_LOCK))
+    shutil.copytree(smoke_run, workdir, ignore=shutil.ignore_patterns(RunDir(smoke_run).lock_file.name))
     return workdir
 
 
@@ -144,7 +145,7 @@ def test_a_second_launch_on_a_busy_workdir_is_refused_naming_the_first(
 ):
     workdir = tmp_path / "run"
     first = launch_smoke(workdir, tfds_data_dir, compilation_cache)
-    lock = workdir / locking.WORKDIR_LOCK
+    lock = RunDir(workdir).lock_file
     deadline = time.monotonic() + 300
     while not (lock.is_file() and lock.read_text()):
         assert first.poll() is None and time.monotonic() < deadline

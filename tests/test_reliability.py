@@ -20,7 +20,7 @@ from PIL import Image
 from medjax import cli, config_checks, config_lib, locking, metrics
 from medjax.data import builders, images
 from medjax.errors import BusyError, ConfigError, NonFiniteOutputError
-from medjax.finite import check_probabilities
+from medjax.finite import check_outputs
 
 from .conftest import ROOT, SMOKE
 
@@ -71,7 +71,7 @@ def test_validation_metrics_are_what_evaluation_reports():
     labels, probs = np.array([0, 1, 1, 0]), np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])
     reported = metrics.classification_metrics(labels=labels, probs=probs, class_names=("a", "b"))
     scalars = {k for k, v in reported.items() if isinstance(v, float)} | {"loss"}
-    assert set(config_checks.VALIDATION_METRICS) == scalars
+    assert set(config_checks.VALIDATION_METRICS["classification"]) == scalars
 
 
 def test_builder_kwargs_are_completed_so_dotted_overrides_reach_them(tmp_path):
@@ -124,9 +124,9 @@ def test_user_errors_print_one_paragraph_and_the_traceback_only_when_asked(capsy
 
 
 def test_non_finite_probabilities_never_leave_the_program():
-    check_probabilities(np.array([[0.25, 0.75]]), what="test")
+    check_outputs(np.array([[0.25, 0.75]]), what="test")
     with pytest.raises(NonFiniteOutputError, match="2 of 3 examples"):
-        check_probabilities(np.array([[math.nan, math.nan], [0.5, 0.5], [math.inf, 0.0]]), what="run x")
+        check_outputs(np.array([[math.nan, math.nan], [0.5, 0.5], [math.inf, 0.0]]), what="run x")
 
 
 def test_nan_pixels_of_a_float_tiff_are_black_and_the_rest_keeps_its_range(tmp_path):
@@ -233,7 +233,7 @@ def test_one_preparation_at_a_time_and_leftovers_are_removed(hostile_archive, tm
 
 
 def test_a_held_workdir_is_refused_naming_its_holder_and_freed_when_it_is_killed(tmp_path):
-    lock = tmp_path / locking.WORKDIR_LOCK
+    lock = tmp_path / "workdir.lock"
     holder = subprocess.Popen(
         [
             sys.executable,
