@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax.models.layers import ConvTranspose, Dense, gelu
-from medjax.models.mednext_plos import ENCODER_FIELDS, LN_EPS, Block, Encoder
+from medjax.models.mednext_plos import ENCODER_FIELDS, LN_EPS, Encoder
 
 SKIP_FUSIONS = ("add", "concat")
 UPSAMPLES = ("transposed", "bilinear")
@@ -94,21 +94,6 @@ class Model(Encoder, kw_only=True):
     head_width: int | None = None
     head_zero_init: bool = True
 
-    def _block(self, ffn: str, name: str) -> Block:
-        return Block(
-            ffn=ffn,
-            sem_branches=self.sem_branches,
-            la_ratio=self.la_ratio,
-            la_kernel=self.la_kernel,
-            attention=self.attention,
-            head_dim=self.head_dim,
-            mlp_ratio=self.mlp_ratio,
-            layer_scale_init=self.layer_scale_init,
-            drop_path=0.0,
-            impl=self.depthwise_impl,
-            name=name,
-        )
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
         """Maps ``(B, H, W, C_in)`` images to ``(B, H, W, num_classes)`` logits and ``aux``."""
@@ -135,7 +120,7 @@ class Model(Encoder, kw_only=True):
             else:
                 y = Dense(width, name=f"fuse{s}")(jnp.concatenate([y, skip], axis=-1))
             for b in range(depth):
-                y = self._block(ffn, f"decoder{s}_block{b}")(y, train=train)
+                y = self.block(ffn, 0.0, f"decoder{s}_block{b}")(y, train=train)
             decoded.append(y)
 
         feature_map = y if self.is_initializing() else self.perturb("feature_map", y)
