@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
             "path": ml_collections.FieldReference(None, field_type=str),
             "source": ml_collections.FieldReference(None, field_type=str),  # None: detect from the keys.
             "reinit_head": ml_collections.FieldReference(None, field_type=bool),  # None: when shapes differ.
+            # BatchNorm statistics re-measured on this many training images after loading, keeping what the
+            # model evaluates (medjax.models.convert.calibrate); None: 256 for a .tflite file (its folded
+            # BatchNorms hold no statistics, so training-mode passes would not compute the pretrained
+            # network), else 0.
+            "calibrate_images": ml_collections.FieldReference(None, field_type=int),
         }
     )
 

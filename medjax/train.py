@@ -7,6 +7,7 @@ RNGs are ``fold_in(seed_key, step)``, so a resumed run needs no RNG in its check
 same steps bit for bit.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,7 +31,12 @@ from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
 from medjax.errors import ConfigError, NonFiniteLossError
 from medjax.models import convert
+from medjax.models.convert import calibrate
 from medjax.run_log import MetricWriter, Progress
+
+# Images whose statistics replace the identity BatchNorms of a folded (.tflite) start: per-channel
+# moments over 256 images x H x W positions are stable, for the cost of one evaluation pass over them.
+TFLITE_CALIBRATION_IMAGES = 256
 
 
 @struct.dataclass
@@ -197,7 +203,7 @@ def _initial_variables(config, model, init_key, image_shape) -> dict:
             image_shape=image_shape,
             reinit_head=config.init_from.reinit_head,
         )
-    return convert.load_pretrained(
+    variables = convert.load_pretrained(
         str(path),
         model_name=config.model_name,
         target_variables=variables,
@@ -205,6 +211,28 @@ def _initial_variables(config, model, init_key, image_shape) -> dict:
         reinit_head=config.init_from.reinit_head,
         model=model,
     )
+    num_images = config.init_from.calibrate_images
+    if num_images is None:
+        num_images = TFLITE_CALIBRATION_IMAGES if path.suffix.lower() == ".tflite" else 0
+    if num_images > 0:
+        print(
+            f"Calibrating BatchNorm statistics on {num_images} {config.data.train_split} images.", flush=True
+        )
+        variables = calibrate.calibrate_batch_norm(model, variables, _first_images(config.data, num_images))
+    return variables
+
+
+def _first_images(data_cfg, num_images: int):
+    """Batches of the first ``num_images`` (rounded up to whole batches) images of the training split,
+    with the evaluation preprocessing; the split's padding is dropped."""
+    with contextlib.closing(pipeline.iterate_eval(data_cfg, split=data_cfg.train_split)) as batches:
+        seen = 0
+        for batch in batches:
+            if seen >= num_images:
+                return
+            images = batch["image"][np.asarray(batch["mask"], bool)]
+            seen += len(images)
+            yield images
 
 
 def evaluate(
