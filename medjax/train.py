@@ -215,10 +215,10 @@ def _initial_variables(config, model, init_key, image_shape) -> dict:
     if num_images is None:
         num_images = TFLITE_CALIBRATION_IMAGES if path.suffix.lower() == ".tflite" else 0
     if num_images > 0:
-        print(
-            f"Calibrating BatchNorm statistics on {num_images} {config.data.train_split} images.", flush=True
-        )
-        variables = calibrate.calibrate_batch_norm(model, variables, _first_images(config.data, num_images))
+        batches = list(_first_images(config.data, num_images))
+        count = sum(len(b) for b in batches)
+        print(f"Calibrating BatchNorm statistics on {count} {config.data.train_split} images.", flush=True)
+        variables = calibrate.calibrate_batch_norm(model, variables, batches)
     return variables
 
 
