@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from medjax import train
+from medjax import init_from
 from medjax.models import layers
 from medjax.models.convert.calibrate import calibrate_batch_norm
 from tests.conftest import smoke_config
@@ -79,7 +79,7 @@ def test_calibration_images_are_the_first_training_images(tfds_data_dir):
     """``init_from.calibrate_images`` reads whole evaluation batches of the training split, no padding."""
     config = smoke_config(tfds_data_dir)
     config.data.eval_batch_size = 4
-    batches = list(train._first_images(config.data, 6))
+    batches = list(init_from.first_images(config.data, 6))
     assert [b.shape for b in batches] == [(4, 32, 32, 1)] * 2
     from medjax.data import pipeline
 
