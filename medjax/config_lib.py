@@ -93,7 +93,7 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # Pretrained weights loaded at the start of a fresh run: a Keras .weights.h5/.keras/.h5, a
     # torchvision/timm/official .pth/.safetensors state dict or a quantized MobileNetV2 .tflite
     # (medjax.models.convert.load_pretrained); or a medjax run directory, whose best checkpoint starts a
-    # fine-tuning run (medjax.trained.init_from_run).
+    # fine-tuning run (medjax.init_from.from_run).
     c.init_from = ml_collections.ConfigDict(
         {
             "path": ml_collections.FieldReference(None, field_type=str),
