@@ -93,14 +93,20 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
 
     c.model_name = "mobilenet_v2"  # A module in medjax/models (see medjax.models.available_models()).
     c.model = ml_collections.ConfigDict()  # Keyword arguments of that module's Model.
-    # Pretrained weights loaded at the start of a fresh run: a Keras .weights.h5/.keras/.h5, or a
-    # torchvision/timm/official .pth/.safetensors state dict (medjax.models.convert.load_pretrained); or a
-    # medjax run directory, whose best checkpoint starts a fine-tuning run (medjax.trained.init_from_run).
+    # Pretrained weights loaded at the start of a fresh run: a Keras .weights.h5/.keras/.h5, a
+    # torchvision/timm/official .pth/.safetensors state dict or a quantized MobileNetV2 .tflite
+    # (medjax.models.convert.load_pretrained); or a medjax run directory, whose best checkpoint starts a
+    # fine-tuning run (medjax.init_from.from_run).
     c.init_from = ml_collections.ConfigDict(
         {
             "path": ml_collections.FieldReference(None, field_type=str),
             "source": ml_collections.FieldReference(None, field_type=str),  # None: detect from the keys.
             "reinit_head": ml_collections.FieldReference(None, field_type=bool),  # None: when shapes differ.
+            # BatchNorm statistics re-measured on this many training images after loading, keeping what the
+            # model evaluates (medjax.models.convert.calibrate); None: 256 for a .tflite file (its folded
+            # BatchNorms hold no statistics, so training-mode passes would not compute the pretrained
+            # network), else 0.
+            "calibrate_images": ml_collections.FieldReference(None, field_type=int),
         }
     )
 

@@ -15,6 +15,11 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("MEDJAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def shared_weights_dir() -> Path:
+    """``../shared/weights`` beside the checkout (or ``$MEDJAX_SHARED_WEIGHTS``); may not exist."""
+    return Path(os.environ.get("MEDJAX_SHARED_WEIGHTS", ROOT.parent / "shared" / "weights"))
+
+
 @pytest.fixture(scope="session")
 def tfds_data_dir(tmp_path_factory) -> Path:
     """A TFDS data_dir reused by every test of the session, so each small dataset is prepared once."""
