@@ -32,15 +32,13 @@ def make_schedule(optim_cfg: Mapping, *, total_steps: int, steps_per_epoch: int)
     ``total_steps``.
     """
     peak = float(optim_cfg["learning_rate"])
-    warmup = min(round(float(optim_cfg.get("warmup_epochs", 0.0)) * steps_per_epoch), total_steps - 1)
-    name = optim_cfg.get("schedule", "cosine")
+    warmup = min(round(float(optim_cfg["warmup_epochs"]) * steps_per_epoch), total_steps - 1)
+    name = optim_cfg["schedule"]
     if name == "constant":
         after = optax.constant_schedule(peak)
     elif name == "cosine":
         decay_steps = max(total_steps - warmup, 1)
-        after = optax.cosine_decay_schedule(
-            peak, decay_steps, alpha=float(optim_cfg.get("min_lr_ratio", 0.0))
-        )
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(optim_cfg["min_lr_ratio"]))
     else:
         raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {name!r}")
     if warmup <= 0:
@@ -56,8 +54,8 @@ def _preconditioner(optim_cfg: Mapping) -> list[optax.GradientTransformation]:
     """``optim.name``'s optimizer without its learning rate, as the steps optax's ``adam``, ``adamw`` and
     ``sgd`` chain before ``scale_by_learning_rate`` (so the optimizer state has optax's layout)."""
     name = optim_cfg["name"]
-    wd = float(optim_cfg.get("weight_decay", 0.0))
-    b1, b2 = float(optim_cfg.get("b1", 0.9)), float(optim_cfg.get("b2", 0.999))
+    wd = float(optim_cfg["weight_decay"])
+    b1, b2 = float(optim_cfg["b1"]), float(optim_cfg["b2"])
     if name == "adam":
         return [optax.scale_by_adam(b1=b1, b2=b2)]
     if name == "adamw":
@@ -65,8 +63,7 @@ def _preconditioner(optim_cfg: Mapping) -> list[optax.GradientTransformation]:
         # as in the ConvNeXt and timm recipes.
         return [optax.scale_by_adam(b1=b1, b2=b2), optax.add_decayed_weights(wd, mask=_decay_mask)]
     if name == "sgd":
-        momentum = float(optim_cfg.get("momentum", 0.9))
-        trace = optax.trace(decay=momentum, nesterov=bool(optim_cfg.get("nesterov", False)))
+        trace = optax.trace(decay=float(optim_cfg["momentum"]), nesterov=bool(optim_cfg["nesterov"]))
         # Weight decay as L2 added to the gradient before momentum (the classic SGD recipe).
         return [optax.add_decayed_weights(wd, mask=_decay_mask), trace] if wd else [trace]
     raise ValueError(f"optim.name must be 'adam', 'adamw' or 'sgd', got {name!r}")
@@ -153,7 +150,7 @@ def _phased(optim_cfg: Mapping, params, schedule: optax.Schedule, phases) -> opt
             lambda step, *, phase, active=active, **_: active[phase],
             forward_extra_args=True,
         )
-    clip = optim_cfg.get("grad_clip_norm")
+    clip = optim_cfg["grad_clip_norm"]
     return optax.chain(
         _mask_by_phase(tables),
         optax.clip_by_global_norm(float(clip)) if clip else optax.identity(),
@@ -174,8 +171,8 @@ def make_optimizer(optim_cfg: Mapping, params, *, total_steps: int, steps_per_ep
       ConfigError: for an invalid ``optim.unfreeze``, or one set together with ``optim.trainable``.
     """
     schedule = make_schedule(optim_cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    patterns = optim_cfg.get("trainable")
-    phases = unfreeze.parse(optim_cfg.get("unfreeze"))
+    patterns = optim_cfg["trainable"]
+    phases = unfreeze.parse(optim_cfg["unfreeze"])
     if phases is not None:
         if patterns is not None:
             raise ConfigError(
@@ -184,7 +181,7 @@ def make_optimizer(optim_cfg: Mapping, params, *, total_steps: int, steps_per_ep
             )
         return _phased(optim_cfg, params, schedule, phases), schedule
     tx = _base_optimizer(optim_cfg, schedule)
-    clip = optim_cfg.get("grad_clip_norm")
+    clip = optim_cfg["grad_clip_norm"]
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
     if patterns is not None:

@@ -15,7 +15,17 @@ from jax import lax
 
 from medjax.models.depthwise import DepthwiseConv
 
-__all__ = ["BatchNorm", "Conv", "Dense", "DepthwiseConv", "DropPath", "GlobalPool", "SEVector", "gelu"]
+__all__ = [
+    "BatchNorm",
+    "Conv",
+    "ConvTranspose",
+    "Dense",
+    "DepthwiseConv",
+    "DropPath",
+    "GlobalPool",
+    "SEVector",
+    "gelu",
+]
 
 
 def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -23,8 +33,8 @@ def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     XLA CPU runs the (N*H*W, K) x (K, F) product and its two gradients at matmul speed, but the same
     contraction written on a 4-D array (``nn.Dense``'s ``dot_general``, or a 1x1 ``conv_general_dilated``)
-    gets a weight gradient several times slower. Measured fwd+bwd, 32x112x112x16 -> 96 (issue 6 closing
-    note): 1x1 conv 356 ms, 4-D dot_general 297 ms, 2-D matmul 61 ms.
+    gets a weight gradient several times slower. Measured fwd+bwd, 32x112x112x16 -> 96: 1x1 conv 356 ms,
+    4-D dot_general 297 ms, 2-D matmul 61 ms.
     """
     lead = x.shape[:-1]
     return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])
@@ -68,7 +78,7 @@ class Conv(nn.Module):
     bias ``(out,)``), so Keras and PyTorch weights and older checkpoints load unchanged; only the arithmetic
     is laid out for XLA CPU: :func:`_patches` then :func:`_matmul_last_axis`. XLA CPU's own convolution is
     2-3x slower to train for the layers medjax has (its kernel gradient most of all). Measured fwd+bwd at
-    batch 32, XLA conv vs this (ms; issue 6 closing note): MobileNetV2's 3x3/2 stem 140 vs 65,
+    batch 32, XLA conv vs this (ms): MobileNetV2's 3x3/2 stem 140 vs 65,
     ConvNeXt-Tiny's 4x4/4 stem 100 vs 46 and 2x2/2 downsampling 56->28 192 vs 111.
 
     Attributes:
@@ -111,6 +121,44 @@ class Conv(nn.Module):
         return y
 
 
+class ConvTranspose(nn.Module):
+    """Transposed convolution whose kernel equals its stride (non-overlapping 2x, 4x upsampling), with
+    ``nn.ConvTranspose``'s parameters and values (``padding='VALID'``, ``transpose_kernel=False``).
+
+    Every input pixel writes its own ``s x s`` output tile, so the layer is one 2-D matrix product
+    ``(N*H*W, C) x (C, s*s*F)`` followed by a depth-to-space reshape, instead of XLA's transposed
+    convolution (a convolution over a zero-dilated input, s*s times the work). Segmentation decoders use it
+    to upsample by 2 between levels and by 4 to full resolution.
+
+    Attributes:
+      features: output channels.
+      stride: upsampling factor (also the kernel size).
+      impl: ``'xla'`` computes with ``lax.conv_transpose`` (the reference); any other value, the product.
+    """
+
+    features: int
+    stride: int = 2
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s, channels = self.stride, x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (s, s, channels, self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(x.dtype)
+        kernel = kernel.astype(x.dtype)
+        if self.impl == "xla":
+            dims = ("NHWC", "HWIO", "NHWC")
+            return lax.conv_transpose(x, kernel, (s, s), "VALID", dimension_numbers=dims) + bias
+        # lax.conv_transpose without transpose_kernel correlates with the unflipped kernel over the
+        # dilated input, so output offset (a, b) inside a tile reads kernel tap (s-1-a, s-1-b).
+        weights = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(channels, s * s * self.features)
+        n, h, w, _ = x.shape
+        y = _matmul_last_axis(x, weights).reshape(n, h, w, s, s, self.features)
+        return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * s, w * s, self.features) + bias
+
+
 class BatchNorm(nn.Module):
     """``nn.BatchNorm`` over the last axis (same variables, statistics and running averages) whose training
     pass has a hand-written backward.
@@ -118,7 +166,7 @@ class BatchNorm(nn.Module):
     Differentiating ``nn.BatchNorm`` through its mean and variance leaves XLA three reductions and a
     materialised ``x - mean`` per layer; the backward here is the closed form, two reductions
     (``sum(g)``, ``sum(g * x_hat)``) and one elementwise pass. BatchNorm is most of MobileNetV2's memory
-    traffic on CPU (issue 6 closing note).
+    traffic on CPU.
 
     Attributes:
       use_running_average: normalise with the stored averages (evaluation) instead of the batch's.
@@ -197,7 +245,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
     Differentiating ``nn.gelu`` keeps its erfc and exp intermediates as full-size residuals: on XLA CPU
     each is its own pass over the 4x-expanded MLP activations. The JVP here computes the derivative
-    ``Phi(x) + x * phi(x)`` in one fusion, so one tensor is saved and read back (issue 6 closing note).
+    ``Phi(x) + x * phi(x)`` in one fusion, so one tensor is saved and read back.
     """
     return 0.5 * x * lax.erfc(-x * _INV_SQRT2)
 

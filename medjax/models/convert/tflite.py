@@ -36,15 +36,16 @@ beta and the statistics cannot be recovered separately. Each medjax BatchNorm be
 the folded bias: ``scale = 1, bias = b, mean = 0, var = 1 - epsilon`` (rounded so that
 ``var + epsilon == 1`` in float32), so in evaluation the model computes exactly ``conv(x) + b``, the
 network the file describes, at any BatchNorm epsilon. Not chosen: ``var = 1`` (off by ``sqrt(1 + eps)``
-per layer, compounding over 52 layers) or statistics measured on some data (the converter has none; see
-:func:`medjax.models.convert.folded_bn.calibrate_folded_batch_norm` to do that with the task's images).
+per layer, compounding over 52 layers), or guessing statistics without data.
 
 What it means for fine-tuning: in training mode medjax's BatchNorm normalises with the batch's statistics,
-frozen or not, and those of a folded convolution's output are far from (0, 1): the training forward pass
-then standardises every channel (losing gamma's magnitude and the learned shift) and no longer computes
-the pretrained network, while evaluation does. Re-express the BatchNorms with statistics of the task's
-training images first (``calibrate_folded_batch_norm``): evaluation is unchanged and the training pass
-reproduces the pretrained function on batches like those.
+frozen or not, and those of a folded convolution's output are far from (0, 1): the training pass would
+standardise every channel (losing gamma's magnitude and the learned shift) and not compute the pretrained
+network, while evaluation does; a frozen BatchNorm would keep that mismatch for the whole run. So a
+``.tflite`` start re-measures the statistics on the task's training images before training
+(:func:`medjax.models.convert.calibrate.calibrate_batch_norm`, ``init_from.calibrate_images``): evaluation
+is unchanged, and the training pass computes the pretrained network on batches like those. Freezing the
+calibrated statistics (``optim.freeze_batch_stats`` for frozen blocks) is then the usual transfer choice.
 """
 
 import dataclasses
