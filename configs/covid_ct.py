@@ -2,8 +2,9 @@
 (Xue et al., PLoS One 2026, MedNeXt: 98.39 % accuracy).
 
 The default is study C's fine-tuning recipe from ImageNet MobileNetV2 for CT slices
-(:func:`medjax.recipes.imagenet_ct`), the recipe chosen on the validation split of UCSD COVID-CT, a CT
-COVID set of the same kind (``configs/ucsd_covid_ct.py``; ``results/ucsd_covid_ct.md``): 224x224 RGB
+(:func:`medjax.recipes.imagenet_ct`), the same function as ``configs/ucsd_covid_ct.py`` uses, so what UCSD
+COVID-CT's validation split (a CT COVID set of the same kind) selects carries over here (status:
+``results/ucsd_covid_ct.md``): 224x224 RGB
 (RGBA and grey slices of any size are decoded to RGB and resized by the builder), rotations, flips,
 crops and intensity jitter, Adam with cosine annealing, the new classifier alone for 3 epochs, then the
 last blocks for 3, then all; early stopping on validation loss (patience 5). ``model=mednext_plos`` is

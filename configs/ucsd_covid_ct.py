@@ -7,8 +7,8 @@ The default is study C's fine-tuning recipe for CT slices (:func:`medjax.recipes
 ImageNet MobileNetV2 1.0 at 224x224 RGB, rotations, flips, crops and intensity jitter, Adam with cosine
 annealing, the new classifier alone for 3 epochs, then the last blocks for 3, then all, early stopping
 on validation loss (patience 5), the best checkpoint on validation loss. Validation is the official
-``val`` split (118 slices); test is reported once, never used to choose. How the recipe was chosen, with
-the commands, wall times and metrics: ``results/ucsd_covid_ct.md``.
+``val`` split (118 slices); test is reported once, never used to choose. The selection protocol, its
+commands and its status: ``results/ucsd_covid_ct.md``.
 
 Data: ``data.manual_dir`` (default ``~/medjax_data/ucsd_covid_ct``) laid out by the release's split lists
 as ``{train,val,test}/{CT_COVID,CT_NonCOVID}/*`` (see ``medjax/data/builders/ucsd_covid_ct.py``); with the
