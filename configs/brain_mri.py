@@ -36,11 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {
             "cross_entropy": {"weight": 1.0, "label_smoothing": 0.0},
             # On L2-normalised features: raw squared distances sum over the 512-1536 feature dimensions
-            # and swamp cross-entropy (measured on :synthetic: training stalls at loss 0.693, test AUC
-            # 0.64; normalised: test AUC 0.94; without the term: 0.99). The weight ramps up over 100 steps:
-            # the zero-initialised head sends cross-entropy no gradient into the features at first, and the
-            # term alone would collapse them (results/ablation_synthetic_ct*.md: test AUC 0.952 +- 0.019
-            # without the ramp, 0.967 +- 0.003 with it, as without the term).
+            # and swamp cross-entropy (on :synthetic the training loss then stayed at 0.693, chance). The
+            # weight ramps up over 100 steps: the zero-initialised head sends cross-entropy no gradient
+            # into the features at first, and the term alone would pull them to one point.
             "feature_smoothing": {"weight": 0.1, "normalize": True, "warmup_steps": 100},
         }
     )

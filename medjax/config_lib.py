@@ -296,10 +296,11 @@ def medmnist_config(
     early stopping on validation loss. The file goes in ``data.manual_dir`` (default
     ``~/medjax_data/medmnist``). ``variant`` is 'real', 'synthetic' or 'smoke' as in every config.
 
-    The augmentation goes beyond rotation because PneumoniaMNIST's test split is another cohort: with
-    rotation only, test specificity was 0.54 (accuracy 0.82, AUC 0.947) against 0.91 on validation;
-    adding random resized crops, flips and brightness/contrast jitter raised it to 0.88 (accuracy 0.904,
-    AUC 0.962; 12 epochs, seed 0).
+    The augmentation goes beyond rotation (random resized crops, flips, brightness/contrast jitter)
+    because PneumoniaMNIST's test images come from another cohort than train and validation, and
+    broader augmentation is the usual defence against such a shift. It is a default, not a measured
+    choice: no validation or cross-validation comparison backs it yet (``launch/cross_validate.py``
+    makes one).
     """
     config = base_config()
     config.name = subset
