@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # Grain worker processes; 0 decodes in the training process.
     c.data.train_split = "train"
     c.data.eval_split = "validation"
-    c.data.test_split = "test"
+    c.data.test_split = "test"  # '': never evaluated (cross-validation folds keep test unseen).
     c.data.normalize = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})  # After scaling to [0, 1].
     c.data.augment = ml_collections.ConfigDict(
         {

@@ -323,7 +323,8 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
 def _final_report(
     config, exp: _Experiment, ckpt: RunCheckpointer, writer: MetricWriter, state, **run
 ) -> dict:
-    """Validation and test metrics of the best checkpoint (the last state if none was saved)."""
+    """Validation and test metrics of the best checkpoint (the last state if none was saved); no test
+    metrics when ``data.test_split`` is empty (cross-validation folds, where test stays unseen)."""
     best_step = ckpt.best_step()
     variables = (
         ckpt.restore_best(abstract_variables=state.variables)
@@ -341,6 +342,8 @@ def _final_report(
         "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
     for name, split in (("validation", config.data.eval_split), ("test", config.data.test_split)):
+        if not split:
+            continue
         report[name] = exp.evaluate(variables, config.data, split, state.loss_state)
         writer.write(run["step"], name + "_best", report[name])
     return report
@@ -445,9 +448,12 @@ def train_and_evaluate(
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
         (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        name, split = (
+            ("test", data_cfg.test_split) if data_cfg.test_split else ("validation", data_cfg.eval_split)
+        )
         print(
-            f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "
-            f"accuracy {report['test']['accuracy']:.4f} auc {report['test']['auc']:.4f}. "
+            f"{name.capitalize()} ({split}) with the best checkpoint (step {report['best_step']}): "
+            f"accuracy {report[name]['accuracy']:.4f} auc {report[name]['auc']:.4f}. "
             f"Report: {workdir / 'report.json'}",
             flush=True,
         )
