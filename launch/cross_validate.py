@@ -27,9 +27,9 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from medjax import cli  # No jax: --help stays fast.
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # The repository, for medjax.
-from medjax import cli  # noqa: E402  (no jax: --help stays fast)
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
 
@@ -56,14 +56,10 @@ def fold_config(config, *, folds: int, fold: int):
 
 
 def _train_or_read_back(config, workdir: Path) -> dict:
-    from medjax import config_lib, train
+    from medjax import train
+    from medjax.run_dir import RunDir
 
-    report = workdir / "report.json"
-    if report.exists() and not config_lib.differing_keys(
-        json.loads((workdir / "config.json").read_text()), config.to_dict()
-    ):
-        return json.loads(report.read_text())
-    return train.train_and_evaluate(config, workdir)
+    return RunDir(workdir).finished_report(config) or train.train_and_evaluate(config, workdir)
 
 
 def cross_validate(config, *, folds: int, workdir: Path) -> list[dict]:
@@ -111,9 +107,10 @@ def main(argv: list[str]) -> None:
     del argv
     args = flags.FLAGS
     cli.setup(compilation_cache_dir=args.compilation_cache_dir, memory_allocator=args.allocator)
-    from medjax import protocol
+    from medjax import cores, protocol
 
     config = args["config"].value
+    cores.limit(config.get("cpu_cores"))  # Before JAX starts.
     spec = args["config"].serialize().split("=", 1)[1]
     name = config.get("name", Path(spec.partition(":")[0]).stem)
     workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "cv" / name
