@@ -38,8 +38,9 @@ def test_study_a_brain_mri_recipe():
 
 
 def test_study_b_covid_ct_recipe():
-    """medjax's 2-D MedNeXt of study B (tiny: widths 48-384, depths 2-2-6-2) on SARS-CoV-2 CT-scan."""
-    c = _config("covid_ct.py")
+    """medjax's 2-D MedNeXt of study B (tiny: widths 48-384, depths 2-2-6-2) on SARS-CoV-2 CT-scan, the
+    config's ``model=mednext_plos`` arm (its default is study C's ImageNet recipe for CT)."""
+    c = _config("covid_ct.py:model=mednext_plos")
     assert (c.model_name, c.model.variant, c.data.name) == ("mednext_plos", "tiny", "sars_cov2_ct")
 
 
