@@ -168,7 +168,7 @@ def run_experiment(
       medjax.protocol.RecipeChangedError: test was evaluated for another recipe of this experiment and
         ``allow_recipe_change`` is False (nothing is evaluated).
     """
-    from medjax import config_lib, protocol
+    from medjax import config_lib, protocol, recipes
     from medjax.evaluate import command as evaluate
     from medjax.run_dir import RunDir, report_paths
 
@@ -182,6 +182,8 @@ def run_experiment(
     config.train.progress_bar = False
     if exp.init_from:  # Wherever --workdir_root put the run it fine-tunes.
         config.init_from.path = str(_source_run(exp, root))
+    elif config.init_from.path == recipes.IMAGENET_MOBILENET_V2:  # The ImageNet start, read in place.
+        config.init_from.path = str(shared.parent / "weights" / recipes.IMAGENET_MOBILENET_V2_FILE)
     keys = protocol.recipe(config.to_dict(), seeds=list(exp.seeds), init_from=exp.init_from)
     ledger.ensure_allowed(exp.name, keys, allow_change=allow_recipe_change)  # Before hours of training.
     workdirs = exp.workdirs(root)

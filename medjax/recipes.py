@@ -19,8 +19,10 @@ import ml_collections
 
 from medjax import config_lib
 
-# ../shared/weights/imagenet_mobilenet_v2/ holds this file; a user places it here (or overrides the key).
-IMAGENET_MOBILENET_V2 = "~/medjax_data/weights/imagenet_mobilenet_v2/tf2_mobilenet_v2_1.0_224_ptq.tflite"
+# The weights file below a weights folder (../shared/weights/ here); a user places it under
+# ~/medjax_data/weights/ (or overrides init_from.path).
+IMAGENET_MOBILENET_V2_FILE = "imagenet_mobilenet_v2/tf2_mobilenet_v2_1.0_224_ptq.tflite"
+IMAGENET_MOBILENET_V2 = f"~/medjax_data/weights/{IMAGENET_MOBILENET_V2_FILE}"
 
 HEAD = ("classifier/.*",)
 LAST_BLOCKS = ("block_1[4-6]/.*", "head_conv/.*", "head_bn/.*", "classifier/.*")
