@@ -120,7 +120,7 @@ def test_damaged_latest_checkpoint_and_torn_metrics_line_resume_to_the_same_resu
 def test_metrics_file_damaged_before_its_last_line_names_file_and_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: damaged line"):
-        MetricWriter(tmp_path, resume_step=3)
+        MetricWriter(tmp_path / "metrics.jsonl", tmp_path / "tensorboard", resume_step=3)
 
 
 def test_damaged_best_checkpoint_stops_inference_instead_of_predicting_nan(smoke_run, tmp_path):
