@@ -39,6 +39,7 @@ def _report(workdir) -> dict:
     return {k: v for k, v in json.loads((workdir / "report.json").read_text()).items() if k in COMPARED}
 
 
+@pytest.mark.slow
 def test_kill_between_the_best_and_latest_saves_resumes_to_the_same_result(
     smoke_run, tmp_path, tfds_data_dir, compilation_cache
 ):
@@ -140,6 +141,7 @@ def test_damaged_best_checkpoint_stops_inference_instead_of_predicting_nan(smoke
         run_dir.load_run(workdir)
 
 
+@pytest.mark.slow
 def test_a_second_launch_on_a_busy_workdir_is_refused_naming_the_first(
     tmp_path, tfds_data_dir, compilation_cache
 ):
