@@ -329,7 +329,8 @@ def _non_finite_message(step: int, step_metrics: dict, last_saved: int, run: Run
 def _final_report(
     config, exp: _Experiment, ckpt: RunCheckpointer, writer: MetricWriter, state, **run
 ) -> dict:
-    """Validation and test metrics of the best checkpoint (the last state if none was saved)."""
+    """Validation and test metrics of the best checkpoint (the last state if none was saved); no test
+    metrics when ``data.test_split`` is empty (cross-validation folds, where test stays unseen)."""
     best_step = ckpt.best_step()
     variables = (
         ckpt.restore_best(abstract_variables=state.variables)
@@ -347,6 +348,8 @@ def _final_report(
         "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
     for name, split in (("validation", config.data.eval_split), ("test", config.data.test_split)):
+        if not split:
+            continue
         report[name] = exp.evaluate(variables, config.data, split, state.loss_state)
         writer.write(run["step"], name + "_best", report[name])
     return report
@@ -453,9 +456,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
         run.write_report(report)
+        name, split = (
+            ("test", data_cfg.test_split) if data_cfg.test_split else ("validation", data_cfg.eval_split)
+        )
         print(
-            f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "
-            f"{exp.task.headline(report['test'])}. Report: {run.report_file}",
+            f"{name.capitalize()} ({split}) with the best checkpoint (step {report['best_step']}): "
+            f"{exp.task.headline(report[name])}. Report: {run.report_file}",
             flush=True,
         )
         return report

@@ -29,10 +29,12 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medjax.data import near_duplicates
 from medjax.errors import DataError
 
 RESIZE_POLICIES = ("stretch", "pad", "crop")
@@ -243,23 +245,32 @@ class ImageSpec:
     window: tuple[float, float] | None = None
 
 
-def prepare_array(image: np.ndarray, spec: ImageSpec) -> tuple[bytes, str]:
-    """Returns ``(png_bytes, pixel_hash)`` for a decoded uint8 image.
+class PreparedImage(NamedTuple):
+    """What a builder keeps of one source image: the stored PNG and the two keys of duplicate finding."""
 
-    The hash is taken at native resolution after channel conversion, so byte-identical files and
-    re-encodings of the same pixels (RGB vs RGBA with opaque alpha) fall into one duplicate group.
+    png: bytes
+    pixel_hash: str  # Exact copies (:func:`pixel_hash` at native resolution).
+    fingerprint: np.ndarray  # Near copies (:func:`medjax.data.near_duplicates.thumbnail`).
+
+
+def prepare_array(image: np.ndarray, spec: ImageSpec) -> PreparedImage:
+    """The stored PNG, pixel hash and near-duplicate fingerprint of a decoded uint8 image.
+
+    Hash and fingerprint are taken at native resolution after channel conversion, so byte-identical
+    files and re-encodings of the same pixels (RGB vs RGBA with opaque alpha) fall into one duplicate
+    group whatever size the dataset is stored at.
     """
     image = to_channels(image, spec.channels)
-    digest = pixel_hash(image)
-    return encode_png(resize_image(image, size=spec.size, policy=spec.resize)), digest
+    png = encode_png(resize_image(image, size=spec.size, policy=spec.resize))
+    return PreparedImage(png, pixel_hash(image), near_duplicates.thumbnail(image))
 
 
-def prepare_file(path: str | os.PathLike, spec: ImageSpec) -> tuple[bytes, str]:
-    """Decodes ``path`` and returns ``(png_bytes, pixel_hash)``; raises :class:`ImageDecodeError`."""
+def prepare_file(path: str | os.PathLike, spec: ImageSpec) -> PreparedImage:
+    """Decodes ``path`` and prepares it (:func:`prepare_array`); raises :class:`ImageDecodeError`."""
     return prepare_array(decode_image(path, channels=spec.channels, window=spec.window), spec)
 
 
-def try_prepare_file(path: str | os.PathLike, spec: ImageSpec) -> tuple[tuple[bytes, str] | None, str | None]:
+def try_prepare_file(path: str | os.PathLike, spec: ImageSpec) -> tuple[PreparedImage | None, str | None]:
     """:func:`prepare_file` returning ``(result, None)`` or ``(None, error message)``, for batch scans."""
     try:
         return prepare_file(path, spec), None

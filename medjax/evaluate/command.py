@@ -57,7 +57,8 @@ def _resolve_splits(data_cfg, splits: Sequence[str]) -> dict[str, str]:
     Raises:
       MedjaxError: for a split the dataset does not have (listing those it has).
     """
-    named = {"validation": data_cfg.eval_split, "test": data_cfg.test_split}
+    # A run trained with test_split '' never looked at test; its test role is the dataset's 'test'.
+    named = {"validation": data_cfg.eval_split, "test": data_cfg.test_split or "test"}
     resolved = {role: named.get(role, role) for role in splits}
     _, info = pipeline.load_source(data_cfg, data_cfg.eval_split)
     unknown = [s for s in resolved.values() if s.split("[")[0] not in info.splits]  # 'train[:10%]' is fine.

@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from medjax.data import images, splits
+from medjax.data import images, near_duplicates, splits
 from medjax.errors import DataError
 
 JUNK_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini", "__macosx"})
@@ -69,13 +70,17 @@ class ImageConfig(tfds.core.BuilderConfig):
 
     ``image_size``/``channels``: stored shape (channels 1 or 3); ``resize``: 'stretch' | 'pad' | 'crop'
     (see :func:`medjax.data.images.resize_image`); ``drop_duplicates``: keep one copy per pixel-identical
-    group instead of only keeping groups inside one split.
+    group instead of only keeping groups inside one split. ``cv_folds`` >= 2 re-splits everything but
+    test into that many grouped, stratified folds and makes fold ``cv_fold`` the validation split
+    (``launch/cross_validate.py`` prepares one dataset per fold).
     """
 
     image_size: int = 224
     channels: int = 3
     resize: str = "stretch"
     drop_duplicates: bool = False
+    cv_folds: int = 0
+    cv_fold: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -87,6 +92,11 @@ class ImageConfig(tfds.core.BuilderConfig):
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.resize not in images.RESIZE_POLICIES:
             raise ValueError(f"resize must be one of {images.RESIZE_POLICIES}, got {self.resize!r}")
+        if self.cv_folds and not (self.cv_folds >= 2 and 0 <= self.cv_fold < self.cv_folds):
+            raise ValueError(
+                f"cv_folds must be 0 or >= 2 with 0 <= cv_fold < cv_folds, got {self.cv_folds}, "
+                f"{self.cv_fold}"
+            )
 
 
 @dataclasses.dataclass(eq=False)
@@ -97,6 +107,10 @@ class FolderConfig(ImageConfig):
     fraction leaves that split out. ``validation_fraction`` is carved from an official train split whose
     validation split is absent or smaller than ``min_validation``. ``skip_corrupt`` skips unreadable files
     (listed in the report) instead of failing; ``dicom_window`` = (center, width) overrides DICOM windows.
+    ``group_pattern`` is a regular expression searched in each image's path relative to the dataset root
+    (e.g. ``train/PNEUMONIA/person12_virus_5.jpeg``); its first matched capture group (or the whole match)
+    names the image's patient, and one patient's images are never separated by a split drawn here.
+    Images it does not match are their own group; the report counts them.
     """
 
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
@@ -105,9 +119,14 @@ class FolderConfig(ImageConfig):
     seed: int = 0
     skip_corrupt: bool = False
     dicom_window: tuple[float, float] | None = None
+    group_pattern: str = ""
 
     def __post_init__(self):
         super().__post_init__()
+        try:
+            re.compile(self.group_pattern)
+        except re.error as e:
+            raise ValueError(f"group_pattern {self.group_pattern!r} is not a regular expression: {e}") from e
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -141,7 +160,8 @@ def _coerce(key: str, value, default):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One source image: its id (relative path), label, official split, PNG location in the spill, hash."""
+    """One source image: its id (relative path), label, official split, PNG location in the spill, pixel
+    hash, near-duplicate fingerprint and patient key (None: its own group)."""
 
     id: str
     label: int
@@ -149,6 +169,17 @@ class Record:
     offset: int
     length: int
     hash: str
+    fingerprint: np.ndarray
+    key: str | None = None
+
+
+def group_key(pattern: str, item_id: str) -> str | None:
+    """The patient ``pattern`` finds in ``item_id``: its first matched capture group, else the whole
+    match; None when it does not match (or there is no pattern)."""
+    match = re.search(pattern, item_id) if pattern else None
+    if match is None:
+        return None
+    return next((g for g in match.groups() if g is not None), match.group(0))
 
 
 class _Spill:
@@ -250,7 +281,12 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
     def _split_options(self) -> dict:
         """Keyword arguments of :func:`splits.plan_splits` taken from the config."""
-        return {"drop_duplicates": self.builder_config.drop_duplicates}
+        config = self.builder_config
+        return {
+            "drop_duplicates": config.drop_duplicates,
+            "cv_folds": config.cv_folds,
+            "cv_fold": config.cv_fold,
+        }
 
     def _split_generators(self, dl_manager):
         try:
@@ -262,10 +298,14 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         if not records:
             raise DatasetLayoutError(f"{self.name}: no images found in {manual_dir}")
         self.info.features["label"].names = list(names)
+        near_pairs = near_duplicates.find_pairs(np.stack([r.fingerprint for r in records]))
         plan = splits.plan_splits(
             labels=[r.label for r in records],
             hashes=[r.hash for r in records],
             official=None if records[0].official is None else [r.official for r in records],
+            keys=[r.key for r in records] if getattr(self.builder_config, "group_pattern", "") else None,
+            near_pairs=near_pairs,
+            ids=[r.id for r in records],
             **self._split_options(),
         )
         report.update(plan.report)
@@ -407,6 +447,7 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
         config = self.builder_config
         report: dict = {
             "root": images.printable(os.path.relpath(root, manual_dir)),
+            "group_pattern": config.group_pattern,
             "ignored": [],
             "skipped_corrupt": [],
         }
@@ -446,7 +487,8 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
                 if error is not None:
                     failures.append((rel, error))
                 else:
-                    records.append(Record(rel, label, split, *store(result[0]), result[1]))
+                    key = group_key(config.group_pattern, rel)
+                    records.append(Record(rel, label, split, *store(result.png), *result[1:], key=key))
         if failures and not config.skip_corrupt:
             listing = "\n".join(f"  {e}" for _, e in failures[:10])
             raise images.ImageDecodeError(
