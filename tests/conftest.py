@@ -63,6 +63,17 @@ def launch_smoke(workdir, data_dir, cache_dir, *args, env=None, stderr=subproces
     )
 
 
+def data_config(**values):
+    """``config.data`` of the base config with ``values`` set (whole sections replaced), for tests that
+    drive the pipeline without a config file."""
+    from medjax import config_lib
+
+    config = config_lib.base_config().data
+    for key, value in values.items():
+        config[key] = value
+    return config
+
+
 def optim_config(**overrides):
     """``config.optim`` of the base config with ``overrides`` (every key the optimizer reads is set)."""
     from medjax import config_lib

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import checkpointing, cli, train, trained
+from medjax import checkpointing, cli, run_dir, train
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.errors import CheckpointError
@@ -39,6 +39,7 @@ def _report(workdir) -> dict:
     return {k: v for k, v in json.loads((workdir / "report.json").read_text()).items() if k in COMPARED}
 
 
+@pytest.mark.slow
 def test_kill_between_the_best_and_latest_saves_resumes_to_the_same_result(
     smoke_run, tmp_path, tfds_data_dir, compilation_cache
 ):
@@ -120,7 +121,7 @@ def test_damaged_latest_checkpoint_and_torn_metrics_line_resume_to_the_same_resu
 def test_metrics_file_damaged_before_its_last_line_names_file_and_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: damaged line"):
-        MetricWriter(tmp_path, resume_step=3)
+        MetricWriter(tmp_path / "metrics.jsonl", tmp_path / "tensorboard", resume_step=3)
 
 
 def test_damaged_best_checkpoint_stops_inference_instead_of_predicting_nan(smoke_run, tmp_path):
@@ -134,12 +135,13 @@ def test_damaged_best_checkpoint_stops_inference_instead_of_predicting_nan(smoke
     with ocp.StandardCheckpointer() as writer:
         writer.save(best / "variables", variables)
     with pytest.raises(CheckpointError, match=r"\['params'\]\['classifier'\]\['kernel'\] holds NaN"):
-        trained.load_trained(workdir)
+        run_dir.load_run(workdir)
     _corrupt(best / "_CHECKPOINT_METADATA")
     with pytest.raises(CheckpointError, match="_CHECKPOINT_METADATA: unreadable JSON"):
-        trained.load_trained(workdir)
+        run_dir.load_run(workdir)
 
 
+@pytest.mark.slow
 def test_a_second_launch_on_a_busy_workdir_is_refused_naming_the_first(
     tmp_path, tfds_data_dir, compilation_cache
 ):
@@ -168,7 +170,7 @@ def test_a_config_that_fails_at_start_leaves_the_workdir_to_the_fixed_command(tm
     assert not (workdir / "config.json").exists()
     # A workdir with no checkpoint has finished nothing: another config may take it over.
     (workdir / "config.json").write_text(json.dumps(too_big.to_dict(), default=str))
-    train._check_workdir_config(workdir, smoke_config(tfds_data_dir))
+    train._check_workdir_config(RunDir(workdir), smoke_config(tfds_data_dir))
 
 
 @pytest.fixture
@@ -206,7 +208,7 @@ def test_non_utf8_file_names_reach_the_prediction_csv(smoke_run, tmp_path):
     folder.mkdir()
     name = os.fsdecode(b"scan_\xe9.png")  # Latin-1 on a UTF-8 system: not decodable.
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / name)
-    rows = predict.predict_files(trained.load_trained(smoke_run), predict.find_images([folder]), batch_size=4)
+    rows = predict.predict_files(run_dir.load_run(smoke_run), predict.find_images([folder]), batch_size=4)
     predict.write_csv(rows, tmp_path / "preds.csv")
     text = (tmp_path / "preds.csv").read_text(encoding="utf-8")
     assert "scan_\\xe9.png" in text and rows[0]["error"] == "" and rows[0]["prediction"]
