@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: the latest few (to resume) and the best on validation (to use).
 
-``<workdir>/checkpoints/latest/<step>/`` holds the train state, the Grain iterator position and a JSON
-record of the loop's own state (early stopping, best metric), so a killed run restarts exactly where
-its last checkpoint left it, with no RNG to store (step RNGs are ``fold_in(seed, step)``).
+``<workdir>/checkpoints/latest/<step>/`` holds the train state and a JSON record of the loop's own state
+(early stopping, best metric), so a killed run restarts exactly where its last checkpoint left it, with
+no RNG to store (step RNGs are ``fold_in(seed, step)``) and no data iterator state (batch ``k`` is a
+function of the seed and ``k``, so the loader restarts at the step).
 ``<workdir>/checkpoints/best/<step>/`` holds only what inference needs (params and BatchNorm statistics)
 of the evaluation with the best monitored validation metric.
 
@@ -50,32 +51,33 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def save(self, step: int, *, state: Any, data_iterator: Any, loop_state: dict) -> None:
-        """Saves everything needed to resume after ``step`` completed steps."""
-        self.latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
-                loop=ocp.args.JsonSave(loop_state),
-            ),
-            force=True,
-        )
+    def save(self, step: int, *, state: Any, loop_state: dict, data_iterator: Any = None) -> None:
+        """Saves everything needed to resume after ``step`` completed steps.
 
-    def restore(self, step: int, *, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict]:
-        """Restores the state (shaped and sharded like ``abstract_state``) and the iterator in place.
+        Every process calls it (a collective save: each writes the array shards it owns, process 0 the
+        metadata). ``data_iterator`` is saved only when given: medjax's loaders re-derive their
+        position from the step instead (:func:`medjax.data.pipeline.make_train_loader`), which keeps a
+        checkpoint restorable with another number of processes or Grain workers.
+        """
+        items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.latest.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, *, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
+        """Restores the state shaped and sharded like ``abstract_state`` (and ``data_iterator`` in place
+        when given).
+
+        The saved arrays are read into ``abstract_state``'s shardings, those of the current mesh, so a
+        checkpoint written on 4 devices or 2 processes restores on 1 device and the other way round.
 
         Returns:
           ``(state, loop_state)``.
         """
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                loop=ocp.args.JsonRestore(),
-            ),
-        )
+        items = {"state": ocp.args.StandardRestore(abstract_state), "loop": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.latest.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], dict(restored["loop"])
 
     def save_best(self, step: int, *, variables: Any, metrics: dict) -> None:

@@ -17,10 +17,17 @@ import tqdm
 
 
 class MetricWriter:
-    """Appends metrics to ``<workdir>/metrics.jsonl`` and TensorBoard files in ``<workdir>/tensorboard``."""
+    """Appends metrics to ``<workdir>/metrics.jsonl`` and TensorBoard files in ``<workdir>/tensorboard``.
 
-    def __init__(self, workdir: Path, *, resume_step: int | None = None):
+    ``enabled=False`` writes nothing: the other processes of a multi-process run, whose metrics process
+    0 already writes.
+    """
+
+    def __init__(self, workdir: Path, *, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None:
             self._drop_after(resume_step)
         self._tb = tensorboardX.SummaryWriter(str(Path(workdir) / "tensorboard"))
@@ -34,6 +41,8 @@ class MetricWriter:
 
     def write(self, step: int, kind: str, scalars: dict) -> None:
         """Writes ``scalars`` (numbers; lists such as confusion matrices go to JSON only)."""
+        if not self.enabled:
+            return
         record = {"step": int(step), "kind": kind, **scalars}
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
@@ -43,7 +52,8 @@ class MetricWriter:
         self._tb.flush()
 
     def close(self) -> None:
-        self._tb.close()
+        if self.enabled:
+            self._tb.close()
 
 
 class Progress:

@@ -208,13 +208,16 @@ def _initial_variables(config, model, init_key, image_shape) -> dict:
 def evaluate(
     p_eval: Callable, variables: dict, data_cfg, *, split: str, mesh, class_names, loss_state=None
 ) -> dict:
-    """Metrics over every example of ``split`` exactly once (padding masked out)."""
+    """Metrics over every example of ``split`` exactly once (padding masked out), split over the
+    processes and gathered on each."""
     all_labels, all_logits, loss_sum = [], [], 0.0
-    for batch in pipeline.iterate_eval(data_cfg, split=split):
-        mask = np.asarray(batch["mask"], bool)
-        out = jax.device_get(p_eval(variables, sharding.shard_batch(batch, mesh), loss_state or {}))
+    for batch in pipeline.iterate_eval(data_cfg, split=split, **sharding.process_shard()):
+        placed = sharding.shard_batch(batch, mesh)
+        out = p_eval(variables, placed, loss_state or {})
+        out = sharding.gather({**out, "label": placed["label"], "mask": placed["mask"]})
+        mask = np.asarray(out["mask"], bool)
         all_logits.append(np.asarray(out["logits"])[mask])
-        all_labels.append(np.asarray(batch["label"])[mask])
+        all_labels.append(np.asarray(out["label"])[mask])
         loss_sum += float(out["loss_sum"])
     labels = np.concatenate(all_labels)
     probs = metrics.probabilities(np.concatenate(all_logits))
@@ -224,7 +227,8 @@ def evaluate(
 
 
 def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Writes ``config.json``, or refuses a workdir that an incompatible config wrote."""
+    """Writes ``config.json`` (process 0), or refuses a workdir that an incompatible config wrote (every
+    process, before the file is rewritten)."""
     path = workdir / "config.json"
     if path.exists():
         differing = config_lib.differing_keys(json.loads(path.read_text()), config.to_dict())
@@ -233,7 +237,9 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
                 f"Workdir {workdir} was written by a different config; keys that differ: "
                 f"{', '.join(differing)}. Use another --workdir, or delete this one to start over."
             )
-    path.write_text(config_lib.to_json(config))
+    sharding.barrier("workdir config checked")
+    if sharding.is_primary():
+        path.write_text(config_lib.to_json(config))
 
 
 @dataclasses.dataclass
@@ -265,7 +271,10 @@ class _Experiment:
 def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) -> _Experiment:
     """Dataset metadata, step counts, model, loss, optimizer, initial state and the jitted steps."""
     data_cfg = config.data
-    meta = pipeline.dataset_metadata(data_cfg)
+    # Reading the metadata prepares the dataset on first use: once, by process 0, before the others read.
+    meta = pipeline.dataset_metadata(data_cfg) if sharding.is_primary() else None
+    sharding.barrier("dataset prepared")
+    meta = meta or pipeline.dataset_metadata(data_cfg)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(data_cfg.batch_size, mesh)
     sharding.check_batch_size(data_cfg.eval_batch_size, mesh, what="data.eval_batch_size")
@@ -371,14 +380,13 @@ def train_and_evaluate(
     t_start = time.perf_counter()
     data_cfg, train_cfg = config.data, config.train
     exp = _build(config, extra_loss_terms)
-    trained.write_dataset_info(workdir, class_names=exp.meta.class_names, label_counts=exp.meta.label_counts)
+    primary = sharding.is_primary()  # The one process that writes files; all of them compute.
+    if primary:
+        trained.write_dataset_info(
+            workdir, class_names=exp.meta.class_names, label_counts=exp.meta.label_counts
+        )
     state = exp.state
 
-    train_iter = iter(
-        pipeline.make_train_loader(
-            data_cfg, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count()
-        )
-    )
     ckpt = RunCheckpointer(
         workdir / "checkpoints",
         keep=train_cfg.keep_checkpoints,
@@ -388,12 +396,15 @@ def train_and_evaluate(
     loop_state: dict = {}
     start_step = ckpt.latest_step()
     if start_step is not None:
-        state, loop_state = ckpt.restore(start_step, abstract_state=state, data_iterator=train_iter)
+        state, loop_state = ckpt.restore(start_step, abstract_state=state)
         print(f"Resuming from the checkpoint at step {start_step} in {workdir / 'checkpoints'}.", flush=True)
     step = last_saved = start_step or 0
+    train_iter = iter(
+        pipeline.make_train_loader(data_cfg, seed=config.seed, start_batch=step, **sharding.process_shard())
+    )
     stopper = EarlyStopping(**train_cfg.early_stopping, state=loop_state.get("early_stopping"))
     stopped = loop_state.get("stopped", False)
-    writer = MetricWriter(workdir, resume_step=step or None)
+    writer = MetricWriter(workdir, resume_step=step or None, enabled=primary)
     progress = Progress(
         total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
     )
@@ -436,7 +447,7 @@ def train_and_evaluate(
                 train_cfg.checkpoint_every_steps and step % train_cfg.checkpoint_every_steps == 0
             ):
                 loop = {"early_stopping": stopper.state(), "stopped": stopped}
-                ckpt.save(step, state=state, data_iterator=train_iter, loop_state=loop)
+                ckpt.save(step, state=state, loop_state=loop)
                 last_saved = step
         progress.close()
 
@@ -444,7 +455,9 @@ def train_and_evaluate(
         report["wall_time_s"] = time.perf_counter() - t_start
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
-        (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        report["processes"], report["devices"] = jax.process_count(), jax.device_count()  # And these.
+        if primary:
+            (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
         print(
             f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "
             f"accuracy {report['test']['accuracy']:.4f} auc {report['test']['auc']:.4f}. "
