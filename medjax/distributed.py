@@ -96,7 +96,7 @@ def initialize(
     """
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     explicit = (coordinator_address, num_processes, process_id)
-    cluster = cluster_detected()
+    cluster = cluster_detected() if None in explicit else None  # Given flags need no detection.
     if all(v is None for v in explicit) and cluster is None:
         return False
     if cluster is None and None in explicit:

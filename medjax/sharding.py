@@ -1,6 +1,9 @@
-"""One code path for one or many devices and processes: a 1-D ``('data',)`` mesh.
+"""One code path for one or many devices and processes: a ``('data', 'model')`` mesh.
 
-Batches are split along their first axis over the mesh; parameters and optimizer state are replicated.
+Batches are split along their first axis over every device of the mesh; parameters and optimizer state
+are replicated (``'model'`` has size 1), or, for models too large for one device, each split over
+``config.mesh.param_shards`` devices along the second axis (FSDP style: XLA gathers a layer's
+parameters where the step needs them and reduce-scatters their gradients).
 On one CPU this is a mesh of one device and costs nothing; with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, several GPUs, or several processes joined by
 ``jax.distributed`` (:mod:`medjax.distributed`) the same code runs data-parallel.
@@ -18,17 +21,29 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from medjax.errors import ConfigError
+
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 
 
-def make_mesh() -> Mesh:
-    """A mesh over every device of every process, with the single axis ``'data'``.
+def make_mesh(param_shards: int = 1) -> Mesh:
+    """A mesh over every device of every process, of shape ``(devices / param_shards, param_shards)``
+    with axes ``('data', 'model')``.
 
     Devices are ordered by process, so process ``i``'s rows of a global batch are one contiguous block
     (rows ``i * B / P`` to ``(i + 1) * B / P``), the block :func:`process_shard` has it read.
+
+    Raises:
+      ConfigError: when ``param_shards`` does not divide the device count.
     """
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    if param_shards < 1 or len(devices) % param_shards:
+        raise ConfigError(
+            f"mesh.param_shards={param_shards} must divide the number of devices ({len(devices)}); "
+            "1 replicates the parameters."
+        )
+    return Mesh(np.asarray(devices).reshape(-1, param_shards), (DATA_AXIS, MODEL_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -36,7 +51,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Rows over every device (both axes): parameter shards do not cost data parallelism."""
+    return NamedSharding(mesh, PartitionSpec((DATA_AXIS, MODEL_AXIS)))
+
+
+def param_spec(shape: tuple[int, ...], shards: int) -> PartitionSpec:
+    """How one parameter (or optimizer moment) of ``shape`` is split over ``shards`` devices: along its
+    largest dimension that divides evenly (the last of equals, usually output channels); replicated when
+    ``shards`` is 1 or no dimension divides (biases of odd width, scalars)."""
+    if shards == 1:
+        return PartitionSpec()
+    sizes = [(size, axis) for axis, size in enumerate(shape) if size % shards == 0]
+    if not sizes:
+        return PartitionSpec()
+    axis = max(sizes)[1]
+    return PartitionSpec(*([None] * axis), MODEL_AXIS)
+
+
+def place_state(tree, mesh: Mesh):
+    """Puts a train state (parameters, optimizer state, statistics) on the mesh: replicated, or split
+    over the ``'model'`` axis per :func:`param_spec`."""
+    shards = mesh.shape[MODEL_AXIS]
+    return jax.device_put(
+        tree, jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), shards)), tree)
+    )
 
 
 def process_shard() -> dict[str, int]:

@@ -275,7 +275,7 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     meta = pipeline.dataset_metadata(data_cfg) if sharding.is_primary() else None
     sharding.barrier("dataset prepared")
     meta = meta or pipeline.dataset_metadata(data_cfg)
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config.mesh.param_shards)
     sharding.check_batch_size(data_cfg.batch_size, mesh)
     sharding.check_batch_size(data_cfg.eval_batch_size, mesh, what="data.eval_batch_size")
     steps_per_epoch = meta.num_examples[data_cfg.train_split] // data_cfg.batch_size
@@ -310,7 +310,7 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     if not 0.0 <= ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 disables the weight average).")
     initial = _initial_variables(config, model, init_key, image_shape)
-    state = sharding.replicate(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
+    state = sharding.place_state(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
     frozen_stats = None
     if config.optim.trainable is not None and config.optim.freeze_batch_stats:
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
@@ -455,7 +455,7 @@ def train_and_evaluate(
         report["wall_time_s"] = time.perf_counter() - t_start
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
-        report["processes"], report["devices"] = jax.process_count(), jax.device_count()  # And these.
+        report["processes"], report["mesh"] = jax.process_count(), dict(exp.mesh.shape)  # And these.
         if primary:
             (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
         print(

@@ -5,9 +5,10 @@ JAX fixes its device count when it starts, so every multi-device or multi-proces
 test process. All runs train the same tiny ConvNeXt (``configs/brain_mri.py:smoke``, 32 px, 8 steps)
 on the session's prepared data at the same global batch.
 
-Tolerance: a data-parallel step computes the same mean gradient and the same (global-batch) BatchNorm
-statistics as one device, but sums per-device partial sums, so float additions happen in another order:
-step results agree to rounding (~1e-7 relative), and after 8 AdamW steps to ``RTOL``. Two processes of
+Tolerance: a data-parallel step computes the same mean gradient and the same (global-batch) statistics
+as one device, but adds per-device partial sums, so float additions happen in another order: losses and
+gradient norms agree to rounding (measured: 2e-7 relative after 8 AdamW steps), checked to ``RTOL``,
+50x that, because AdamW divides by the root of tiny second moments and can amplify rounding. Two processes of
 one device each run the same 2-way partitioned program whichever process holds which half, so a killed
 and resumed 2-process run ends with bit-identical metrics to the uninterrupted one.
 
@@ -29,7 +30,7 @@ import pytest
 from tests.conftest import ROOT, smoke_config
 
 SPEC = f"{ROOT}/configs/brain_mri.py:smoke"
-RTOL = 2e-4  # Loss and metric agreement across device counts (see the module docstring).
+RTOL = 1e-5  # Loss and metric agreement across device counts (see the module docstring).
 HEARTBEAT_S = 10  # How long a dead process may stay silent before JAX stops the other one.
 
 
@@ -39,13 +40,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, data_dir: Path, cache: str, *, devices: int = 1, process: tuple | None = None):
+def _launch(workdir: Path, data_dir: Path, cache: str, *, devices=1, process=None, flags=()):
     """Starts ``python -m medjax.launch`` on the smoke config; output goes to ``<workdir>.<rank>.log``."""
     cmd = [
         sys.executable,
         "-m",
         "medjax.launch",
         f"--config={SPEC}",
+        *flags,
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
         f"--compilation_cache_dir={cache}",
@@ -99,6 +101,10 @@ def _assert_close(a, b, rtol: float = RTOL, path: str = "") -> None:
         assert set(a) == set(b), path
         for key in a:
             _assert_close(a[key], b[key], rtol, f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, rtol, f"{path}[{i}]")
     elif isinstance(a, float) or isinstance(b, float):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol, err_msg=path)
     else:
@@ -132,8 +138,10 @@ def one_device_run(tfds_data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def four_device_run(one_device_run, tfds_data_dir, compilation_cache, tmp_path_factory) -> Path:
+    """4 devices, with the parameters split in 2 (``mesh.param_shards``): batches still over all 4."""
     workdir = tmp_path_factory.mktemp("four_devices") / "run"
-    log = _finish(_launch(workdir, tfds_data_dir, compilation_cache, devices=4))[0]
+    flags = ["--config.mesh.param_shards=2"]
+    log = _finish(_launch(workdir, tfds_data_dir, compilation_cache, devices=4, flags=flags))[0]
     assert "process 0 of 1, 4 of 4 devices (cpu)" in log
     return workdir
 
@@ -142,13 +150,12 @@ def test_four_devices_follow_the_one_device_loss_trajectory(one_device_run, four
     one, four = _metrics(one_device_run, "train"), _metrics(four_device_run, "train")
     assert sorted(one) == sorted(four) == [2, 4, 6, 8]
     for step in one:
-        assert one[step]["loss"] != four[step]["loss"] or step == 2  # Really another reduction order...
-        _assert_close(one[step]["loss"], four[step]["loss"])  # ...and the same training.
+        _assert_close(one[step]["loss"], four[step]["loss"])
     for step, val in _metrics(one_device_run, "validation").items():
         _assert_close(val["loss"], _metrics(four_device_run, "validation")[step]["loss"])
     report_1 = json.loads((one_device_run / "report.json").read_text())
     report_4 = json.loads((four_device_run / "report.json").read_text())
-    assert (report_1["devices"], report_4["devices"]) == (1, 4)
+    assert (report_1["mesh"], report_4["mesh"]) == ({"data": 1, "model": 1}, {"data": 2, "model": 2})
     _assert_close(_results(report_1), _results(report_4))
 
 
@@ -160,7 +167,7 @@ def test_a_four_device_checkpoint_resumes_on_one_device(
     workdir = _rewind(four_device_run, tmp_path / "run", step=4)
     report = train.train_and_evaluate(smoke_config(tfds_data_dir, SPEC), workdir)
     assert "Resuming from the checkpoint at step 4" in capsys.readouterr().out
-    assert report["devices"] == 1 and report["steps"] == 8
+    assert report["mesh"] == {"data": 1, "model": 1} and report["steps"] == 8
     resumed, reference = _metrics(workdir, "train"), _metrics(one_device_run, "train")
     for step in (6, 8):  # Continued on one device where the 4-device run stopped.
         _assert_close(resumed[step]["loss"], reference[step]["loss"])
@@ -179,7 +186,7 @@ def two_process_run(one_device_run, tfds_data_dir, compilation_cache, tmp_path_f
 def test_two_processes_train_together_like_one(two_process_run, one_device_run):
     report_1 = json.loads((one_device_run / "report.json").read_text())
     report_2 = json.loads((two_process_run / "report.json").read_text())
-    assert (report_2["processes"], report_2["devices"]) == (2, 2)
+    assert (report_2["processes"], report_2["mesh"]) == (2, {"data": 2, "model": 1})
     _assert_close(_results(report_1), _results(report_2))
     train_2 = _metrics(two_process_run, "train")
     for step, record in _metrics(one_device_run, "train").items():
@@ -211,3 +218,34 @@ def test_killing_one_process_stops_the_other_and_a_restart_resumes(
     resumed = json.loads((workdir / "report.json").read_text())
     uninterrupted = json.loads((two_process_run / "report.json").read_text())
     _assert_close(_results(resumed), _results(uninterrupted), rtol=0.0)
+
+
+def test_initialize_needs_a_whole_layout_outside_a_cluster(monkeypatch):
+    from medjax import distributed
+    from medjax.errors import ConfigError
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.cluster_detected() is None
+    assert distributed.initialize() is False  # One process: nothing to join.
+    with pytest.raises(ConfigError, match="--coordinator_address .* --num_processes and --process_id"):
+        distributed.initialize(num_processes=2, process_id=0)
+    with pytest.raises(ConfigError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+        distributed.initialize(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2)
+    import jax
+
+    jax.devices()  # Backends started: too late to join a multi-process run.
+    with pytest.raises(ConfigError, match="before JAX starts its backends"):
+        distributed.initialize(coordinator_address="127.0.0.1:1", num_processes=2, process_id=0)
+
+
+def test_param_spec_splits_the_largest_even_dimension():
+    from jax.sharding import PartitionSpec as P
+
+    from medjax.sharding import param_spec
+
+    assert param_spec((3, 3, 16, 32), 2) == P(None, None, None, "model")  # Conv kernel: output channels.
+    assert param_spec((64, 10), 2) == P("model")  # Dense kernel: the wider input side.
+    assert param_spec((8, 8), 4) == P(None, "model")  # Ties: the last.
+    assert param_spec((7,), 2) == param_spec((), 2) == P()  # Odd widths and scalars stay whole.
+    assert param_spec((3, 3, 16, 32), 1) == P()
