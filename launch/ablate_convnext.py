@@ -36,7 +36,6 @@ import copy
 import datetime
 import json
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,9 +43,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # The repository, for medjax.
 from medjax import cli, config_lib
-from medjax.errors import ConfigError
+from medjax.run_dir import RunDir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/brain_mri.py:synthetic", "Experiment config the variants start from."
@@ -84,7 +82,7 @@ def ablation_base(
     """The config every variant derives from: ConvNeXt, and a feature-smoothing term in the loss.
 
     The term keeps the config's own settings (brain_mri: weight 0.1 on L2-normalised features); a config
-    without one gets ``fs_weight`` on normalised features, since raw ones stall training (issue 5).
+    without one gets ``fs_weight`` on normalised features, since raw ones stall training.
     """
     base = copy.deepcopy(config)
     with base.unlocked():
@@ -120,7 +118,7 @@ def variant_config(base: ml_collections.ConfigDict, variant: str, seed: int) -> 
 def _last_train_value(workdir: Path, key: str) -> float | None:
     """The last logged training value of ``key`` in ``metrics.jsonl`` (None when absent)."""
     value = None
-    path = workdir / "metrics.jsonl"
+    path = RunDir(workdir).metrics_file
     if path.exists():
         for line in path.read_text().splitlines():
             record = json.loads(line)
@@ -137,17 +135,9 @@ def run_one(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """
     from medjax import train  # Late: jax reads the compilation cache setting first.
 
-    path = workdir / "report.json"
-    if path.exists():
-        saved = json.loads((workdir / "config.json").read_text())
-        differing = config_lib.differing_keys(saved, config.to_dict())
-        if differing:
-            raise ConfigError(
-                f"{workdir} holds a run of a different config (keys {', '.join(differing)}); "
-                "use another --workdir_root or delete it."
-            )
-        print(f"Skipping {workdir}: report.json exists.", flush=True)
-        report = json.loads(path.read_text())
+    report = RunDir(workdir).finished_report(config)
+    if report is not None:
+        print(f"Skipping {workdir}: it finished with this config.", flush=True)
     else:
         print(f"Training {workdir} ...", flush=True)
         report = train.train_and_evaluate(config, workdir)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medjax.models.depthwise import depthwise_conv2d, resolve_padding
 
 # (N, H, W, C, kernel, stride, dilation): ConvNeXt stage 1 and 4, MobileNetV2, the MedNeXt dilated branch.

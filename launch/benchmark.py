@@ -1,4 +1,4 @@
-"""Whole-training-step benchmark of medjax models against PyTorch peers, in one run (GitHub issue 6).
+"""Whole-training-step benchmark of medjax models against PyTorch peers, in one run.
 
 For each model (MobileNetV2 1.0, ConvNeXt-Tiny, MedNeXt-tiny) at 224x224x3, batch 32, 2 classes, AdamW:
 training images/s of the jitted ``medjax.train`` step (optimizer included, median over timed steps after
@@ -30,7 +30,6 @@ from pathlib import Path
 
 from timing import timed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # The repository, for medjax.
 from medjax import allocator  # Imports no jax: the parent only sets each case's environment.
 
 MODELS = ("mobilenet_v2", "convnext", "mednext_plos")
@@ -39,7 +38,6 @@ MODEL_KWARGS = {
     "convnext": {"variant": "tiny", "drop_path_rate": 0.1},
     "mednext_plos": {"variant": "tiny"},
 }
-OPTIM = {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.05, "schedule": "cosine"}
 TORCH_PEERS = ("mobilenet_v2", "convnext", "mednext_plos")
 
 
@@ -52,16 +50,18 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from medjax import losses, models, optim, profiling, train
+    from medjax import config_lib, losses, models, optim, tasks, train
+    from medjax.evaluate import model_card as profiling
 
     model = models.get_model(name, num_classes=args.num_classes, **MODEL_KWARGS[name], depthwise_impl=impl)
     loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}})
     image_shape = (args.size, args.size, 3)
     key = jax.random.key(0)
     variables = train.init_variables(model, rng=key, image_shape=image_shape)
-    tx, _ = optim.make_optimizer(OPTIM, variables["params"], total_steps=1000, steps_per_epoch=100)
+    optim_cfg = config_lib.base_config().optim  # AdamW, lr 1e-3, weight decay 0.05, cosine.
+    tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=1000, steps_per_epoch=100)
     state = train.create_train_state(tx, variables)
-    p_train, p_eval = train.make_steps(model, tx, loss_fn)
+    p_train, p_eval = train.make_steps(model, tx, loss_fn, tasks.get_task("classification"))
 
     k_img, k_lab = jax.random.split(jax.random.key(1))
     images = jax.random.normal(k_img, (args.batch, *image_shape), jnp.float32)

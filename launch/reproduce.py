@@ -26,9 +26,9 @@ from pathlib import Path
 
 from absl import app, flags
 
+from medjax import allocator, cli  # No jax: --help stays fast.
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # The repository, for medjax.
-from medjax import allocator, cli  # noqa: E402  (no jax: --help stays fast)
 
 
 def _define_flags() -> None:
@@ -106,7 +106,9 @@ def run_experiment(
     exp: Experiment, *, shared: Path, root: Path, data_dir: str | None, bootstrap_samples: int
 ) -> dict | None:
     """Trains (or reads back) every run of one experiment and evaluates it; None when its data is absent."""
-    from medjax import config_lib, evaluate
+    from medjax import config_lib
+    from medjax.evaluate import command as evaluate
+    from medjax.run_dir import RunDir, report_paths
 
     data_path = shared / exp.data
     if not data_path.exists():
@@ -122,8 +124,8 @@ def run_experiment(
     for seed, workdir in zip(exp.seeds, workdirs, strict=True):
         config.seed = seed
         train_reports.append(_train_or_read_back(exp, config, workdir))
-    out = root / exp.name / "evaluation"
-    evaluation = reusable_evaluation(out / "report.json", workdirs, bootstrap_samples=bootstrap_samples)
+    out = RunDir(root / exp.name).evaluation_dir
+    evaluation = reusable_evaluation(report_paths(out)[0], workdirs, bootstrap_samples=bootstrap_samples)
     if evaluation is None:
         evaluation = evaluate.evaluate_run(
             workdirs,
@@ -144,7 +146,10 @@ def reusable_evaluation(path: Path, workdirs: list[Path], *, bootstrap_samples: 
     """The evaluation report at ``path`` if it is of these runs as they are now, with this invocation's
     resamples; None when it must be redone (absent, of other or since retrained runs, from before reports
     named their members, or with another ``--bootstrap_samples``)."""
-    if not path.exists() or path.stat().st_mtime < max((w / "report.json").stat().st_mtime for w in workdirs):
+    from medjax.run_dir import RunDir
+
+    finished = max(RunDir(w).report_file.stat().st_mtime for w in workdirs)
+    if not path.exists() or path.stat().st_mtime < finished:
         return None
     evaluation = json.loads(path.read_text())
     same_runs = [m["workdir"] for m in evaluation.get("members", [])] == [str(w) for w in workdirs]
@@ -161,18 +166,13 @@ def _source_run(exp: Experiment, root: Path) -> Path:
 def _train_or_read_back(exp: Experiment, config, workdir: Path) -> dict:
     """The training report of ``workdir``: read back when the run finished with this config, else trained
     (or resumed)."""
-    from medjax import config_lib, train
+    from medjax import train
     from medjax.data import pipeline
+    from medjax.run_dir import RunDir
 
-    report_path = workdir / "report.json"
-    if report_path.exists():
-        saved = json.loads((workdir / "config.json").read_text())
-        differing = config_lib.differing_keys(saved, config.to_dict())
-        if differing:  # A finished run of an older recipe must not be reported as the current one.
-            raise SystemExit(
-                f"{workdir} holds a finished run of another config (keys {differing}); delete it to rerun."
-            )
-        return json.loads(report_path.read_text())
+    report = RunDir(workdir).finished_report(config)  # An older recipe's run is refused, not reported.
+    if report is not None:
+        return report
     pipeline.dataset_metadata(config.data)  # Prepares the dataset outside the timed run.
     print(f"== {exp.name}: {exp.config} (seed {config.seed}) -> {workdir}", flush=True)
     return train.train_and_evaluate(config, workdir)
@@ -214,6 +214,8 @@ def markdown(
     the recipes name)."""
     import jax
 
+    from medjax.run_dir import RunDir
+
     lines = [
         "# medjax results on real data",
         "",
@@ -239,7 +241,7 @@ def markdown(
     ]
     for name, result in results.items():
         train_reports, evaluation, exp = result["train"], result["evaluation"], result["experiment"]
-        config = json.loads((Path(result["workdirs"][0]) / "config.json").read_text())
+        config = RunDir(result["workdirs"][0]).read_config().to_dict()
         test = evaluation["splits"]["test"]["metrics"]
         youden = evaluation["thresholds"]["rules"]["youden"]["test"]
         card = evaluation["model_card"]["profile"]
@@ -313,6 +315,8 @@ def main(argv: list[str]) -> None:
     del argv
     args = flags.FLAGS
     cli.setup(compilation_cache_dir=args.compilation_cache_dir, memory_allocator=args.allocator)
+    from medjax.run_dir import RunDir  # After the allocator re-execution, like every jax import here.
+
     started = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
     chosen = [e for e in EXPERIMENTS if not args.only or e.name in args.only]
     unknown = set(args.only or ()) - {e.name for e in EXPERIMENTS}
@@ -322,7 +326,7 @@ def main(argv: list[str]) -> None:
     results, skipped = {}, {}
     for exp in chosen:
         t0 = time.perf_counter()
-        if exp.init_from and not (_source_run(exp, root) / "report.json").exists():
+        if exp.init_from and RunDir(_source_run(exp, root)).read_report() is None:
             skipped[exp.name] = f"starts from the `{exp.init_from}` run, which has not finished"
             print(f"== {exp.name}: skipped, {skipped[exp.name]}", flush=True)
             continue

@@ -3,7 +3,7 @@
 XLA CPU allocates every large buffer afresh at each step, and glibc's malloc serves anything above 32 MiB
 with a new ``mmap`` that it unmaps again on free. The kernel then zero-fills every 4 KiB page on first
 touch, at every step: writing a new 154 MB array took 50 ms where the same arithmetic into a reused
-buffer takes 14 ms (issue 6 closing note). Two remedies, both fixed at process start:
+buffer takes 14 ms. Two remedies, both fixed at process start:
 
 - ``'tcmalloc'``: preload gperftools' tcmalloc (Debian/Ubuntu ``libtcmalloc-minimal4``), which keeps
   freed pages mapped for reuse;

@@ -1,7 +1,7 @@
 """Exports a trained run for deployment: ``python -m medjax.export --workdir=RUN [--out=DIR] [--onnx]``.
 
 A deployment should need neither the training state nor medjax's model code. From the run's best
-checkpoint (:func:`medjax.trained.load_trained`) this writes, into ``<out>`` (default ``<workdir>/export``):
+checkpoint (:func:`medjax.run_dir.load_run`) this writes, into ``<out>`` (default ``<workdir>/export``):
 
 - ``params/``: an Orbax checkpoint of ``{'params', 'batch_stats'}`` only (no optimizer state, no data
   iterator), restorable with no target tree (:func:`load_params`), for fine-tuning or re-export. An
@@ -41,8 +41,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import linen as nn
 
-from medjax import cli
-from medjax import trained as trained_lib
+from medjax import cli, run_dir
 from medjax.errors import MedjaxError
 
 METADATA_FILE = "metadata.json"
@@ -89,29 +88,29 @@ def probability_fn(
     return probabilities
 
 
-def _configured_normalisation(trained: trained_lib.TrainedModel) -> list:
+def _configured_normalisation(trained: run_dir.TrainedModel) -> list:
     """``[mean, std]`` as the config states them (plain numbers: messages show 0.4, not 0.40000001)."""
     norm = trained.config.data.normalize
     return [np.asarray(norm.mean).tolist(), np.asarray(norm.std).tolist()]
 
 
-def _normalisation(trained: trained_lib.TrainedModel) -> tuple[np.ndarray, np.ndarray]:
+def _normalisation(trained: run_dir.TrainedModel) -> tuple[np.ndarray, np.ndarray]:
     """``(mean, std)`` in float32, as the eval pipeline applies them."""
     mean, std = _configured_normalisation(trained)
     return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
-Members = trained_lib.TrainedModel | Sequence[trained_lib.TrainedModel]
+Members = run_dir.TrainedModel | Sequence[run_dir.TrainedModel]
 
 
-def _as_members(members: Members) -> list[trained_lib.TrainedModel]:
+def _as_members(members: Members) -> list[run_dir.TrainedModel]:
     """One run or an ensemble's runs as a non-empty list, checked to be exportable as one artifact.
 
     Raises:
       MedjaxError: when there is no run, or a member's class names, input shape or normalisation
         differ from the first member's (one artifact takes one kind of input), naming both runs.
     """
-    members = [members] if isinstance(members, trained_lib.TrainedModel) else list(members)
+    members = [members] if isinstance(members, run_dir.TrainedModel) else list(members)
     if not members:
         raise MedjaxError("No run to export: pass at least one --workdir.")
     first = members[0]
@@ -131,7 +130,7 @@ def _as_members(members: Members) -> list[trained_lib.TrainedModel]:
 
 
 def _members_fn(
-    members: Sequence[trained_lib.TrainedModel], *, input_dtype: str, depthwise_impl: str | None = None
+    members: Sequence[run_dir.TrainedModel], *, input_dtype: str, depthwise_impl: str | None = None
 ) -> Callable[[jax.Array], jax.Array]:
     """The :func:`probability_fn` of one run, or the mean of several runs' (an ensemble).
 
@@ -150,7 +149,7 @@ def _members_fn(
     return lambda images: jnp.mean(jnp.stack([fn(images) for fn in fns]), axis=0)
 
 
-def _input_spec(members: Sequence[trained_lib.TrainedModel], input_dtype: str, name: str):
+def _input_spec(members: Sequence[run_dir.TrainedModel], input_dtype: str, name: str):
     (batch,) = jax.export.symbolic_shape(name, constraints=(f"{name} >= 1",))
     return jax.ShapeDtypeStruct((batch, *members[0].image_shape), jnp.dtype(input_dtype))
 
@@ -274,8 +273,8 @@ def export_run(
     paths = [Path(workdirs)] if isinstance(workdirs, str | Path) else [Path(w) for w in workdirs]
     if len(paths) > 1 and out is None:
         raise MedjaxError("An ensemble's export belongs to none of its runs: pass --out.")
-    members = [trained_lib.load_trained(path) for path in paths]
-    out = Path(out) if out is not None else paths[0] / "export"
+    members = [run_dir.load_run(path) for path in paths]
+    out = Path(out) if out is not None else run_dir.RunDir(paths[0]).export_dir
     return export_trained(members, out, input_dtypes=input_dtypes, platforms=platforms, onnx=onnx)
 
 
@@ -425,7 +424,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"medjax: error: {e}") from None
     runs = ", ".join(f"{run['model_name']} step {run['step']}" for run in metadata["members"])
     kind = "the ensemble of " if len(metadata["members"]) > 1 else ""
-    out = Path(args.out) if args.out else Path(args.workdir[0]) / "export"
+    out = Path(args.out) if args.out else run_dir.RunDir(args.workdir[0]).export_dir
     print(f"Exported {kind}{runs} to {out}:")
     for name, size in metadata["sizes"].items():
         print(f"  {name:<20} {size / 2**20:8.2f} MiB ({size:,} bytes)")

@@ -42,7 +42,7 @@ from absl import app, flags
 from flax import linen as nn
 from PIL import Image
 
-from medjax import cli, trained
+from medjax import cli, inference, run_dir
 from medjax.data import pipeline, transforms
 from medjax.errors import MedjaxError
 
@@ -116,7 +116,7 @@ def _explain_batch(variables, images, target, *, model: nn.Module, method: str):
 
 
 def explain(
-    model: nn.Module | trained.TrainedModel,
+    model: nn.Module | run_dir.TrainedModel,
     variables: dict | None,
     images: np.ndarray,
     *,
@@ -128,7 +128,7 @@ def explain(
 
     Args:
       model: a medjax model (its ``aux['feature_map']`` must pass through ``self.perturb``), or a
-        :class:`medjax.trained.TrainedModel`, whose variables are used when ``variables`` is None.
+        :class:`medjax.run_dir.TrainedModel`, whose variables are used when ``variables`` is None.
       variables: ``{'params', 'batch_stats'}``.
       images: model inputs, already preprocessed (``TrainedModel.preprocess``).
       target_class: class to explain: None for each image's predicted class, one index for all, or one
@@ -136,7 +136,7 @@ def explain(
       method: 'gradcam' or 'gradcam++'.
       batch_size: images per jitted call; the last chunk is zero-padded, so a long list compiles once.
     """
-    if isinstance(model, trained.TrainedModel):
+    if isinstance(model, run_dir.TrainedModel):
         variables = model.variables if variables is None else variables
         model = model.model
     if method not in METHODS:
@@ -149,20 +149,20 @@ def explain(
         raise ValueError("explain() needs at least one image")
     target = np.broadcast_to(np.asarray(-1 if target_class is None else target_class, np.int32), (n,))
     variables = {k: v for k, v in variables.items() if k != "perturbations"}
-    static_model, batch = _static(model), max(1, min(batch_size, n))
-    outputs = []
-    for start in range(0, n, batch):
-        chunk, chunk_target = images[start : start + batch], target[start : start + batch]
-        pad = batch - len(chunk)
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-        chunk_target = np.concatenate([chunk_target, np.full(pad, -1, np.int32)])
-        out = _explain_batch(variables, chunk, chunk_target, model=static_model, method=method)
-        outputs.append([np.asarray(o)[: batch - pad] for o in out])
-    return Explanation(*(np.concatenate(parts) for parts in zip(*outputs, strict=True)))
+    static_model = _static(model)
+    outputs = inference.map_batches(
+        lambda chunk, chunk_target: _explain_batch(
+            variables, chunk, chunk_target, model=static_model, method=method
+        ),
+        images,
+        target,
+        batch_size=max(1, min(batch_size, n)),
+    )
+    return Explanation(*outputs)
 
 
 def cam(
-    model: nn.Module | trained.TrainedModel,
+    model: nn.Module | run_dir.TrainedModel,
     variables: dict | None,
     images: np.ndarray,
     *,
@@ -272,7 +272,7 @@ def overlay_grid(
 
 
 def explain_split(
-    model: trained.TrainedModel,
+    model: run_dir.TrainedModel,
     data_cfg,
     *,
     split: str,
@@ -292,23 +292,28 @@ def explain_split(
     kept: dict[str, list] = {k: [] for k in ("images", "cams", "labels", "preds", "probs")}
     counts: dict[tuple[int, bool], int] = {}
     in_mask, area = [], []
-    for batch in pipeline.iterate_eval(data_cfg, split=split):
-        # The whole padded batch: one shape, one compilation; padding rows are skipped below.
+
+    def explain_batch(batch: dict) -> dict:
+        # The whole padded batch: one shape, one compilation; the inference pass drops the padding.
         out = explain(model, None, batch["image"], method=method, batch_size=len(batch["image"]))
-        display = to_display(batch["image"], data_cfg.normalize)
-        for j in np.nonzero(batch["mask"])[0]:
-            label, pred = int(batch["label"][j]), int(out.probs[j].argmax())
+        return {"cams": out.cams, "probs": out.probs}
+
+    for rows, out in inference.iterate_split(explain_batch, data_cfg, split=split):
+        display = to_display(rows["image"], data_cfg.normalize)
+        for j, (label, index) in enumerate(zip(rows["label"].tolist(), rows["index"].tolist(), strict=True)):
+            pred = int(out["probs"][j].argmax())
             group = (label, label == pred)
             counts[group] = counts.get(group, 0) + 1
             if counts[group] <= per_group:
-                values = (display[j], out.cams[j], label, pred, out.probs[j])
+                values = (display[j], out["cams"][j], label, pred, out["probs"][j])
                 for key, value in zip(kept, values, strict=True):
                     kept[key].append(value)
             if has_mask and label == pred:
-                record_mask = source[int(batch["index"][j])]["lesion_mask"]
-                mask = resize_mask.map({"image": np.asarray(record_mask)})["image"][..., 0] > 0
+                mask = (
+                    resize_mask.map({"image": np.asarray(source[index]["lesion_mask"])})["image"][..., 0] > 0
+                )
                 if mask.any():
-                    in_mask.append(mask_mass_fraction(out.cams[j][None], mask[None])[0])
+                    in_mask.append(mask_mass_fraction(out["cams"][j][None], mask[None])[0])
                     area.append(mask.mean())
     names = model.class_names
     summary = {
@@ -345,13 +350,13 @@ def run(
     Raises:
       MedjaxError: when ``workdir`` is not a finished run or its data cannot be found.
     """
-    model = trained.load_trained(workdir)
+    model = run_dir.load_run(workdir)
     data_cfg = model.config.data
     if data_dir is not None:
         data_cfg.data_dir = data_dir
     split = split or data_cfg.test_split
     examples, summary = explain_split(model, data_cfg, split=split, method=method, per_group=per_group)
-    out = Path(out) if out is not None else Path(workdir) / "gradcam"
+    out = Path(out) if out is not None else model.run_dir.gradcam_dir
     stem = f"{method.replace('+', 'p')}_{split}"
     figure = overlay_grid(
         examples["images"],

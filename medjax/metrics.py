@@ -47,7 +47,7 @@ def classification_metrics(
     result = {
         "accuracy": float(skm.accuracy_score(labels, preds)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(labels, preds)),
-        "auc": _auc(labels, probs),
+        "auc": auc(labels, probs),
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),
@@ -64,13 +64,21 @@ def classification_metrics(
     return result
 
 
-def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2:
-        return math.nan
-    if probs.shape[1] == 2:
-        return float(skm.roc_auc_score(labels, probs[:, 1]))
+def one_vs_rest_mean(score_fn, labels: np.ndarray, probs: np.ndarray) -> float:
+    """A ranking score (``roc_auc_score``, ``average_precision_score``) of the class probabilities.
+
+    Binary (two columns): of ``probs[:, 1]``. Several classes: the macro mean of one-vs-rest scores over
+    the classes present in ``labels`` (undefined for a class with no positives). NaN when fewer than two
+    classes are present.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs)
     present = np.unique(labels)
-    if len(present) < probs.shape[1]:
-        # One-vs-rest AUC is undefined for a class with no positives; average over the present ones.
-        return float(np.mean([skm.roc_auc_score(labels == k, probs[:, k]) for k in present]))
-    return float(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    if len(present) < 2:
+        return math.nan
+    classes = [1] if probs.shape[1] == 2 else present
+    return float(np.mean([score_fn(labels == k, probs[:, k]) for k in classes]))
+
+
+def auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """AUC-ROC as :func:`classification_metrics` reports it (see :func:`one_vs_rest_mean`)."""
+    return one_vs_rest_mean(skm.roc_auc_score, labels, probs)

@@ -20,15 +20,13 @@ def make_schedule(optim_cfg: Mapping, *, total_steps: int, steps_per_epoch: int)
     ``total_steps``.
     """
     peak = float(optim_cfg["learning_rate"])
-    warmup = min(round(float(optim_cfg.get("warmup_epochs", 0.0)) * steps_per_epoch), total_steps - 1)
-    name = optim_cfg.get("schedule", "cosine")
+    warmup = min(round(float(optim_cfg["warmup_epochs"]) * steps_per_epoch), total_steps - 1)
+    name = optim_cfg["schedule"]
     if name == "constant":
         after = optax.constant_schedule(peak)
     elif name == "cosine":
         decay_steps = max(total_steps - warmup, 1)
-        after = optax.cosine_decay_schedule(
-            peak, decay_steps, alpha=float(optim_cfg.get("min_lr_ratio", 0.0))
-        )
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(optim_cfg["min_lr_ratio"]))
     else:
         raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {name!r}")
     if warmup <= 0:
@@ -38,8 +36,8 @@ def make_schedule(optim_cfg: Mapping, *, total_steps: int, steps_per_epoch: int)
 
 def _base_optimizer(optim_cfg: Mapping, schedule: optax.Schedule) -> optax.GradientTransformation:
     name = optim_cfg["name"]
-    wd = float(optim_cfg.get("weight_decay", 0.0))
-    b1, b2 = float(optim_cfg.get("b1", 0.9)), float(optim_cfg.get("b2", 0.999))
+    wd = float(optim_cfg["weight_decay"])
+    b1, b2 = float(optim_cfg["b1"]), float(optim_cfg["b2"])
     if name == "adam":
         return optax.adam(schedule, b1=b1, b2=b2)
     if name == "adamw":
@@ -49,8 +47,8 @@ def _base_optimizer(optim_cfg: Mapping, schedule: optax.Schedule) -> optax.Gradi
     if name == "sgd":
         sgd = optax.sgd(
             schedule,
-            momentum=float(optim_cfg.get("momentum", 0.9)),
-            nesterov=bool(optim_cfg.get("nesterov", False)),
+            momentum=float(optim_cfg["momentum"]),
+            nesterov=bool(optim_cfg["nesterov"]),
         )
         return optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask), sgd) if wd else sgd
     raise ValueError(f"optim.name must be 'adam', 'adamw' or 'sgd', got {name!r}")
@@ -89,10 +87,10 @@ def make_optimizer(optim_cfg: Mapping, params, *, total_steps: int, steps_per_ep
     """
     schedule = make_schedule(optim_cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     tx = _base_optimizer(optim_cfg, schedule)
-    clip = optim_cfg.get("grad_clip_norm")
+    clip = optim_cfg["grad_clip_norm"]
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
-    patterns = optim_cfg.get("trainable")
+    patterns = optim_cfg["trainable"]
     if patterns is not None:
         labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(params, list(patterns)))
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

@@ -5,7 +5,7 @@
 Each PATH is a file or a folder (searched recursively for PNG, JPEG, BMP, TIFF and DICOM, the latter by
 ``.dcm``/``.dicom`` suffix or by the ``DICM`` magic at byte 128, since DICOM exports often have no suffix).
 Files are decoded with :func:`medjax.data.images.decode_image` and preprocessed exactly as the run's
-evaluation (:meth:`medjax.trained.TrainedModel.preprocess`), then predicted in batches. The CSV has one row
+evaluation (:meth:`medjax.run_dir.TrainedModel.preprocess`), then predicted in batches. The CSV has one row
 per file, in the order found: ``path``, ``prediction`` (class name), ``prob_<class>`` per class, ``cam``
 (overlay file, with ``--cam_dir``) and ``error``. A file that cannot be read is reported on stderr and in
 its row's ``error`` column, and the others still run; the exit status is non-zero only when no file could
@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from medjax import cli, gradcam, trained
+from medjax import cli, gradcam, run_dir
 from medjax.data import images
 from medjax.errors import MedjaxError
 
@@ -59,7 +59,7 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def predict_files(
-    model: trained.TrainedModel,
+    model: run_dir.TrainedModel,
     paths: Sequence[Path],
     *,
     batch_size: int = 32,
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> None:
     if not files:
         raise SystemExit(f"medjax.predict: no image files found under {', '.join(paths)}.")
     try:
-        model = trained.load_trained(f.workdir)
+        model = run_dir.load_run(f.workdir)
     except MedjaxError as e:
         raise SystemExit(f"medjax: error: {e}") from None
     rows = predict_files(model, files, batch_size=f.batch_size, cam_dir=f.cam_dir, cam_method=f.cam_method)

@@ -17,20 +17,23 @@ import tqdm
 
 
 class MetricWriter:
-    """Appends metrics to ``<workdir>/metrics.jsonl`` and TensorBoard files in ``<workdir>/tensorboard``.
+    """Appends metrics to a JSON-lines file and TensorBoard event files (a run's ``metrics.jsonl`` and
+    ``tensorboard/``, see :mod:`medjax.run_dir`).
 
     ``enabled=False`` writes nothing: the other processes of a multi-process run, whose metrics process
     0 already writes.
     """
 
-    def __init__(self, workdir: Path, *, resume_step: int | None = None, enabled: bool = True):
-        self.path = Path(workdir) / "metrics.jsonl"
+    def __init__(
+        self, path: Path, tensorboard_dir: Path, *, resume_step: int | None = None, enabled: bool = True
+    ):
+        self.path = Path(path)
         self.enabled = enabled
         if not enabled:
             return
         if resume_step is not None:
             self._drop_after(resume_step)
-        self._tb = tensorboardX.SummaryWriter(str(Path(workdir) / "tensorboard"))
+        self._tb = tensorboardX.SummaryWriter(str(tensorboard_dir))
 
     def _drop_after(self, step: int) -> None:
         """Forgets lines written after the checkpoint a resumed run restarts from (they will be redone)."""

@@ -9,11 +9,11 @@ same steps bit for bit.
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -24,12 +24,12 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from medjax import allocator, config_lib, cores, losses, metrics, models, optim, sharding, trained
+from medjax import allocator, config_lib, cores, inference, init_from, losses, models, optim, sharding, tasks
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
 from medjax.errors import ConfigError, NonFiniteLossError
-from medjax.models import convert
+from medjax.run_dir import RunDir
 from medjax.run_log import MetricWriter, Progress
 
 
@@ -70,10 +70,12 @@ def train_step(
     model,
     tx,
     loss_fn,
+    task: ModuleType,
     frozen_stats=None,
     ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch``; returns the new state and a flat dict of scalar metrics.
+    """One optimizer step on ``batch``; returns the new state and a flat dict of scalar metrics (the
+    loss, each loss term, the gradient norm and the task's ``step_metrics``).
 
     ``frozen_stats`` (a pytree of Python bools over ``batch_stats``, see
     :func:`medjax.optim.frozen_statistics_mask`) keeps the running statistics of frozen BatchNorms.
@@ -111,15 +113,15 @@ def train_step(
         new_state = new_state.replace(ema=ema_update(state.ema, new_state.variables, state.step, ema_decay))
     step_metrics = {
         "loss": total,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        **task.step_metrics(logits, batch["label"]),
         "grad_norm": optax.global_norm(grads),
         **{f"loss_{name}": value for name, value in terms.items()},
     }
     return new_state, step_metrics
 
 
-def eval_step(variables: dict, batch: dict, loss_state: dict, *, model, loss_fn) -> dict:
-    """Logits and the masked loss sum of one (possibly padded) evaluation batch.
+def eval_step(variables: dict, batch: dict, loss_state: dict, *, model, loss_fn, task: ModuleType) -> dict:
+    """The task's per-example outputs and the masked loss sum of one (possibly padded) evaluation batch.
 
     ``loss_state`` is the train state's (class centres of a center loss), so the validation loss is the
     training objective.
@@ -127,16 +129,24 @@ def eval_step(variables: dict, batch: dict, loss_state: dict, *, model, loss_fn)
     logits, aux = model.apply(variables, batch["image"], train=False)
     weights = batch["mask"].astype(jnp.float32)
     total, _ = loss_fn(logits, batch["label"], aux, weights, state=loss_state)
-    return {"logits": logits, "loss_sum": total * weights.sum()}
+    return {**task.eval_outputs(logits, aux), "loss_sum": total * weights.sum()}
 
 
-def make_steps(model, tx, loss_fn, *, frozen_stats=None, ema_decay: float = 0.0) -> tuple[Callable, Callable]:
+def make_steps(
+    model, tx, loss_fn, task: ModuleType, *, frozen_stats=None, ema_decay: float = 0.0
+) -> tuple[Callable, Callable]:
     """Jitted ``(train_step, eval_step)``; the train state (argument 0) is donated."""
     step = functools.partial(
-        train_step, model=model, tx=tx, loss_fn=loss_fn, frozen_stats=frozen_stats, ema_decay=ema_decay
+        train_step,
+        model=model,
+        tx=tx,
+        loss_fn=loss_fn,
+        task=task,
+        frozen_stats=frozen_stats,
+        ema_decay=ema_decay,
     )
     p_train = jax.jit(step, donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, model=model, loss_fn=loss_fn))
+    p_eval = jax.jit(functools.partial(eval_step, model=model, loss_fn=loss_fn, task=task))
     return p_train, p_eval
 
 
@@ -166,80 +176,40 @@ def create_train_state(
     return state.replace(ema=jax.tree.map(jnp.copy, state.variables)) if with_ema else state
 
 
-def _initial_variables(config, model, init_key, image_shape) -> dict:
-    """Freshly initialised variables, overwritten by ``config.init_from`` when set: a pretrained weights
-    file, or the best checkpoint of a medjax run directory (fine-tuning a previous run).
-
-    (A resumed run restores its checkpoint over these, so the pretrained file is only read, not trusted,
-    after the first start.)
-
-    Raises:
-      ConfigError: for an ``init_from.path`` that does not exist.
-    """
-    variables = init_variables(model, rng=init_key, image_shape=image_shape)
-    if not config.init_from.path:
-        return variables
-    path = Path(config.init_from.path).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"init_from.path {path} does not exist. Give a weights file (.weights.h5, .keras, .h5, .pth, "
-            ".safetensors) or a medjax run directory (with config.json and checkpoints/), or unset it."
-        )
-    if path.is_dir() and (path / "config.json").is_file():
-        if config.init_from.source is not None:
-            raise ConfigError("init_from.source names a weights file's scheme; unset it for a run directory.")
-        return trained.init_from_run(
-            path,
-            model=model,
-            model_name=config.model_name,
-            target_variables=variables,
-            image_shape=image_shape,
-            reinit_head=config.init_from.reinit_head,
-        )
-    return convert.load_pretrained(
-        str(path),
-        model_name=config.model_name,
-        target_variables=variables,
-        source=config.init_from.source,
-        reinit_head=config.init_from.reinit_head,
-    )
-
-
 def evaluate(
-    p_eval: Callable, variables: dict, data_cfg, *, split: str, mesh, class_names, loss_state=None
+    p_eval: Callable,
+    variables: dict,
+    data_cfg,
+    *,
+    split: str,
+    mesh,
+    task: ModuleType,
+    class_names,
+    loss_state=None,
 ) -> dict:
-    """Metrics over every example of ``split`` exactly once (padding masked out), split over the
-    processes and gathered on each."""
-    all_labels, all_logits, loss_sum = [], [], 0.0
-    for batch in pipeline.iterate_eval(data_cfg, split=split, **sharding.process_shard()):
-        placed = sharding.shard_batch(batch, mesh)
-        out = p_eval(variables, placed, loss_state or {})
-        out = sharding.gather({**out, "label": placed["label"], "mask": placed["mask"]})
-        mask = np.asarray(out["mask"], bool)
-        all_logits.append(np.asarray(out["logits"])[mask])
-        all_labels.append(np.asarray(out["label"])[mask])
-        loss_sum += float(out["loss_sum"])
-    labels = np.concatenate(all_labels)
-    probs = metrics.probabilities(np.concatenate(all_logits))
-    result = metrics.classification_metrics(labels=labels, probs=probs, class_names=class_names)
-    result["loss"] = loss_sum / max(len(labels), 1)
+    """The task's validation metrics and the loss over every example of ``split`` exactly once, split
+    over the processes (:func:`medjax.inference.predict_split` gathers their rows)."""
+    predictions = inference.predict_split(
+        lambda batch: p_eval(variables, batch, loss_state or {}), data_cfg, split=split, mesh=mesh
+    )
+    result = task.validation_metrics(predictions, class_names)
+    result["loss"] = float(predictions["loss_sum"]) / max(len(predictions["label"]), 1)
     return result
 
 
-def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def _check_workdir_config(run: RunDir, config: ml_collections.ConfigDict) -> None:
     """Writes ``config.json`` (process 0), or refuses a workdir that an incompatible config wrote (every
-    process, before the file is rewritten)."""
-    path = workdir / "config.json"
-    if path.exists():
-        differing = config_lib.differing_keys(json.loads(path.read_text()), config.to_dict())
+    process, before it is rewritten)."""
+    if run.is_run():
+        differing = config_lib.differing_keys(run.read_config().to_dict(), config.to_dict())
         if differing:
             raise ConfigError(
-                f"Workdir {workdir} was written by a different config; keys that differ: "
+                f"Workdir {run.path} was written by a different config; keys that differ: "
                 f"{', '.join(differing)}. Use another --workdir, or delete this one to start over."
             )
     sharding.barrier("workdir config checked")
     if sharding.is_primary():
-        path.write_text(config_lib.to_json(config))
+        run.write_config(config)
 
 
 @dataclasses.dataclass
@@ -247,6 +217,7 @@ class _Experiment:
     """What a run builds from its config before the first step."""
 
     meta: pipeline.DatasetMetadata
+    task: ModuleType
     mesh: Mesh
     seed_key: jax.Array
     total_steps: int
@@ -263,6 +234,7 @@ class _Experiment:
             data_cfg,
             split=split,
             mesh=self.mesh,
+            task=self.task,
             class_names=self.meta.class_names,
             loss_state=loss_state,
         )
@@ -271,6 +243,7 @@ class _Experiment:
 def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) -> _Experiment:
     """Dataset metadata, step counts, model, loss, optimizer, initial state and the jitted steps."""
     data_cfg = config.data
+    task = tasks.get_task(config.task)
     # Reading the metadata prepares the dataset on first use: once, by process 0, before the others read.
     meta = pipeline.dataset_metadata(data_cfg) if sharding.is_primary() else None
     sharding.barrier("dataset prepared")
@@ -309,15 +282,17 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     ema_decay = config.train.ema_decay
     if not 0.0 <= ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 disables the weight average).")
-    initial = _initial_variables(config, model, init_key, image_shape)
+    fresh = init_variables(model, rng=init_key, image_shape=image_shape)
+    initial = init_from.initial_variables(config, model, fresh, image_shape)
     state = sharding.place_state(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
     frozen_stats = None
     if config.optim.trainable is not None and config.optim.freeze_batch_stats:
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
         frozen_stats = optim.frozen_statistics_mask(trainable, state.batch_stats)
-    p_train, p_eval = make_steps(model, tx, loss_fn, frozen_stats=frozen_stats, ema_decay=ema_decay)
+    p_train, p_eval = make_steps(model, tx, loss_fn, task, frozen_stats=frozen_stats, ema_decay=ema_decay)
     return _Experiment(
         meta=meta,
+        task=task,
         mesh=mesh,
         seed_key=seed_key,
         total_steps=total_steps,
@@ -371,40 +346,35 @@ def train_and_evaluate(
     Raises:
       ConfigError: for a workdir written by a different config.
       NonFiniteLossError: naming the step; the last good checkpoint stays in the workdir.
+
+    The calling process is left as it is: ``config.cpu_cores`` and the memory allocator are process
+    settings that entry points apply before JAX starts (``python -m medjax.launch``; in a notebook, call
+    :func:`medjax.cores.limit` first).
     """
     config_lib.validate(config)
-    cores.limit(config.get("cpu_cores"))
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_workdir_config(workdir, config)
+    run = RunDir(workdir)
+    _check_workdir_config(run, config)
     t_start = time.perf_counter()
     data_cfg, train_cfg = config.data, config.train
     exp = _build(config, extra_loss_terms)
     primary = sharding.is_primary()  # The one process that writes files; all of them compute.
     if primary:
-        trained.write_dataset_info(
-            workdir, class_names=exp.meta.class_names, label_counts=exp.meta.label_counts
-        )
+        run.write_dataset_info(class_names=exp.meta.class_names, label_counts=exp.meta.label_counts)
     state = exp.state
 
-    ckpt = RunCheckpointer(
-        workdir / "checkpoints",
-        keep=train_cfg.keep_checkpoints,
-        best_metric=train_cfg.select_best_on,
-        best_mode="min" if train_cfg.select_best_on == "loss" else "max",
-    )
+    ckpt = run.checkpointer(config)
     loop_state: dict = {}
     start_step = ckpt.latest_step()
     if start_step is not None:
         state, loop_state = ckpt.restore(start_step, abstract_state=state)
-        print(f"Resuming from the checkpoint at step {start_step} in {workdir / 'checkpoints'}.", flush=True)
+        print(f"Resuming from the checkpoint at step {start_step} in {run.checkpoint_dir}.", flush=True)
     step = last_saved = start_step or 0
     train_iter = iter(
         pipeline.make_train_loader(data_cfg, seed=config.seed, start_batch=step, **sharding.process_shard())
     )
     stopper = EarlyStopping(**train_cfg.early_stopping, state=loop_state.get("early_stopping"))
     stopped = loop_state.get("stopped", False)
-    writer = MetricWriter(workdir, resume_step=step or None, enabled=primary)
+    writer = MetricWriter(run.metrics_file, run.tensorboard_dir, resume_step=step or None, enabled=primary)
     progress = Progress(
         total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
     )
@@ -419,7 +389,7 @@ def train_and_evaluate(
             if not all(np.isfinite(v) for v in step_metrics.values()):
                 raise NonFiniteLossError(
                     f"Non-finite training metrics at step {step}: {step_metrics}. The last good checkpoint "
-                    f"(step {last_saved}) is kept in {workdir / 'checkpoints'}; lower optim.learning_rate or "
+                    f"(step {last_saved}) is kept in {run.checkpoint_dir}; lower optim.learning_rate or "
                     "set optim.grad_clip_norm and rerun to resume from it."
                 )
             window.append(step_metrics)
@@ -432,10 +402,7 @@ def train_and_evaluate(
             if evaluate_now:
                 val = exp.evaluate(state.eval_variables, data_cfg, data_cfg.eval_split, state.loss_state)
                 writer.write(step, "validation", val)
-                progress.message(
-                    f"step {step}: validation loss {val['loss']:.4f} "
-                    f"accuracy {val['accuracy']:.4f} auc {val['auc']:.4f}"
-                )
+                progress.message(f"step {step}: validation loss {val['loss']:.4f} {exp.task.headline(val)}")
                 stopped = stopper.update(val[train_cfg.early_stopping.monitor])
                 scalars = {k: v for k, v in val.items() if np.isscalar(v)}
                 ckpt.save_best(step, variables=state.eval_variables, metrics=scalars)
@@ -457,11 +424,10 @@ def train_and_evaluate(
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
         report["processes"], report["mesh"] = jax.process_count(), dict(exp.mesh.shape)  # And these.
         if primary:
-            (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
+            run.write_report(report)
         print(
             f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "
-            f"accuracy {report['test']['accuracy']:.4f} auc {report['test']['auc']:.4f}. "
-            f"Report: {workdir / 'report.json'}",
+            f"{exp.task.headline(report['test'])}. Report: {run.report_file}",
             flush=True,
         )
         return report

@@ -33,6 +33,15 @@ def compilation_cache(tmp_path_factory):
 SMOKE = f"{ROOT}/configs/chest_xray.py:smoke"  # MobileNetV2: the loop tests share one compiled step.
 
 
+def optim_config(**overrides):
+    """``config.optim`` of the base config with ``overrides`` (every key the optimizer reads is set)."""
+    from medjax import config_lib
+
+    config = config_lib.base_config().optim
+    config.update(overrides)
+    return config
+
+
 def smoke_config(data_dir, spec: str = SMOKE, **train_overrides):
     """A smoke config reading the session's prepared data, with ``config.train`` overrides."""
     from medjax import config_lib

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medjax.run_dir import RunDir
 from tests.conftest import ROOT, smoke_config
 
 SPEC = f"{ROOT}/configs/brain_mri.py:smoke"
@@ -91,7 +92,7 @@ def _train_two_processes(workdir: Path, data_dir: Path, cache: str) -> list[str]
 
 
 def _metrics(workdir: Path, kind: str) -> dict[int, dict]:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in RunDir(workdir).metrics_file.read_text().splitlines()]
     return {r["step"]: r for r in lines if r["kind"] == kind}
 
 
@@ -120,10 +121,10 @@ def _rewind(workdir: Path, to: Path, step: int) -> Path:
     """A copy of ``workdir`` as if the run had been killed just after its checkpoint at ``step``."""
     shutil.copytree(workdir, to)
     for series in ("latest", "best"):
-        for ckpt in (to / "checkpoints" / series).iterdir():
+        for ckpt in (RunDir(to).checkpoint_dir / series).iterdir():
             if ckpt.name.isdigit() and int(ckpt.name) > step:
                 shutil.rmtree(ckpt)
-    (to / "report.json").unlink()
+    RunDir(to).report_file.unlink()
     return to
 
 
@@ -153,8 +154,7 @@ def test_four_devices_follow_the_one_device_loss_trajectory(one_device_run, four
         _assert_close(one[step]["loss"], four[step]["loss"])
     for step, val in _metrics(one_device_run, "validation").items():
         _assert_close(val["loss"], _metrics(four_device_run, "validation")[step]["loss"])
-    report_1 = json.loads((one_device_run / "report.json").read_text())
-    report_4 = json.loads((four_device_run / "report.json").read_text())
+    report_1, report_4 = RunDir(one_device_run).read_report(), RunDir(four_device_run).read_report()
     assert (report_1["mesh"], report_4["mesh"]) == ({"data": 1, "model": 1}, {"data": 2, "model": 2})
     _assert_close(_results(report_1), _results(report_4))
 
@@ -171,7 +171,7 @@ def test_a_four_device_checkpoint_resumes_on_one_device(
     resumed, reference = _metrics(workdir, "train"), _metrics(one_device_run, "train")
     for step in (6, 8):  # Continued on one device where the 4-device run stopped.
         _assert_close(resumed[step]["loss"], reference[step]["loss"])
-    _assert_close(_results(report), _results(json.loads((one_device_run / "report.json").read_text())))
+    _assert_close(_results(report), _results(RunDir(one_device_run).read_report()))
 
 
 @pytest.fixture(scope="module")
@@ -184,14 +184,13 @@ def two_process_run(one_device_run, tfds_data_dir, compilation_cache, tmp_path_f
 
 @pytest.mark.multiprocess
 def test_two_processes_train_together_like_one(two_process_run, one_device_run):
-    report_1 = json.loads((one_device_run / "report.json").read_text())
-    report_2 = json.loads((two_process_run / "report.json").read_text())
+    report_1, report_2 = RunDir(one_device_run).read_report(), RunDir(two_process_run).read_report()
     assert (report_2["processes"], report_2["mesh"]) == (2, {"data": 2, "model": 1})
     _assert_close(_results(report_1), _results(report_2))
     train_2 = _metrics(two_process_run, "train")
     for step, record in _metrics(one_device_run, "train").items():
         _assert_close(record["loss"], train_2[step]["loss"])
-    lines = (two_process_run / "metrics.jsonl").read_text().splitlines()
+    lines = RunDir(two_process_run).metrics_file.read_text().splitlines()
     assert len(lines) == len({(r["step"], r["kind"]) for r in map(json.loads, lines)})  # One writer.
 
 
@@ -215,8 +214,7 @@ def test_killing_one_process_stops_the_other_and_a_restart_resumes(
 
     logs = _train_two_processes(workdir, tfds_data_dir, compilation_cache)
     assert all("Resuming from the checkpoint at step" in log.split("medjax: config")[-1] for log in logs)
-    resumed = json.loads((workdir / "report.json").read_text())
-    uninterrupted = json.loads((two_process_run / "report.json").read_text())
+    resumed, uninterrupted = RunDir(workdir).read_report(), RunDir(two_process_run).read_report()
     _assert_close(_results(resumed), _results(uninterrupted), rtol=0.0)
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from medjax import evaluate, evaluation, trained
+from medjax import run_dir
 from medjax.errors import MedjaxError
+from medjax.evaluate import command as evaluate
+from medjax.evaluate import statistics as evaluation
 from medjax.metrics import classification_metrics, probabilities
 from tests.conftest import ROOT
 
@@ -153,9 +155,13 @@ def test_ensemble_report_is_of_the_members_mean_probabilities(
     smoke_run, second_smoke_run, tfds_data_dir, tmp_path
 ):
     runs = [smoke_run, second_smoke_run]
-    members = [trained.load_trained(run) for run in runs]
+    members = [run_dir.load_run(run) for run in runs]
     singles = [evaluate.predict_members([m], splits=["test"], data_dir=str(tfds_data_dir)) for m in members]
-    (_, labels, first), (_, _, second) = singles[0]["test"], singles[1]["test"]
+    labels, first, second = (
+        singles[0]["test"]["label"],
+        singles[0]["test"]["probs"],
+        singles[1]["test"]["probs"],
+    )
     assert np.abs(first - second).max() > 1e-3  # Distinct members, so a mean differs from either.
     out = tmp_path / "ensemble"
     report = evaluate.evaluate_run(
@@ -183,7 +189,7 @@ def test_ensemble_report_is_of_the_members_mean_probabilities(
         evaluate.evaluate_run([smoke_run, other], out=out, splits=["test"], data_dir=str(tfds_data_dir))
     info = json.loads((other / "dataset.json").read_text())
     (other / "dataset.json").write_text(json.dumps(info | {"class_names": info["class_names"][::-1]}))
-    with pytest.raises(MedjaxError, match="must share their class names and order"):
+    with pytest.raises(MedjaxError, match=r"must share their task and class names \(in order\)"):
         evaluate.evaluate_run([smoke_run, other], out=out, data_dir=str(tfds_data_dir))
 
 

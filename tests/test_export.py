@@ -27,9 +27,9 @@ def trained(smoke_run):
     train mode; 8 images leave a net so sensitive that ONNX differs by 7e-5) and drawing a random head
     gives probabilities that differ from image to image; the export code sees an ordinary TrainedModel.
     """
-    from medjax.trained import load_trained
+    from medjax.run_dir import load_run
 
-    model = load_trained(smoke_run)
+    model = load_run(smoke_run)
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((32, *model.image_shape), dtype=np.float32)
     estimate = jax.jit(

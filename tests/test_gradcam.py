@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax import config_lib, gradcam, models, train, trained
+from medjax import config_lib, gradcam, models, run_dir, train
 from medjax.data import pipeline
 
 from .conftest import ROOT
@@ -192,11 +192,11 @@ def lesion_run(tfds_data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("method", gradcam.METHODS)
 def test_cam_mass_falls_inside_lesion_mask(lesion_run, method):
-    """Sanity check of issue 7: for lesion images, the lesion class's CAM puts several times more of its
+    """For lesion images, the lesion class's CAM puts several times more of its
     mass inside ``lesion_mask`` than the mask's area (what a map blind to the lesion would get)."""
     report = json.loads((lesion_run / "report.json").read_text())
     assert report["test"]["auc"] > 0.9, "the model did not learn; the CAM check would mean nothing"
-    model = trained.load_trained(lesion_run)
+    model = run_dir.load_run(lesion_run)
     source, _ = pipeline.load_source(model.config.data, "test")
     records = [source[i] for i in range(len(source)) if source[i]["label"] == 1]
     x = np.stack([model.preprocess(r["image"]) for r in records])

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from medjax import optim
+from tests.conftest import optim_config
 
 PARAMS = {
     "stem": {"kernel": jnp.ones((3, 3, 1, 4)), "bias": jnp.ones((4,))},
@@ -16,7 +17,7 @@ PARAMS = {
 
 
 def test_warmup_then_cosine_schedule_values():
-    cfg = {"learning_rate": 1.0, "warmup_epochs": 1.0, "schedule": "cosine", "min_lr_ratio": 0.1}
+    cfg = optim_config(learning_rate=1.0, warmup_epochs=1.0, schedule="cosine", min_lr_ratio=0.1)
     sched = optim.make_schedule(cfg, total_steps=30, steps_per_epoch=10)
     assert float(sched(0)) == pytest.approx(0.0)
     assert float(sched(5)) == pytest.approx(0.5)
@@ -27,7 +28,7 @@ def test_warmup_then_cosine_schedule_values():
 
 
 def test_adamw_does_not_decay_vectors():
-    cfg = {"name": "adamw", "learning_rate": 0.1, "weight_decay": 0.5, "schedule": "constant"}
+    cfg = optim_config(name="adamw", learning_rate=0.1, weight_decay=0.5, schedule="constant")
     tx, _ = optim.make_optimizer(cfg, PARAMS, total_steps=10, steps_per_epoch=10)
     zero_grads = jax.tree.map(jnp.zeros_like, PARAMS)
     updates, _ = tx.update(zero_grads, tx.init(PARAMS), PARAMS)
@@ -36,7 +37,7 @@ def test_adamw_does_not_decay_vectors():
 
 
 def test_frozen_parameters_stay_bit_identical():
-    cfg = {"name": "adam", "learning_rate": 0.1, "schedule": "constant", "trainable": ["head/.*"]}
+    cfg = optim_config(name="adam", learning_rate=0.1, schedule="constant", trainable=("head/.*",))
     tx, _ = optim.make_optimizer(cfg, PARAMS, total_steps=10, steps_per_epoch=10)
     state, params = tx.init(PARAMS), PARAMS
     grads = jax.tree.map(jnp.ones_like, PARAMS)
@@ -55,6 +56,6 @@ def test_trainable_pattern_matching_nothing_is_an_error():
 
 def test_unknown_optimizer_and_schedule():
     with pytest.raises(ValueError, match="optim.name"):
-        optim.make_optimizer({"name": "lamb", "learning_rate": 1.0}, PARAMS, total_steps=2, steps_per_epoch=1)
+        optim.make_optimizer(optim_config(name="lamb"), PARAMS, total_steps=2, steps_per_epoch=1)
     with pytest.raises(ValueError, match="optim.schedule"):
-        optim.make_schedule({"learning_rate": 1.0, "schedule": "step"}, total_steps=2, steps_per_epoch=1)
+        optim.make_schedule(optim_config(schedule="step"), total_steps=2, steps_per_epoch=1)

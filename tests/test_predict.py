@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax import predict, trained
+from medjax import predict, run_dir
 from medjax.data import images
 
 from .conftest import ROOT
@@ -73,7 +73,7 @@ def test_cli_csv_matches_predict_proba(smoke_run, files, tmp_path):
     assert "broken.png" in result.stderr
     with output.open() as f:
         rows = list(csv.DictReader(f))
-    model = trained.load_trained(smoke_run)
+    model = run_dir.load_run(smoke_run)
     prob_columns = [f"prob_{name}" for name in model.class_names]
     assert list(rows[0]) == ["path", "prediction", *prob_columns, "error", "cam"]
     assert [os.path.basename(r["path"]) for r in rows] == [

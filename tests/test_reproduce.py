@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from medjax import evaluate
+from medjax.evaluate import command as evaluate
 from tests.conftest import ROOT
 
 _spec = importlib.util.spec_from_file_location("reproduce", ROOT / "launch" / "reproduce.py")

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax import models, profiling
+from medjax import models
+from medjax.evaluate import model_card as profiling
 from tests.conftest import ROOT
 
 torch = pytest.importorskip("torch")

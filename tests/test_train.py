@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import allocator, config_lib, models, train, trained
+from medjax import allocator, config_lib, init_from, models, run_dir, train
 from medjax.errors import ConfigError, MedjaxError, NonFiniteLossError
 
 from .conftest import ROOT, SMOKE, smoke_config
@@ -32,11 +32,14 @@ def test_smoke_run_writes_outputs_compiles_once_and_resumes(tmp_path, tfds_data_
     monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
     workdir = tmp_path / "run"
     config = smoke_config(tfds_data_dir, num_epochs=3 / 8, eval_every_epochs=3 / 8, log_every_steps=1)
+    config.cpu_cores = 1  # A process setting: applied by entry points, never by the library function.
+    affinity = os.sched_getaffinity(0)
     report = train.train_and_evaluate(config, workdir)
 
+    assert os.sched_getaffinity(0) == affinity  # A notebook's kernel stays as it was.
     assert report["steps"] == 3 and report["total_steps"] == 3
     assert report["allocator"] == allocator.active()  # In-process: whatever pytest was started under.
-    assert report["cpu_cores"] == len(os.sched_getaffinity(0))  # The cores the wall time was measured on.
+    assert report["cpu_cores"] == len(affinity)  # The cores the wall time was measured on.
     assert report["test"]["num_examples"] == 24  # Padded eval batches count every example once.
     for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "loss"):
         assert key in report["test"]
@@ -55,9 +58,9 @@ def test_smoke_run_writes_outputs_compiles_once_and_resumes(tmp_path, tfds_data_
 
     # Same workdir again: resumes at the final step, trains nothing, reports the same numbers.
     chex.clear_trace_counter()
-    again = train.train_and_evaluate(
-        smoke_config(tfds_data_dir, num_epochs=3 / 8, eval_every_epochs=3 / 8, log_every_steps=1), workdir
-    )
+    config = smoke_config(tfds_data_dir, num_epochs=3 / 8, eval_every_epochs=3 / 8, log_every_steps=1)
+    config.cpu_cores = 1
+    again = train.train_and_evaluate(config, workdir)
     _same_results(report, again)
 
 
@@ -178,14 +181,14 @@ def test_init_from_keras_weights_file(tmp_path, tfds_data_dir, capsys):
 def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
     tmp_path, tfds_data_dir, second_smoke_run, capsys
 ):
-    best = trained.load_trained(second_smoke_run).variables
+    best = run_dir.load_run(second_smoke_run).variables
     config = smoke_config(tfds_data_dir)
     config.init_from.update({"path": str(second_smoke_run), "reinit_head": True})
     model = models.get_model(config.model_name, num_classes=2, **config.model)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     key = jax.random.key(7)
-    started = train._initial_variables(config, model, key, shape)
     fresh = train.init_variables(model, rng=key, image_shape=shape)
+    started = init_from.initial_variables(config, model, fresh, shape)
     assert "output layer ['classifier'] re-initialised" in capsys.readouterr().out
     chex.assert_trees_all_equal(started["params"].pop("classifier"), fresh["params"]["classifier"])
     best["params"].pop("classifier")
@@ -198,10 +201,12 @@ def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
         match=r"(?s)mobilenet_v2 \(187 array\(s\)\):\n  mis-shaped: batch_stats/block_1/project_bn/mean: "
         r"run \(8,\), model \(16,\).*\.\.\. and 177 more\n",
     ):
-        train._initial_variables(config, wider, key, shape)
+        init_from.initial_variables(
+            config, wider, train.init_variables(wider, rng=key, image_shape=shape), shape
+        )
     config.init_from.path = str(tmp_path / "absent")
     with pytest.raises(ConfigError, match="absent does not exist"):
-        train._initial_variables(config, model, key, shape)
+        init_from.initial_variables(config, model, fresh, shape)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +219,7 @@ def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
 )
 def test_output_layer_is_found_by_its_class_count_dependence(name, kwargs, head):
     model = models.get_model(name, num_classes=3, **kwargs)
-    assert trained._output_layers(model, (32, 32, 1)) == head
+    assert init_from.output_layers(model, (32, 32, 1)) == head
 
 
 def test_center_loss_centres_train_and_are_checkpointed(tmp_path, tfds_data_dir):

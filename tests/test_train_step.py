@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import losses, optim, train
+from medjax.tasks import classification
+from tests.conftest import optim_config
 
 
 class TinyNet(nn.Module):
@@ -24,12 +26,9 @@ class TinyNet(nn.Module):
 
 def test_frozen_parameters_and_their_batchnorm_statistics_do_not_change():
     model = TinyNet()
-    optim_cfg = {
-        "name": "adam",
-        "learning_rate": 0.1,
-        "schedule": "constant",
-        "trainable": ["body.*", "classifier/.*"],
-    }
+    optim_cfg = optim_config(
+        name="adam", learning_rate=0.1, schedule="constant", trainable=("body.*", "classifier/.*")
+    )
     variables = train.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
     tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=3, steps_per_epoch=3)
     trainable = optim.trainable_mask(variables["params"], optim_cfg["trainable"])
@@ -50,6 +49,7 @@ def test_frozen_parameters_and_their_batchnorm_statistics_do_not_change():
             model=model,
             tx=tx,
             loss_fn=losses.make_loss_fn({"cross_entropy": {"weight": 1.0}}),
+            task=classification,
             frozen_stats=frozen_stats,
         )
     )
@@ -73,13 +73,13 @@ def test_frozen_parameters_and_their_batchnorm_statistics_do_not_change():
 def test_weight_average_follows_the_warmed_up_decay():
     model = TinyNet()
     variables = train.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
-    optim_cfg = {"name": "adam", "learning_rate": 0.1, "schedule": "constant"}
+    optim_cfg = optim_config(name="adam", learning_rate=0.1, schedule="constant")
     tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=3, steps_per_epoch=3)
     state = train.create_train_state(tx, variables, with_ema=True)
     loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}})
     step = jax.jit(
         lambda s, b: train.train_step(
-            s, b, jax.random.key(1), model=model, tx=tx, loss_fn=loss_fn, ema_decay=0.9
+            s, b, jax.random.key(1), model=model, tx=tx, loss_fn=loss_fn, task=classification, ema_decay=0.9
         )
     )
     expected = jax.tree.map(np.asarray, variables)

@@ -208,12 +208,12 @@ class RandomBrightnessContrast(grain.transforms.RandomMap):
 def build_train_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.transforms.Transformation]:
     """Decoded record -> normalised float32 training image, with the augmentations ``data_cfg.augment`` asks.
 
-    Reads ``channels``, ``image_size``, optional ``interpolation`` (default 'bilinear'), ``normalize.mean``,
+    Reads ``channels``, ``image_size``, ``interpolation``, ``normalize.mean``,
     ``normalize.std`` and ``augment.{random_resized_crop_scale, rotation_degrees, hflip, vflip, brightness,
     contrast}``; a zero, False or None field leaves its transform out.
     """
     aug = data_cfg.augment
-    size, interpolation = data_cfg.image_size, data_cfg.get("interpolation", "bilinear")
+    size, interpolation = data_cfg.image_size, data_cfg.interpolation
     transforms: list[grain.transforms.Transformation] = []
     if aug.random_resized_crop_scale:
         scale = tuple(aug.random_resized_crop_scale)
@@ -229,19 +229,21 @@ def build_train_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.tr
     if aug.brightness or aug.contrast:
         transforms.append(RandomBrightnessContrast(aug.brightness, aug.contrast))
     # Channels last: grey sources (most of ours) are then augmented once, not three times.
-    return [*transforms, ToChannels(data_cfg.channels), _normalizer(data_cfg)]
+    return [*transforms, ToChannels(data_cfg.channels), normalizer(data_cfg)]
 
 
 def build_eval_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.transforms.Transformation]:
     """Decoded record -> normalised float32 image, deterministic (channels, resize, normalise only)."""
     return [
-        Resize(data_cfg.image_size, data_cfg.get("interpolation", "bilinear")),
+        Resize(data_cfg.image_size, data_cfg.interpolation),
         ToChannels(data_cfg.channels),
-        _normalizer(data_cfg),
+        normalizer(data_cfg),
     ]
 
 
-def _normalizer(data_cfg: ml_collections.ConfigDict) -> ScaleAndNormalize:
+def normalizer(data_cfg: ml_collections.ConfigDict) -> ScaleAndNormalize:
+    """``ScaleAndNormalize`` from ``data.normalize.{mean, std}`` (scalars or per-channel sequences)."""
+
     def as_value(v: Any) -> float | tuple[float, ...]:
         return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)
 

@@ -10,7 +10,7 @@ import pkgutil
 import flax.linen as nn
 
 # Modules in this package that hold building blocks rather than a selectable architecture.
-_NOT_MODELS = frozenset({"layers", "depthwise", "convert"})
+_NOT_MODELS = frozenset({"layers", "depthwise", "native", "convert"})
 
 
 def available_models() -> list[str]:

@@ -143,7 +143,7 @@ def _grad_kernel(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dil
     Each loop step multiplies the kh input rows of one output row by that cotangent row and adds each tap's
     product into its own (W', C) accumulator; the W' axis is summed once after the loop. One accumulator
     per tap (a tuple carry) lets XLA update each in place: stacking them into one (kh*kw, W', C) array
-    costs a concatenate and an add per step and was 2-4x slower (measured in issue 6's closing note).
+    costs a concatenate and an add per step and was 2-4x slower (measured).
     """
     (kh, kw), (sh, _) = kernel_shape[:2], strides
     n, ho, wo, c = g.shape

@@ -23,8 +23,8 @@ def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     XLA CPU runs the (N*H*W, K) x (K, F) product and its two gradients at matmul speed, but the same
     contraction written on a 4-D array (``nn.Dense``'s ``dot_general``, or a 1x1 ``conv_general_dilated``)
-    gets a weight gradient several times slower. Measured fwd+bwd, 32x112x112x16 -> 96 (issue 6 closing
-    note): 1x1 conv 356 ms, 4-D dot_general 297 ms, 2-D matmul 61 ms.
+    gets a weight gradient several times slower. Measured fwd+bwd, 32x112x112x16 -> 96: 1x1 conv 356 ms,
+    4-D dot_general 297 ms, 2-D matmul 61 ms.
     """
     lead = x.shape[:-1]
     return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])
@@ -68,7 +68,7 @@ class Conv(nn.Module):
     bias ``(out,)``), so Keras and PyTorch weights and older checkpoints load unchanged; only the arithmetic
     is laid out for XLA CPU: :func:`_patches` then :func:`_matmul_last_axis`. XLA CPU's own convolution is
     2-3x slower to train for the layers medjax has (its kernel gradient most of all). Measured fwd+bwd at
-    batch 32, XLA conv vs this (ms; issue 6 closing note): MobileNetV2's 3x3/2 stem 140 vs 65,
+    batch 32, XLA conv vs this (ms): MobileNetV2's 3x3/2 stem 140 vs 65,
     ConvNeXt-Tiny's 4x4/4 stem 100 vs 46 and 2x2/2 downsampling 56->28 192 vs 111.
 
     Attributes:
@@ -118,7 +118,7 @@ class BatchNorm(nn.Module):
     Differentiating ``nn.BatchNorm`` through its mean and variance leaves XLA three reductions and a
     materialised ``x - mean`` per layer; the backward here is the closed form, two reductions
     (``sum(g)``, ``sum(g * x_hat)``) and one elementwise pass. BatchNorm is most of MobileNetV2's memory
-    traffic on CPU (issue 6 closing note).
+    traffic on CPU.
 
     Attributes:
       use_running_average: normalise with the stored averages (evaluation) instead of the batch's.
@@ -197,7 +197,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
     Differentiating ``nn.gelu`` keeps its erfc and exp intermediates as full-size residuals: on XLA CPU
     each is its own pass over the 4x-expanded MLP activations. The JVP here computes the derivative
-    ``Phi(x) + x * phi(x)`` in one fusion, so one tensor is saved and read back (issue 6 closing note).
+    ``Phi(x) + x * phi(x)`` in one fusion, so one tensor is saved and read back.
     """
     return 0.5 * x * lax.erfc(-x * _INV_SQRT2)
 

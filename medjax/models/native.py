@@ -2,7 +2,7 @@
 
 One kernel so far, the depthwise convolution's kernel gradient (``csrc/depthwise_kernel_grad.cc``):
 XLA CPU can only express it as one small fusion per tap and output row, and dispatching those is most
-of a MobileNetV2 or MedNeXt backward pass (issue 6's profiles). The source is compiled once per machine
+of a MobileNetV2 or MedNeXt backward pass (profiled). The source is compiled once per machine
 with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) for the CPU it runs on, into
 ``$MEDJAX_CACHE_DIR/native`` (default ``~/.cache/medjax/native``), keyed by the source, the jax version
 and the compiler, and registered as an XLA FFI target. Without a compiler, or when the build fails,

@@ -11,6 +11,9 @@ Contract for a dataset module ``medjax/data/builders/<name>.py``:
   Without ``Config`` the dataset accepts no kwargs.
 * Images are handed to ``tfds.features.Image(encoding_format='png')`` as already-encoded bytes (numpy
   arrays would make TFDS import TensorFlow); splits are 'train', 'validation', 'test'.
+* Classification datasets have ``image``, ``label`` (ClassLabel) and ``id``; segmentation datasets use the
+  schema of :mod:`medjax.data.builders._segmentation` (``mask``, ``valid``, ``case_id``, ...) and record
+  their class names in ``metadata['segmentation']``, which is how the pipeline tells the two apart.
 * Manual-download datasets set ``MANUAL_DOWNLOAD_INSTRUCTIONS`` and read ``dl_manager.manual_dir``.
 * Modules whose name starts with ``_`` are helpers, not datasets.
 

@@ -1,7 +1,8 @@
 """Statistics that judge a trained classifier: bootstrap intervals, decision thresholds, calibration.
 
 Pure numpy / scikit-learn functions of labels and predicted probabilities, so they are tested against
-hand-computed values and reused by notebooks; :mod:`medjax.evaluate` feeds them a run's predictions.
+hand-computed values and reused by notebooks; :mod:`medjax.tasks.classification` feeds them a run's
+predictions.
 
 Conventions (medjax's, stated once here):
   * Binary problems score an example by ``probs[:, 1]``: class 1 is the positive (disease) class.
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from medjax.metrics import classification_metrics
+from medjax.metrics import auc, classification_metrics, one_vs_rest_mean
 
 # The metrics that get a bootstrap interval; 'f1' is macro F1, 'pr_auc' is average precision.
 INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "auc", "pr_auc", "f1")
@@ -34,15 +35,7 @@ def average_precision(*, labels: np.ndarray, probs: np.ndarray) -> float:
     Binary: of ``probs[:, 1]``. Several classes: macro mean of one-vs-rest APs over the classes present in
     ``labels`` (as :mod:`medjax.metrics` averages AUC). NaN when fewer than two classes are present.
     """
-    return _one_vs_rest_mean(skm.average_precision_score, np.asarray(labels), np.asarray(probs))
-
-
-def _one_vs_rest_mean(score_fn, labels: np.ndarray, probs: np.ndarray) -> float:
-    present = np.unique(labels)
-    if len(present) < 2:
-        return math.nan
-    classes = [1] if probs.shape[1] == 2 else present
-    return float(np.mean([score_fn(labels == k, probs[:, k]) for k in classes]))
+    return one_vs_rest_mean(skm.average_precision_score, np.asarray(labels), np.asarray(probs))
 
 
 def summary_metrics(*, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -63,8 +56,8 @@ def summary_metrics(*, labels: np.ndarray, probs: np.ndarray) -> dict[str, float
     return {
         "accuracy": float(tp.sum() / len(labels)),
         "balanced_accuracy": float(np.mean(tp[support > 0] / support[support > 0])),
-        "auc": _one_vs_rest_mean(skm.roc_auc_score, labels, probs),
-        "pr_auc": _one_vs_rest_mean(skm.average_precision_score, labels, probs),
+        "auc": auc(labels, probs),
+        "pr_auc": one_vs_rest_mean(skm.average_precision_score, labels, probs),
         "f1": float(f1.mean()),  # Macro over all classes, 0 for a class never seen nor predicted.
     }
 

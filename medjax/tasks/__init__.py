@@ -1,0 +1,46 @@
+"""Tasks: what differs between classification and other kinds of output, behind one small interface.
+
+The train step, checkpointing, the data pipeline, the inference pass (:mod:`medjax.inference`) and the
+command-line programs are the same for every task; ``config.task`` names a module of this package that
+owns the rest. Each task module provides:
+
+``default_loss()``
+    the ``config.loss`` a config starts from (:func:`medjax.config_lib.base_config`).
+``step_metrics(logits, labels)``
+    jnp scalars logged beside the loss at every training step (e.g. accuracy).
+``eval_outputs(logits, aux)``
+    what the inference pass keeps per example (e.g. the logits).
+``validation_metrics(predictions, class_names)``
+    the metrics of one split's gathered predictions (``label`` plus the ``eval_outputs``), as the
+    training loop logs, selects the best checkpoint on and reports; ``headline(metrics)`` is their
+    one-line console summary.
+``ensemble(member_predictions)``
+    one prediction from several runs' predictions of the same examples.
+``judge(predictions, *, out, class_names, settings)`` and ``markdown(report)``
+    what ``python -m medjax.evaluate`` computes, draws and writes for a split set.
+
+Tasks are modules rather than classes, loaded by name like models (:mod:`medjax.models`).
+"""
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+from medjax.errors import ConfigError
+
+
+def available_tasks() -> list[str]:
+    """Names accepted by :func:`get_task`."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def get_task(name: str) -> ModuleType:
+    """The task module ``medjax.tasks.<name>``.
+
+    Raises:
+      ConfigError: for an unknown name, listing the available ones.
+    """
+    names = available_tasks()
+    if name not in names:
+        raise ConfigError(f"Unknown task {name!r} (config.task); available: {', '.join(names)}.")
+    return importlib.import_module(f"medjax.tasks.{name}")
