@@ -33,6 +33,7 @@ from tests.conftest import ROOT, smoke_config
 SPEC = f"{ROOT}/configs/brain_mri.py:smoke"
 RTOL = 1e-5  # Loss and metric agreement across device counts (see the module docstring).
 HEARTBEAT_S = 10  # How long a dead process may stay silent before JAX stops the other one.
+TIMEOUT_S = 1800  # A run takes ~1 min on 2 free cores; shared CI machines can be 10x slower.
 
 
 def _free_port() -> int:
@@ -41,14 +42,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, data_dir: Path, cache: str, *, devices=1, process=None, flags=()):
+def _launch(workdir: Path, data_dir: Path, cache: str, *, devices: int = 1, process: tuple | None = None):
     """Starts ``python -m medjax.launch`` on the smoke config; output goes to ``<workdir>.<rank>.log``."""
     cmd = [
         sys.executable,
         "-m",
         "medjax.launch",
         f"--config={SPEC}",
-        *flags,
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
         f"--compilation_cache_dir={cache}",
@@ -76,7 +76,7 @@ def _launch(workdir: Path, data_dir: Path, cache: str, *, devices=1, process=Non
     return proc
 
 
-def _finish(*procs, timeout: float = 600) -> list[str]:
+def _finish(*procs, timeout: float = TIMEOUT_S) -> list[str]:
     """Waits for every process and returns their logs; fails with the log of one that failed."""
     logs = []
     for proc in procs:
@@ -139,10 +139,8 @@ def one_device_run(tfds_data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def four_device_run(one_device_run, tfds_data_dir, compilation_cache, tmp_path_factory) -> Path:
-    """4 devices, with the parameters split in 2 (``mesh.param_shards``): batches still over all 4."""
     workdir = tmp_path_factory.mktemp("four_devices") / "run"
-    flags = ["--config.mesh.param_shards=2"]
-    log = _finish(_launch(workdir, tfds_data_dir, compilation_cache, devices=4, flags=flags))[0]
+    log = _finish(_launch(workdir, tfds_data_dir, compilation_cache, devices=4))[0]
     assert "process 0 of 1, 4 of 4 devices (cpu)" in log
     return workdir
 
@@ -155,7 +153,7 @@ def test_four_devices_follow_the_one_device_loss_trajectory(one_device_run, four
     for step, val in _metrics(one_device_run, "validation").items():
         _assert_close(val["loss"], _metrics(four_device_run, "validation")[step]["loss"])
     report_1, report_4 = RunDir(one_device_run).read_report(), RunDir(four_device_run).read_report()
-    assert (report_1["mesh"], report_4["mesh"]) == ({"data": 1, "model": 1}, {"data": 2, "model": 2})
+    assert (report_1["mesh"], report_4["mesh"]) == ({"data": 1, "model": 1}, {"data": 4, "model": 1})
     _assert_close(_results(report_1), _results(report_4))
 
 
@@ -201,7 +199,7 @@ def test_killing_one_process_stops_the_other_and_a_restart_resumes(
     workdir = _rewind(two_process_run, tmp_path / "run", step=4)
     port = _free_port()
     survivor, victim = (_launch(workdir, tfds_data_dir, compilation_cache, process=(r, port)) for r in (0, 1))
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + TIMEOUT_S
     while "Resuming from the checkpoint at step 4" not in victim.log.read_text():
         assert victim.poll() is None and time.monotonic() < deadline, victim.log.read_text()[-3000:]
         time.sleep(0.2)
