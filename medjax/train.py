@@ -7,6 +7,7 @@ RNGs are ``fold_in(seed_key, step)``, so a resumed run needs no RNG in its check
 same steps bit for bit.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -24,8 +25,20 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from medjax import allocator, config_lib, cores, inference, init_from, losses, models, optim, sharding, tasks
-from medjax.checkpointing import RunCheckpointer
+from medjax import (
+    allocator,
+    config_lib,
+    cores,
+    inference,
+    init_from,
+    locking,
+    losses,
+    models,
+    optim,
+    sharding,
+    tasks,
+)
+from medjax.checkpointing import RunCheckpointer, has_checkpoints
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
 from medjax.errors import ConfigError, NonFiniteLossError
@@ -198,9 +211,10 @@ def evaluate(
 
 
 def _check_workdir_config(run: RunDir, config: ml_collections.ConfigDict) -> None:
-    """Writes ``config.json`` (process 0), or refuses a workdir that an incompatible config wrote (every
-    process, before it is rewritten)."""
-    if run.is_run():
+    """Refuses a workdir whose checkpoints an incompatible config wrote (every process checks before
+    process 0 rewrites ``config.json``). A workdir with no checkpoint has finished nothing, so any config
+    may take it over (e.g. the same command with a smaller batch after a failed start)."""
+    if run.is_run() and has_checkpoints(run.checkpoint_dir):
         differing = config_lib.differing_keys(run.read_config().to_dict(), config.to_dict())
         if differing:
             raise ConfigError(
@@ -208,8 +222,6 @@ def _check_workdir_config(run: RunDir, config: ml_collections.ConfigDict) -> Non
                 f"{', '.join(differing)}. Use another --workdir, or delete this one to start over."
             )
     sharding.barrier("workdir config checked")
-    if sharding.is_primary():
-        run.write_config(config)
 
 
 @dataclasses.dataclass
@@ -304,6 +316,22 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     )
 
 
+def _non_finite_message(step: int, step_metrics: dict, last_saved: int, run: RunDir) -> str:
+    """What stopped the run and a way forward that the workdir will accept."""
+    text = f"Non-finite training metrics at step {step}: {step_metrics}. "
+    if not last_saved:
+        return text + (
+            "No checkpoint was saved yet, so this workdir has finished nothing: rerun with a lower "
+            "optim.learning_rate or a set optim.grad_clip_norm (the changed config is accepted here)."
+        )
+    return text + (
+        f"The last good checkpoint (step {last_saved}) is kept in {run.checkpoint_dir}. Its config is "
+        "fixed, so rerunning here repeats the failure: rerun with a lower optim.learning_rate or a set "
+        f"optim.grad_clip_norm in a new --workdir, or with --config.init_from.path={run.path} to fine-tune "
+        "its best checkpoint."
+    )
+
+
 def _final_report(
     config, exp: _Experiment, ckpt: RunCheckpointer, writer: MetricWriter, state, **run
 ) -> dict:
@@ -344,7 +372,9 @@ def train_and_evaluate(
       The report also written to ``<workdir>/report.json``.
 
     Raises:
-      ConfigError: for a workdir written by a different config.
+      ConfigError: for an invalid config, or a workdir whose checkpoints a different config wrote.
+      BusyError: when another process is running in ``workdir`` (naming it).
+      CheckpointError: for an unreadable run file (naming it); unreadable checkpoints are skipped.
       NonFiniteLossError: naming the step; the last good checkpoint stays in the workdir.
 
     The calling process is left as it is: ``config.cpu_cores`` and the memory allocator are process
@@ -353,28 +383,47 @@ def train_and_evaluate(
     """
     config_lib.validate(config)
     run = RunDir(workdir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    # One run per workdir for its life: two would interleave metrics and read each other's half-written
+    # checkpoints. The processes of one multi-process run are one run: process 0 holds the lock for it.
+    lock = (
+        locking.exclusive(run.lock_file, what=f"workdir {run.path}")
+        if sharding.is_primary()
+        else contextlib.nullcontext()
+    )
+    with lock:
+        return _train_and_evaluate(config, run, extra_loss_terms)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_loss_terms) -> dict:
+    """:func:`train_and_evaluate` once the config is valid and the workdir locked."""
     _check_workdir_config(run, config)
     t_start = time.perf_counter()
     data_cfg, train_cfg = config.data, config.train
     exp = _build(config, extra_loss_terms)
     primary = sharding.is_primary()  # The one process that writes files; all of them compute.
     if primary:
+        run.write_config(config)  # Only once the run is known to start (a failed start leaves no trace).
         run.write_dataset_info(class_names=exp.meta.class_names, label_counts=exp.meta.label_counts)
     state = exp.state
 
     ckpt = run.checkpointer(config)
-    loop_state: dict = {}
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-        state, loop_state = ckpt.restore(start_step, abstract_state=state)
-        print(f"Resuming from the checkpoint at step {start_step} in {run.checkpoint_dir}.", flush=True)
-    step = last_saved = start_step or 0
+    step, state, loop_state = ckpt.restore_latest(abstract_state=state)
+    if step:
+        print(f"Resuming from the checkpoint at step {step} in {run.checkpoint_dir}.", flush=True)
+    last_saved = step
     train_iter = iter(
         pipeline.make_train_loader(data_cfg, seed=config.seed, start_batch=step, **sharding.process_shard())
     )
     stopper = EarlyStopping(**train_cfg.early_stopping, state=loop_state.get("early_stopping"))
     stopped = loop_state.get("stopped", False)
-    writer = MetricWriter(run.metrics_file, run.tensorboard_dir, resume_step=step or None, enabled=primary)
+    writer = MetricWriter(
+        run.metrics_file,
+        run.tensorboard_dir,
+        resume_step=step,
+        resume_lines=loop_state.get("metrics_lines"),
+        enabled=primary,
+    )
     progress = Progress(
         total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
     )
@@ -387,11 +436,7 @@ def train_and_evaluate(
             step += 1
             step_metrics = jax.device_get(step_metrics)
             if not all(np.isfinite(v) for v in step_metrics.values()):
-                raise NonFiniteLossError(
-                    f"Non-finite training metrics at step {step}: {step_metrics}. The last good checkpoint "
-                    f"(step {last_saved}) is kept in {run.checkpoint_dir}; lower optim.learning_rate or "
-                    "set optim.grad_clip_norm and rerun to resume from it."
-                )
+                raise NonFiniteLossError(_non_finite_message(step, step_metrics, last_saved, run))
             window.append(step_metrics)
             progress.update(step, loss=float(step_metrics["loss"]))
             if step % train_cfg.log_every_steps == 0:
@@ -413,7 +458,7 @@ def train_and_evaluate(
             if evaluate_now or (
                 train_cfg.checkpoint_every_steps and step % train_cfg.checkpoint_every_steps == 0
             ):
-                loop = {"early_stopping": stopper.state(), "stopped": stopped}
+                loop = {"early_stopping": stopper.state(), "stopped": stopped, "metrics_lines": writer.lines}
                 ckpt.save(step, state=state, loop_state=loop)
                 last_saved = step
         progress.close()

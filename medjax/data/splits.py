@@ -192,6 +192,7 @@ def _report(
         "duplicate_items": int((sizes - 1).sum()),
         "duplicates_dropped": sum(name is None for name in assignment) if drop_duplicates else 0,
         "label_conflict_groups": sum(len(v) > 1 for v in labels_of.values()),
+        "label_conflict_items": int(sum(sizes[gid] for gid, v in labels_of.items() if len(v) > 1)),
         "straddling_groups": sum(len(v) > 1 for v in splits_of.values()),
         "validation_source": validation_source,
         "counts": {name: dict(sorted(counts[name].items())) for name in SPLITS if name in counts},
