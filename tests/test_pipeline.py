@@ -23,6 +23,9 @@ def _config(data_dir, **overrides) -> ml_collections.ConfigDict:
             "batch_size": 8,
             "eval_batch_size": 16,
             "num_workers": 0,
+            "interpolation": "bilinear",
+            "read_threads": 2,
+            "prefetch_batches": 4,
             "augment": {
                 "hflip": True,
                 "vflip": False,
