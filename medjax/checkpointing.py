@@ -91,22 +91,23 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def save(self, step: int, *, state: Any, data_iterator: Any, loop_state: dict) -> None:
-        """Saves everything needed to resume after ``step`` completed steps."""
+    def save(self, step: int, *, state: Any, loop_state: dict, data_iterator: Any = None) -> None:
+        """Saves everything needed to resume after ``step`` completed steps.
+
+        Every process calls it (a collective save: each writes the array shards it owns, process 0 the
+        metadata). ``data_iterator`` is saved only when given: medjax's loaders re-derive their
+        position from the step instead (:func:`medjax.data.pipeline.make_train_loader`), which keeps a
+        checkpoint restorable with another number of processes or Grain workers.
+        """
+        items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         _fault_point("before_latest_save", step)
         with _os_errors(self.latest.directory):
-            self.latest.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=grain.checkpoint.CheckpointSave(data_iterator),
-                    loop=ocp.args.JsonSave(loop_state),
-                ),
-                force=True,
-            )
+            self.latest.save(step, args=ocp.args.Composite(**items), force=True)
         _fault_point("after_latest_save", step)
 
-    def restore(self, step: int, *, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, *, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
         """Restores the state (shaped and sharded like ``abstract_state``) and the iterator in place.
 
         Returns:
@@ -117,14 +118,15 @@ class RunCheckpointer:
         """
         step_dir = Path(self.latest.directory) / str(step)
         _check_json_files(step_dir)
+        # Read into abstract_state's shardings (the current mesh's): a checkpoint written on 4 devices
+        # or 2 processes restores on 1 device and the other way round.
+        items = {"state": ocp.args.StandardRestore(abstract_state), "loop": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self.latest.restore(
                 step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                    loop=ocp.args.JsonRestore(),
-                ),
+                args=ocp.args.Composite(**items),
             )
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
             raise CheckpointError(f"{step_dir}: unreadable checkpoint ({_brief(e)})") from e
@@ -132,7 +134,7 @@ class RunCheckpointer:
         return restored["state"], dict(restored["loop"])
 
     def restore_latest(
-        self, *, abstract_state: Any, data_iterator: Any, say: Callable[[str], None] = print
+        self, *, abstract_state: Any, data_iterator: Any = None, say: Callable[[str], None] = print
     ) -> tuple[int, Any, dict]:
         """Restores the newest readable latest step, repairing the workdir for the replay from it.
 
@@ -144,7 +146,8 @@ class RunCheckpointer:
           readable (a fresh start).
         """
         step, state, loop_state = 0, abstract_state, {}
-        fresh_position = data_iterator.get_state()  # A failed restore may have moved the iterator.
+        # A failed restore may have moved the iterator.
+        fresh_position = data_iterator.get_state() if data_iterator is not None else None
         for candidate in sorted(self.latest.all_steps(), reverse=True):
             try:
                 state, loop_state = self.restore(
@@ -157,7 +160,8 @@ class RunCheckpointer:
             step = candidate
             break
         else:
-            data_iterator.set_state(fresh_position)
+            if data_iterator is not None:
+                data_iterator.set_state(fresh_position)
         for newer in [s for s in self.best.all_steps() if s > step]:
             say(f"Best checkpoint at step {newer} is newer than the resumed step {step}; it is redone.")
             self.best.delete(newer)

@@ -29,6 +29,7 @@ RESUMABLE_WITH_CHANGES = (
     "data.num_workers",
     "eval",
     "cpu_cores",
+    "mesh",
 )
 
 REQUIRED_KEYS = (
@@ -90,6 +91,11 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # CPU cores the run may use (None: all the process may run on); XLA sizes its thread pool to them
     # (medjax/cores.py). Set it to leave cores to other work, or to match a study's thread count.
     c.cpu_cores = ml_collections.FieldReference(None, field_type=int)
+
+    # Devices each parameter and its optimizer state are split over (the mesh's 'model' axis; batches
+    # are split over every device regardless). 1 replicates them: fastest while the model fits on one
+    # device. Raise it (a divisor of the device count) when parameters + AdamW state do not fit.
+    c.mesh = ml_collections.ConfigDict({"param_shards": 1})
 
     c.model_name = "mobilenet_v2"  # A module in medjax/models (see medjax.models.available_models()).
     c.model = ml_collections.ConfigDict()  # Keyword arguments of that module's Model.

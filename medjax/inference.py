@@ -38,12 +38,21 @@ def iterate_split(
         the real rows; 0-d outputs (e.g. a masked loss sum the function computed itself) pass as they are.
       data_cfg: ``config.data`` of the run.
       split: dataset split name.
-      mesh: the training mesh, or None to call ``fn`` on host arrays.
+      mesh: the training mesh, or None to call ``fn`` on host arrays. With a mesh and several
+        processes, each reads its rows of every batch (:func:`medjax.sharding.process_shard`) and the
+        rows and outputs of all of them come back on every process (a collective: all must call).
       batch_size: default ``data_cfg.eval_batch_size``.
     """
-    for batch in pipeline.iterate_eval(data_cfg, split=split, batch_size=batch_size):
+    shard = sharding.process_shard() if mesh is not None else {}
+    for batch in pipeline.iterate_eval(data_cfg, split=split, batch_size=batch_size, **shard):
+        if mesh is None:
+            outputs = jax.device_get(fn(batch))
+        else:
+            placed = sharding.shard_batch(batch, mesh)
+            outputs = sharding.gather(fn(placed))
+            if jax.process_count() > 1:  # This process read its rows only; the outputs cover all.
+                batch = sharding.gather(placed)
         mask = np.asarray(batch["mask"], bool)
-        outputs = jax.device_get(fn(sharding.shard_batch(batch, mesh) if mesh is not None else batch))
         rows = {key: np.asarray(value)[mask] for key, value in batch.items()}
         yield rows, {key: _real_rows(np.asarray(value), mask) for key, value in outputs.items()}
 

@@ -4,6 +4,10 @@ Only parses flags and calls :func:`medjax.train.train_and_evaluate` (Flax-exampl
 notebooks run exactly what the command runs. Overrides use ml_collections syntax, e.g.
 ``--config.optim.learning_rate=3e-4``; the config is locked, so a misspelt key is an error that lists
 the keys it may have meant. Running again with the same ``--workdir`` resumes from the latest checkpoint.
+
+Several processes (GPUs of one machine, hosts of a cluster, a TPU slice) run the same command with
+``--coordinator_address``, ``--num_processes`` and ``--process_id``, or with none of them under SLURM,
+Open MPI or on a Cloud TPU VM (:mod:`medjax.distributed`; ``launch/`` has a script per setting).
 """
 
 import sys
@@ -11,7 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
-from medjax import allocator, cli, config_lib, cores
+from medjax import allocator, cli, config_lib, cores, distributed
 from medjax.errors import DatasetNotFoundError
 
 _CONFIG = config_lib.define_config_flag("config", "Experiment config file, e.g. configs/covid_ct.py:smoke.")
@@ -22,6 +26,7 @@ _CACHE_DIR = flags.DEFINE_string(
     "Persistent XLA compilation cache ('' disables): a resumed or repeated run skips recompiling its steps.",
 )
 _ALLOCATOR = cli.define_allocator_flag()
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(["config"])
 
 
@@ -62,9 +67,10 @@ def main(argv: list[str]) -> None:
     spec = flags.FLAGS["config"].serialize().split("=", 1)[1]
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(spec)
     cores.limit(_CONFIG.value.get("cpu_cores"))  # Before JAX starts (train_and_evaluate checks again).
+    distributed.initialize_from_flags(_DISTRIBUTED)  # Also before JAX starts its backends.
     print(
         f"medjax: config {spec}, workdir {workdir}, allocator {allocator.active()}, "
-        f"{len(cores.available())} CPU cores",
+        f"{len(cores.available())} CPU cores, {distributed.describe()}",
         flush=True,
     )
     try:

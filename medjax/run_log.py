@@ -26,12 +26,25 @@ class MetricWriter:
     lines (the count the checkpoint recorded, :attr:`lines`), or, for checkpoints without that count, the
     lines of steps up to ``resume_step``. Lines after that are redone by the replay. A last line cut short
     by a kill mid-write is dropped; a damaged line elsewhere names the file and line.
+
+    ``enabled=False`` writes nothing: the other processes of a multi-process run, whose metrics process
+    0 already writes.
     """
 
     def __init__(
-        self, path: Path, tensorboard_dir: Path, *, resume_step: int = 0, resume_lines: int | None = None
+        self,
+        path: Path,
+        tensorboard_dir: Path,
+        *,
+        resume_step: int = 0,
+        resume_lines: int | None = None,
+        enabled: bool = True,
     ):
         self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            self.lines = 0
+            return
         self.lines = self._cut_back(resume_step, resume_lines)
         self._tb = tensorboardX.SummaryWriter(str(tensorboard_dir))
 
@@ -46,6 +59,8 @@ class MetricWriter:
 
     def write(self, step: int, kind: str, scalars: dict) -> None:
         """Writes ``scalars`` (numbers; lists such as confusion matrices go to JSON only)."""
+        if not self.enabled:
+            return
         record = {"step": int(step), "kind": kind, **scalars}
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
@@ -56,7 +71,8 @@ class MetricWriter:
         self._tb.flush()
 
     def close(self) -> None:
-        self._tb.close()
+        if self.enabled:
+            self._tb.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -7,6 +7,7 @@ RNGs are ``fold_in(seed_key, step)``, so a resumed run needs no RNG in its check
 same steps bit for bit.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -212,7 +213,8 @@ def evaluate(
     class_names,
     loss_state=None,
 ) -> dict:
-    """The task's validation metrics and the loss over every example of ``split`` exactly once."""
+    """The task's validation metrics and the loss over every example of ``split`` exactly once, split
+    over the processes (:func:`medjax.inference.predict_split` gathers their rows)."""
     predictions = inference.predict_split(
         lambda batch: p_eval(variables, batch, loss_state or {}), data_cfg, split=split, mesh=mesh
     )
@@ -222,9 +224,9 @@ def evaluate(
 
 
 def _check_workdir_config(run: RunDir, config: ml_collections.ConfigDict) -> None:
-    """Refuses a workdir whose checkpoints an incompatible config wrote. A workdir with no checkpoint has
-    finished nothing, so any config may take it over (e.g. the same command with a smaller batch after a
-    failed start)."""
+    """Refuses a workdir whose checkpoints an incompatible config wrote (every process checks before
+    process 0 rewrites ``config.json``). A workdir with no checkpoint has finished nothing, so any config
+    may take it over (e.g. the same command with a smaller batch after a failed start)."""
     if run.is_run() and has_checkpoints(run.checkpoint_dir):
         differing = config_lib.differing_keys(run.read_config().to_dict(), config.to_dict())
         if differing:
@@ -232,6 +234,7 @@ def _check_workdir_config(run: RunDir, config: ml_collections.ConfigDict) -> Non
                 f"Workdir {run.path} was written by a different config; keys that differ: "
                 f"{', '.join(differing)}. Use another --workdir, or delete this one to start over."
             )
+    sharding.barrier("workdir config checked")
 
 
 @dataclasses.dataclass
@@ -268,8 +271,11 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     """Dataset metadata, step counts, model, loss, optimizer, initial state and the jitted steps."""
     data_cfg = config.data
     task = tasks.get_task(config.task)
-    meta = pipeline.dataset_metadata(data_cfg)
-    mesh = sharding.make_mesh()
+    # Reading the metadata prepares the dataset on first use: once, by process 0, before the others read.
+    meta = pipeline.dataset_metadata(data_cfg) if sharding.is_primary() else None
+    sharding.barrier("dataset prepared")
+    meta = meta or pipeline.dataset_metadata(data_cfg)
+    mesh = sharding.make_mesh(config.mesh.param_shards)
     sharding.check_batch_size(data_cfg.batch_size, mesh)
     sharding.check_batch_size(data_cfg.eval_batch_size, mesh, what="data.eval_batch_size")
     steps_per_epoch = meta.num_examples[data_cfg.train_split] // data_cfg.batch_size
@@ -305,7 +311,7 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
         raise ConfigError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 disables the weight average).")
     fresh = init_variables(model, rng=init_key, image_shape=image_shape)
     initial = init_from.initial_variables(config, model, fresh, image_shape)
-    state = sharding.replicate(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
+    state = sharding.place_state(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
     frozen_stats = None
     phases = unfreeze.parse(config.optim.unfreeze)
     if phases is not None and config.optim.freeze_batch_stats:
@@ -402,9 +408,14 @@ def train_and_evaluate(
     config_lib.validate(config)
     run = RunDir(workdir)
     run.path.mkdir(parents=True, exist_ok=True)
-    # One process per workdir for the run's life: two would interleave metrics and read each other's
-    # half-written checkpoints.
-    with locking.exclusive(run.lock_file, what=f"workdir {run.path}"):
+    # One run per workdir for its life: two would interleave metrics and read each other's half-written
+    # checkpoints. The processes of one multi-process run are one run: process 0 holds the lock for it.
+    lock = (
+        locking.exclusive(run.lock_file, what=f"workdir {run.path}")
+        if sharding.is_primary()
+        else contextlib.nullcontext()
+    )
+    with lock:
         return _train_and_evaluate(config, run, extra_loss_terms)
 
 
@@ -414,20 +425,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
     t_start = time.perf_counter()
     data_cfg, train_cfg = config.data, config.train
     exp = _build(config, extra_loss_terms)
-    run.write_config(config)  # Only once the run is known to start (a failed start leaves no trace).
-    run.write_dataset_info(class_names=exp.meta.class_names, label_counts=exp.meta.label_counts)
+    primary = sharding.is_primary()  # The one process that writes files; all of them compute.
+    if primary:
+        run.write_config(config)  # Only once the run is known to start (a failed start leaves no trace).
+        run.write_dataset_info(class_names=exp.meta.class_names, label_counts=exp.meta.label_counts)
     state = exp.state
 
-    train_iter = iter(
-        pipeline.make_train_loader(
-            data_cfg, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count()
-        )
-    )
     ckpt = run.checkpointer(config)
-    step, state, loop_state = ckpt.restore_latest(abstract_state=state, data_iterator=train_iter)
+    step, state, loop_state = ckpt.restore_latest(abstract_state=state)
     if step:
         print(f"Resuming from the checkpoint at step {step} in {run.checkpoint_dir}.", flush=True)
     last_saved = step
+    train_iter = iter(
+        pipeline.make_train_loader(data_cfg, seed=config.seed, start_batch=step, **sharding.process_shard())
+    )
     stopper = EarlyStopping(**train_cfg.early_stopping, state=loop_state.get("early_stopping"))
     stopped = loop_state.get("stopped", False)
     phases = None
@@ -441,7 +452,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
         )
         print(phases.describe(), flush=True)
     writer = MetricWriter(
-        run.metrics_file, run.tensorboard_dir, resume_step=step, resume_lines=loop_state.get("metrics_lines")
+        run.metrics_file,
+        run.tensorboard_dir,
+        resume_step=step,
+        resume_lines=loop_state.get("metrics_lines"),
+        enabled=primary,
     )
     progress = Progress(
         total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
@@ -494,7 +509,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
                 loop = {"early_stopping": stopper.state(), "stopped": stopped, "metrics_lines": writer.lines}
                 if phases is not None:
                     loop["unfreeze"] = phases.state()
-                ckpt.save(step, state=state, data_iterator=train_iter, loop_state=loop)
+                ckpt.save(step, state=state, loop_state=loop)
                 last_saved = step
         progress.close()
 
@@ -502,7 +517,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
         report["wall_time_s"] = time.perf_counter() - t_start
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
-        run.write_report(report)
+        report["processes"], report["mesh"] = jax.process_count(), dict(exp.mesh.shape)  # And these.
+        if primary:
+            run.write_report(report)
         name, split = (
             ("test", data_cfg.test_split) if data_cfg.test_split else ("validation", data_cfg.eval_split)
         )

@@ -23,6 +23,9 @@ def _config(data_dir, **overrides) -> ml_collections.ConfigDict:
             "batch_size": 8,
             "eval_batch_size": 16,
             "num_workers": 0,
+            "interpolation": "bilinear",
+            "read_threads": 2,
+            "prefetch_batches": 4,
             "augment": {
                 "hflip": True,
                 "vflip": False,
@@ -117,12 +120,52 @@ def _plain(data_dir) -> ml_collections.ConfigDict:
     return plain
 
 
-def test_shards_partition_the_data(cfg):
-    plain, sums = _plain(cfg.data_dir), set()
-    for shard in range(2):
-        batches, _ = _take(pipeline.make_train_loader(plain, seed=0, shard_index=shard, shard_count=2), 5)
-        sums |= {float(im.sum()) for b in batches for im in b["image"]}  # 20 images = one shard epoch.
-    assert len(sums) == 40  # The two shards together hold all 40 distinct images.
+def _concat_rows(shards):
+    """The global batches from per-process lists of batches (rows in process order)."""
+    return [
+        {k: np.concatenate([batch[k] for batch in step]) for k in step[0]}
+        for step in zip(*shards, strict=True)
+    ]
+
+
+def test_process_shards_are_the_rows_of_the_same_global_batches(cfg):
+    whole, _ = _take(pipeline.make_train_loader(cfg, seed=0), 6)  # Augmented, across an epoch boundary.
+    shards = [
+        _take(pipeline.make_train_loader(cfg, seed=0, shard_index=i, shard_count=2), 6)[0] for i in (0, 1)
+    ]
+    assert shards[0][0]["image"].shape == (4, 32, 32, 3)  # batch_size is global: 8 rows over 2 processes.
+    _assert_batches_equal(whole, _concat_rows(shards))
+    with pytest.raises(
+        ValueError, match=r"data.batch_size=8 must be divisible by the number of processes \(3\)"
+    ):
+        pipeline.make_train_loader(cfg, seed=0, shard_index=0, shard_count=3)
+
+
+def test_start_batch_resumes_at_a_step_for_any_process_count(cfg):
+    whole, _ = _take(pipeline.make_train_loader(cfg, seed=0), 7)
+    resumed, _ = _take(pipeline.make_train_loader(cfg, seed=0, start_batch=4), 3)
+    _assert_batches_equal(whole[4:], resumed)
+    shards = [
+        _take(pipeline.make_train_loader(cfg, seed=0, shard_index=i, shard_count=2, start_batch=4), 3)[0]
+        for i in (0, 1)
+    ]
+    _assert_batches_equal(whole[4:], _concat_rows(shards))
+
+
+def test_eval_shards_hold_every_example_once(cfg):
+    whole = list(pipeline.iterate_eval(cfg, split="validation", batch_size=8))  # 20 -> 3 batches, 4 padded.
+    shards = [
+        list(pipeline.iterate_eval(cfg, split="validation", batch_size=8, shard_index=i, shard_count=2))
+        for i in (0, 1)
+    ]
+    assert [len(s) for s in shards] == [3, 3]  # Every process runs the same number of eval steps.
+    merged = _concat_rows(shards)
+    for a, b in zip(whole, merged, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    index = np.concatenate([b["index"] for b in merged])
+    mask = np.concatenate([b["mask"] for b in merged])
+    np.testing.assert_array_equal(np.sort(index[mask]), np.arange(20))
 
 
 def test_eval_counts_every_example_once_with_static_batches(cfg):

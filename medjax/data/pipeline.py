@@ -1,10 +1,12 @@
 """Input pipelines: ``tfds.data_source`` (ArrayRecord, random access) -> Grain -> static-shape batches.
 
-Training (:func:`make_train_loader`) is a Grain ``MapDataset`` chain: source, shard, seed, shuffle,
-repeat, decode-side transforms, per-record random augmentations, batch with ``drop_remainder``. Every
-batch is a pure function of (seed, batch number), so output is identical for any ``num_workers`` and the
-iterator state is just a position: ``get_state`` / ``set_state`` or Orbax's
-``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)`` resume it exactly.
+Training (:func:`make_train_loader`) is a Grain ``MapDataset`` chain: source, seed, shuffle, repeat,
+decode-side transforms, per-record random augmentations, batch with ``drop_remainder``, this process's
+rows. Every batch is a pure function of (seed, batch number), so output is identical for any
+``num_workers`` and any number of processes (each reads its rows of every global batch), and the
+iterator's position is just the batch number: a resumed run starts the loader at its step
+(``start_batch``) instead of restoring a worker-specific iterator state, so it may resume with other
+worker or process counts.
 
 Evaluation (:func:`iterate_eval`) visits every example once in storage order and pads the last batch
 with repeats marked ``mask=False``, so jitted eval steps see one batch shape and metrics count each
@@ -216,6 +218,13 @@ def _to_iter_dataset(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict) 
     return iter_ds
 
 
+def _process_rows(batch_size: int, shard_count: int, what: str) -> int:
+    """Rows of each global batch one process reads."""
+    if batch_size % shard_count:
+        raise ValueError(f"{what}={batch_size} must be divisible by the number of processes ({shard_count}).")
+    return batch_size // shard_count
+
+
 def make_train_loader(
     data_cfg: ml_collections.ConfigDict,
     *,
@@ -223,37 +232,47 @@ def make_train_loader(
     split: str = "train",
     shard_index: int = 0,
     shard_count: int = 1,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
     """Endless, shuffled, augmented training batches ``{'image': f32 (B, H, W, C), 'label': i32 (B,)}``
     (segmentation: ``label`` i32 (B, h, w) and ``valid`` bool (B, h, w) of a random patch (h, w)).
 
     Each epoch is reshuffled from ``seed``; augmentations draw from per-record generators Grain derives
-    from ``seed`` and the record's position. ``B = data_cfg.batch_size`` per shard (one shard per JAX
-    process; shard ``i`` reads records ``i, i + shard_count, ...``). Call ``iter()`` on the result; the
-    iterator's ``get_state()`` / ``set_state()`` (or Orbax via ``grain.checkpoint``) resume it exactly.
+    from ``seed`` and the record's position in the shuffled stream. ``data_cfg.batch_size`` is the
+    global batch: with ``shard_count`` processes, shard ``i`` yields rows ``i * B .. (i + 1) * B - 1`` of
+    each global batch, ``B = batch_size / shard_count`` (see :func:`medjax.sharding.process_shard`), so
+    the global batches are the same for any process count. Batch ``k`` is a function of ``(seed, k)``
+    alone, so the position of a resumed run is its step: ``start_batch`` starts there, whatever the
+    process or worker count of the run that wrote the checkpoint. Call ``iter()`` on the result.
     """
+    rows = _process_rows(data_cfg.batch_size, shard_count, "data.batch_size")
     source, info = load_source(data_cfg, split)
     record, steps = _task_steps(data_cfg, info, split, train=True)
     if data_cfg.get("cache_decoded", False):
         source = source.__getitems__(range(len(source)))  # Decoded once; augmentations never write in place.
-    ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    ds = ds.seed(seed).shuffle().repeat().map(record)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().map(record)
     ds = _apply(ds, steps)
     # Batching before the processes split the work keeps batch k a function of k alone.
-    ds = ds.batch(data_cfg.batch_size, drop_remainder=True)
-    return _to_iter_dataset(ds, data_cfg)
+    ds = ds.batch(rows, drop_remainder=True)[shard_index::shard_count]
+    return _to_iter_dataset(ds[start_batch:], data_cfg)
 
 
 def iterate_eval(
-    data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int | None = None
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    split: str,
+    batch_size: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of ``split`` once, in storage order, without augmentation, in equal-size batches.
 
     Yields ``{'image': f32 (B, H, W, C), 'label': i32 (B,), 'index': i32 (B,), 'mask': bool (B,)}`` with
     ``B = batch_size or data_cfg.eval_batch_size``. The last batch is filled up with repeats of the first
     examples whose ``mask`` is False; ``index`` is the position in the split (``source[index]``).
+    With ``shard_count`` processes, shard ``i`` yields rows ``i * B / shard_count`` onwards of each
+    global batch, every shard the same number of batches; the batches of all shards together hold each
+    example once with ``mask`` True (gather them with :func:`medjax.sharding.gather`).
     Segmentation batches hold whole images padded to the split's largest shape (rounded up to
     ``data_cfg.pad_multiple``) with ``label`` i32 (B, H, W) and ``valid`` bool (B, H, W), padding invalid,
     plus any extra stored mask as i32 (B, H, W) (DRIVE: ``second_observer``, meaningful on 'test').
@@ -264,10 +283,12 @@ def iterate_eval(
     if num_examples == 0:
         raise ValueError(f"Split {split!r} of {data_cfg.name!r} is empty.")
     batch = batch_size or data_cfg.eval_batch_size
+    rows = _process_rows(batch, shard_count, "data.eval_batch_size")
     padded = -(-num_examples // batch) * batch
     ds = grain.MapDataset.source(source).repeat(-(-padded // num_examples))[:padded]
     ds = _apply(ds.map_with_index(_EvalRecord(num_examples, record)), steps)
-    return _closing(iter(_to_iter_dataset(ds.batch(batch, drop_remainder=True), data_cfg)))
+    ds = ds.batch(rows, drop_remainder=True)[shard_index::shard_count]
+    return _closing(iter(_to_iter_dataset(ds, data_cfg)))
 
 
 def _closing(iterator: grain.DatasetIterator) -> Iterator[dict[str, np.ndarray]]:
