@@ -6,6 +6,13 @@ returning the mean over the batch (``reduction=True``) or one value per example 
 accept ``weights`` (per-example, 0 for padding) when it needs them for more than the final average, as
 feature smoothing does for its class means.
 
+Segmentation: ``logits`` ``(B, H, W, K)`` (any number of spatial axes) and integer ``labels`` ``(B, H, W)``.
+The per-pixel terms (``cross_entropy``, ``focal``, ``dice``) accept ``pixel_weights`` ``(B, H, W)``: 0 marks
+pixels that take no part (outside a field of view, padding of a sliding window or a short patch), and
+``reduction=False`` gives one value per image (the pixel-weighted mean, or the image's Dice loss), so the
+per-example weights and the composition below work unchanged. The terms built on ``aux['features']`` (one
+vector and one class per image) refuse segmentation labels with a clear error.
+
 ``config.loss`` maps term names to ``{'weight': w, 'warmup_steps': n, **params}``; :func:`make_loss_fn`
 turns it into one :class:`CompositeLoss` returning the weighted total and every term, so all of them are
 logged. Terms defined outside the package (e.g. in a notebook) are passed in ``extra_terms`` without
@@ -29,6 +36,29 @@ def _reduce(per_example: jax.Array, reduction: bool) -> jax.Array:
     return jnp.mean(per_example) if reduction else per_example
 
 
+def _per_image(per_pixel: jax.Array, pixel_weights: jax.Array | None) -> jax.Array:
+    """Classification values pass through; a per-pixel map becomes each image's weighted pixel mean (an
+    image whose weights are all 0 gives 0)."""
+    if per_pixel.ndim == 1:
+        if pixel_weights is not None:
+            raise ValueError("pixel_weights apply to segmentation (labels (B, H, W)), not to labels (B,)")
+        return per_pixel
+    spatial = tuple(range(1, per_pixel.ndim))
+    if pixel_weights is None:
+        return jnp.mean(per_pixel, axis=spatial)
+    w = jnp.broadcast_to(pixel_weights.astype(jnp.float32), per_pixel.shape)
+    return jnp.sum(per_pixel * w, axis=spatial) / jnp.maximum(jnp.sum(w, axis=spatial), 1e-12)
+
+
+def _require_image_labels(labels: jax.Array, term: str) -> None:
+    if labels.ndim != 1:
+        raise ValueError(
+            f"loss term {term!r} needs one class label per image (labels of shape (B,)), got labels of shape "
+            f"{labels.shape}: it compares per-image feature vectors, which a segmentation map does not have. "
+            f"Remove loss.{term} from the config of a segmentation run."
+        )
+
+
 def cross_entropy(
     *,
     logits: jax.Array,
@@ -36,13 +66,15 @@ def cross_entropy(
     aux: Mapping | None = None,
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | None = None,
+    pixel_weights: jax.Array | None = None,
     reduction: bool = True,
 ) -> jax.Array:
     """Softmax cross-entropy with optional label smoothing and per-class weights.
 
     Label smoothing mixes the one-hot target with the uniform distribution:
-    ``(1 - s) * onehot + s / K``. Class weights multiply each example's loss by the weight of its true
-    class (``'balanced'`` in the config is resolved to ``N / (K * n_k)`` by :func:`make_loss_fn`).
+    ``(1 - s) * onehot + s / K``. Class weights multiply each example's (or pixel's) loss by the weight of
+    its true class (``'balanced'`` in the config is resolved to ``N / (K * n_k)`` by :func:`make_loss_fn`).
+    For segmentation each image's value is the ``pixel_weights``-weighted mean over its pixels.
     """
     del aux
     num_classes = logits.shape[-1]
@@ -50,7 +82,7 @@ def cross_entropy(
     per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
     if class_weights is not None:
         per_example = per_example * jnp.asarray(class_weights, jnp.float32)[labels]
-    return _reduce(per_example, reduction)
+    return _reduce(_per_image(per_example, pixel_weights), reduction)
 
 
 def focal(
@@ -60,16 +92,19 @@ def focal(
     aux: Mapping | None = None,
     gamma: float = 2.0,
     alpha: Sequence[float] | None = None,
+    pixel_weights: jax.Array | None = None,
     reduction: bool = True,
 ) -> jax.Array:
-    """Focal loss (Lin et al. 2017): ``-alpha_y (1 - p_y)^gamma log p_y``; gamma 0 is cross-entropy."""
+    """Focal loss (Lin et al. 2017): ``-alpha_y (1 - p_y)^gamma log p_y``; gamma 0 is cross-entropy.
+
+    For segmentation each image's value is the ``pixel_weights``-weighted mean over its pixels."""
     del aux
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
-    log_p_true = jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+    log_p_true = jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
     per_example = -((1.0 - jnp.exp(log_p_true)) ** gamma) * log_p_true
     if alpha is not None:
         per_example = per_example * jnp.asarray(alpha, jnp.float32)[labels]
-    return _reduce(per_example, reduction)
+    return _reduce(_per_image(per_example, pixel_weights), reduction)
 
 
 def feature_smoothing(
@@ -90,6 +125,7 @@ def feature_smoothing(
     (PAPERS.md A); the gradient through ``mu`` cancels exactly (``sum_i (f_i - mu) = 0``), so stopping it
     would change nothing. ``normalize=True`` L2-normalises features first, which bounds the term.
     """
+    _require_image_labels(labels, "feature_smoothing")
     features = _features(aux, normalize)
     w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32) * w[:, None]  # (B, K)
@@ -118,6 +154,7 @@ def center_loss(
     ``update_rate`` is Wen et al.'s alpha, used by :func:`update_centers`.
     """
     del logits, update_rate
+    _require_image_labels(labels, "center_loss")
     features = _features(aux, normalize)
     centers = jax.lax.stop_gradient(state["centers"])
     return _reduce(jnp.sum((features - centers[labels]) ** 2, axis=-1), reduction)
@@ -169,6 +206,7 @@ def supervised_contrastive(
     examples (``weights == 0``) are neither anchors nor contrasted against.
     """
     del logits
+    _require_image_labels(labels, "supervised_contrastive")
     z = _features(aux, normalize=True)
     valid = jnp.ones(labels.shape, bool) if weights is None else weights > 0
     sim = (z @ z.T) / temperature
@@ -188,6 +226,7 @@ def dice(
     aux: Mapping | None = None,
     include_background: bool = False,
     smooth: float = 1e-5,
+    pixel_weights: jax.Array | None = None,
     reduction: bool = True,
 ) -> jax.Array:
     """Soft Dice loss for segmentation: ``1 - mean_k (2 |P_k G_k| + s) / (|P_k| + |G_k| + s)`` per image.
@@ -195,12 +234,21 @@ def dice(
     ``logits`` are ``(B, H, W, K)`` (any number of spatial axes), ``labels`` integer maps ``(B, H, W)``;
     ``P`` are softmax probabilities and ``G`` one-hot labels, summed over each image's pixels (as MONAI's
     ``DiceLoss(softmax=True, to_onehot_y=True)``). Class 0 is background and left out unless
-    ``include_background``.
+    ``include_background``. A class absent from both an image's target and prediction scores ``s / s``,
+    i.e. no loss. ``pixel_weights`` ``(B, H, W)`` scale each pixel's share of every sum (0: not counted).
     """
     del aux
+    if labels.ndim != logits.ndim - 1 or labels.ndim < 2:
+        raise ValueError(
+            f"dice needs segmentation logits (B, H, W, K) and labels (B, H, W), got {logits.shape} and "
+            f"{labels.shape}"
+        )
     num_classes = logits.shape[-1]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     target = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if pixel_weights is not None:
+        w = pixel_weights.astype(jnp.float32)[..., None]
+        probs, target = probs * w, target * w
     spatial = tuple(range(1, logits.ndim - 1))
     intersection = jnp.sum(probs * target, axis=spatial)  # (B, K)
     denominator = jnp.sum(probs, axis=spatial) + jnp.sum(target, axis=spatial)
@@ -266,26 +314,37 @@ class _Term:
         """Whether the term wants the per-example weights (read once, not at every trace)."""
         return "weights" in inspect.signature(self.loss).parameters
 
+    @functools.cached_property
+    def takes_pixel_weights(self) -> bool:
+        return "pixel_weights" in inspect.signature(self.loss).parameters
+
 
 @dataclasses.dataclass(frozen=True)
 class CompositeLoss:
     """The weighted sum of configured terms; see :func:`make_loss_fn`.
 
-    ``loss(logits, labels, aux, weights=None, *, state=None, step=None) -> (total, {term: value})``: every
-    term is averaged over the examples with non-zero ``weights`` (0 marks padding). A term's weight ramps
-    linearly from 0 over its ``warmup_steps`` when ``step`` is given (training), and is full otherwise.
+    ``loss(logits, labels, aux, weights=None, *, pixel_weights=None, state=None, step=None) -> (total,
+    {term: value})``: every term is averaged over the examples with non-zero ``weights`` (``(B,)``, 0 marks
+    padding). ``pixel_weights`` (segmentation, ``(B, H, W)``) go to every term, which then leaves out the
+    pixels weighted 0 (a field of view); a term without that argument is an error rather than ignoring
+    them. A term's weight ramps linearly from 0 over its ``warmup_steps`` when ``step`` is given
+    (training), and is full otherwise.
     Stateful terms (:class:`StatefulTerm`) read ``state[name]``; :meth:`init_state` and
     :meth:`update_state` create and advance that state, which the trainer keeps in its train state.
     """
 
     terms: tuple[_Term, ...]
 
-    def __call__(self, logits, labels, aux, weights=None, *, state=None, step=None):
-        w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    def __call__(self, logits, labels, aux, weights=None, *, pixel_weights=None, state=None, step=None):
+        w = jnp.ones(labels.shape[:1], jnp.float32) if weights is None else weights.astype(jnp.float32)
         denom = jnp.maximum(w.sum(), 1.0)
         values, total = {}, 0.0
         for term in self.terms:
             extra = {"weights": w} if term.takes_weights else {}
+            if pixel_weights is not None:
+                if not term.takes_pixel_weights:
+                    raise ValueError(f"loss term {term.name!r} cannot leave pixels out (no pixel_weights)")
+                extra["pixel_weights"] = pixel_weights
             if isinstance(term.fn, StatefulTerm):
                 extra["state"] = (state or {})[term.name]
             per_example = term.loss(
@@ -313,7 +372,7 @@ class CompositeLoss:
 
     def update_state(self, state: Mapping, *, labels, aux, weights=None) -> dict:
         """The state after a training step on this batch (features are taken without gradient)."""
-        w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+        w = jnp.ones(labels.shape[:1], jnp.float32) if weights is None else weights.astype(jnp.float32)
         aux = jax.lax.stop_gradient({"features": aux["features"]})
         return {
             t.name: t.fn.update(state[t.name], labels=labels, aux=aux, weights=w, **t.params)

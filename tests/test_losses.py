@@ -245,3 +245,75 @@ def test_composite_loss_warmup_and_state():
     # update_rate 1 moves a centre to (n_k * f_mean) / (1 + n_k) from zero.
     new = loss_fn.update_state(state, labels=jnp.asarray(LABELS), aux=aux)
     np.testing.assert_allclose(new["center_loss"]["centers"][1], [2 / 3, 2 / 3], atol=1e-6)
+
+
+# --- segmentation shapes: (B, H, W, K) logits, (B, H, W) labels, per-pixel weights ------------------
+
+SEG_LOGITS = np.random.default_rng(3).normal(size=(2, 2, 3, 3)).astype(np.float32)
+SEG_LABELS = np.array([[[0, 1, 2], [2, 2, 0]], [[1, 1, 0], [0, 2, 1]]])
+FOV = np.array([[[1, 1, 0], [1, 0, 1]], [[1, 1, 1], [1, 1, 1]]], np.float32)
+
+
+def _pixel_nll(logits, labels):
+    flat = logits.reshape(-1, logits.shape[-1])
+    return -_log_softmax(flat)[np.arange(flat.shape[0]), labels.reshape(-1)].reshape(labels.shape)
+
+
+def test_segmentation_cross_entropy_and_focal_are_per_image_means_over_valid_pixels():
+    nll = _pixel_nll(SEG_LOGITS, SEG_LABELS)
+    got = losses.cross_entropy(logits=SEG_LOGITS, labels=SEG_LABELS, reduction=False)
+    np.testing.assert_allclose(got, nll.reshape(2, -1).mean(axis=1), rtol=1e-6)
+    # Image 0 keeps 4 of its 6 pixels; image 1 all of them.
+    expected = [nll[0][FOV[0] > 0].mean(), nll[1].mean()]
+    got = losses.cross_entropy(logits=SEG_LOGITS, labels=SEG_LABELS, pixel_weights=FOV, reduction=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    weighted = losses.cross_entropy(
+        logits=SEG_LOGITS, labels=SEG_LABELS, class_weights=[1.0, 2.0, 0.5], pixel_weights=FOV
+    )
+    per_pixel = nll * np.array([1.0, 2.0, 0.5])[SEG_LABELS]
+    expected = np.mean([per_pixel[0][FOV[0] > 0].mean(), per_pixel[1].mean()])
+    np.testing.assert_allclose(weighted, expected, rtol=1e-6)
+    p = np.exp(-nll)
+    got = losses.focal(logits=SEG_LOGITS, labels=SEG_LABELS, pixel_weights=FOV, reduction=False)
+    focal = (1 - p) ** 2 * nll
+    np.testing.assert_allclose(got, [focal[0][FOV[0] > 0].mean(), focal[1].mean()], rtol=1e-5)
+
+
+def test_dice_leaves_zero_weight_pixels_out():
+    # The hand-computed 1x2 image of the test above plus a third pixel that the weights leave out: 1/7 again.
+    logits = np.log(np.array([[[[0.5, 0.5], [1e-12, 1.0], [1e-12, 1.0]]]], np.float32))
+    labels = np.array([[[1, 1, 0]]])
+    weights = np.array([[[1.0, 1.0, 0.0]]], np.float32)
+    got = losses.dice(logits=logits, labels=labels, smooth=0.0, pixel_weights=weights)
+    np.testing.assert_allclose(got, 1 / 7, rtol=1e-5)
+    assert float(losses.dice(logits=logits, labels=labels, smooth=0.0)) > 0.2  # counted, it hurts
+    with pytest.raises(ValueError, match="segmentation logits"):
+        losses.dice(logits=LOGITS, labels=LABELS)
+
+
+def test_composite_segmentation_loss_with_padding_and_field_of_view():
+    loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}, "dice": {"weight": 0.5}})
+    weights = np.array([1.0, 0.0], np.float32)  # the second image is batch padding
+    total, terms = loss_fn(SEG_LOGITS, SEG_LABELS, {}, weights, pixel_weights=FOV)
+    ce = losses.cross_entropy(logits=SEG_LOGITS[:1], labels=SEG_LABELS[:1], pixel_weights=FOV[:1])
+    dice = losses.dice(logits=SEG_LOGITS[:1], labels=SEG_LABELS[:1], pixel_weights=FOV[:1])
+    np.testing.assert_allclose(terms["cross_entropy"], ce, rtol=1e-6)
+    np.testing.assert_allclose(terms["dice"], dice, rtol=1e-6)
+    np.testing.assert_allclose(total, ce + 0.5 * dice, rtol=1e-6)
+
+
+def test_per_image_terms_refuse_segmentation_labels():
+    aux = {"features": np.ones((2, 4), np.float32)}
+    for name in ("feature_smoothing", "supervised_contrastive"):
+        with pytest.raises(ValueError, match=f"{name}.*one class label per image"):
+            losses.TERMS[name](logits=SEG_LOGITS, labels=SEG_LABELS, aux=aux)
+    state = {"centers": np.zeros((3, 4), np.float32)}
+    with pytest.raises(ValueError, match="center_loss.*one class label per image"):
+        losses.center_loss(logits=SEG_LOGITS, labels=SEG_LABELS, aux=aux, state=state)
+    loss_fn = losses.make_loss_fn(
+        {"mine": {"weight": 1.0}}, extra_terms={"mine": lambda *, logits, labels, aux, reduction: 0.0}
+    )
+    with pytest.raises(ValueError, match="'mine' cannot leave pixels out"):
+        loss_fn(SEG_LOGITS, SEG_LABELS, aux, pixel_weights=FOV)
+    with pytest.raises(ValueError, match="pixel_weights apply to segmentation"):
+        losses.cross_entropy(logits=LOGITS, labels=LABELS, pixel_weights=np.ones(4))
