@@ -202,11 +202,12 @@ class TrainedModel:
         return jax.jit(lambda variables, images: self.model.apply(variables, images, train=False)[0])
 
     @functools.cached_property
-    def outputs_fn(self) -> Callable[[dict, jax.Array], dict]:
-        """Jitted ``(variables, images) -> the task's per-example eval outputs`` (e.g. logits)."""
+    def outputs_fn(self) -> Callable[[dict, dict], dict]:
+        """Jitted ``(variables, batch) -> the task's per-example eval outputs`` (e.g. logits) of an
+        evaluation batch (``image`` plus what the task reads beside it, e.g. a segmentation's ``valid``)."""
         return jax.jit(
-            lambda variables, images: self.task.eval_outputs(
-                *self.model.apply(variables, images, train=False)
+            lambda variables, batch: self.task.eval_outputs(
+                *self.model.apply(variables, batch["image"], train=False), batch
             )
         )
 
