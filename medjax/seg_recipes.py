@@ -70,3 +70,41 @@ def make_smoke(config: ml_collections.ConfigDict, model: str) -> None:
     config.data.batch_size = 8
     config.data.eval_batch_size = 8
     config.model_name, config.model = model_settings(model, size="smoke")
+
+
+def volume_config(name: str, arg: str | None, *, layout: str, default_dir: str) -> ml_collections.ConfigDict:
+    """``configs/synapse.py`` and ``configs/acdc.py``: NIfTI volumes of ``layout`` as 224x224 slices
+    (TransUNet's protocol), whole slices as patches, rotation and zoom."""
+    args = config_lib.parse_arg(arg, variant="real", model="mednext")
+    config = segmentation_config(name, args.model)
+    config.data.name = "nifti_volumes"
+    config.data.manual_dir = default_dir
+    config.data.builder_kwargs = ml_collections.ConfigDict(
+        {
+            "layout": layout,
+            "resample": "size",
+            "image_size": 224,
+            "slices": "foreground",
+            "validation_fraction": 0.1,
+        }
+    )
+    config.data.image_size = 224
+    config.data.patch_size = 224
+    config.data.foreground_prob = 0.0  # Whole slices (foreground slices only in train and validation).
+    config.data.channels = 1
+    config.data.normalize = ml_collections.ConfigDict({"mean": 0.5, "std": 0.25})
+    config.data.batch_size = 16
+    config.data.eval_batch_size = 16
+    config.data.augment.update({"hflip": False, "rotation_degrees": 20.0, "scale": (0.9, 1.1)})
+    config.train.num_epochs = 100.0
+    config.train.eval_every_epochs = 5.0
+    config.optim.warmup_epochs = 2.0
+    if args.variant == "synthetic":
+        use_synthetic_segmentation(config, image_size=64)
+        config.train.num_epochs = 6.0
+        config.train.eval_every_epochs = 2.0
+    elif args.variant == "smoke":
+        make_smoke(config, args.model)
+    elif args.variant != "real":
+        raise ValueError(f"Unknown variant {args.variant!r} of {name}; use real, synthetic or smoke.")
+    return config

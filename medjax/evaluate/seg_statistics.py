@@ -244,7 +244,7 @@ def bootstrap(
         result[name] = {
             "low": float(low),
             "high": float(high),
-            "resamples": int(len(usable)),
+            "resamples": len(usable),
             "skipped": int(len(v) - len(usable)),
         }
     return result
