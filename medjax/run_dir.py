@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from medjax import inference, metrics, models, tasks
+from medjax import inference, metrics, models, sliding_window, tasks
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import transforms
 from medjax.errors import ConfigError, MedjaxError
@@ -243,7 +243,9 @@ def load_run(workdir: str | Path) -> TrainedModel:
     run = RunDir(workdir)
     config = run.read_config()
     class_names = tuple(run.read_dataset_info()["class_names"])
-    model = models.get_model(config.model_name, num_classes=len(class_names), **config.model)
+    model = sliding_window.wrap(
+        models.get_model(config.model_name, num_classes=len(class_names), **config.model), config
+    )
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     ckpt = run.checkpointer(config)
     try:

@@ -24,7 +24,19 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from medjax import allocator, config_lib, cores, inference, init_from, losses, models, optim, sharding, tasks
+from medjax import (
+    allocator,
+    config_lib,
+    cores,
+    inference,
+    init_from,
+    losses,
+    models,
+    optim,
+    sharding,
+    sliding_window,
+    tasks,
+)
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
@@ -267,7 +279,9 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
         )
     total_steps = max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
 
-    model = models.get_model(config.model_name, num_classes=meta.num_classes, **config.model)
+    model = sliding_window.wrap(
+        models.get_model(config.model_name, num_classes=meta.num_classes, **config.model), config
+    )
     loss_fn = losses.make_loss_fn(
         config.loss, class_counts=meta.label_counts[data_cfg.train_split], extra_terms=extra_loss_terms
     )
