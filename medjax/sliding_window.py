@@ -1,50 +1,142 @@
-"""Sliding-window inference: a segmentation model evaluated on windows of a large image, blended.
+"""Sliding-window inference with overlap blending, for images larger than (or not shaped like) the
+training patches.
 
-Windows of ``window`` (H, W) pixels step by ``window * (1 - overlap)`` and cover the image, the last one
-of a row or column flush with the border (as MONAI's ``sliding_window_inference``); each window's logits
-are weighted by a Gaussian centred on the window (sigma = 1/8 of its side, MONAI's ``mode='gaussian'``,
-so the less reliable window borders count little) and the weighted sum is divided by the summed weights.
-Window positions depend only on the (static) image shape, so the whole pass is one jitted program.
+A segmentation model trained on random ``window``-sized crops is evaluated on whole images by tiling them
+with overlapping windows, predicting each window, and averaging the overlapping logits with a weight per
+window pixel (nnU-Net's and MONAI's ``sliding_window_inference``):
+
+- Window starts along an axis are spread evenly from 0 to ``L - w`` with a step of at most
+  ``w * (1 - overlap)`` (nnU-Net's rule), so the last window is flush with the image edge and no padding
+  is needed for sides that are not multiples of the window. A side shorter than the window is padded
+  (``pad_value``, bottom/right) up to it, and the padding is cropped from the result.
+- ``blend='gaussian'`` weighs each window's pixels by a Gaussian centred on the window with
+  ``sigma = sigma_scale * window`` (0.125 as both nnU-Net and MONAI), normalised to 1 at the centre and
+  floored at its smallest positive value: window borders, where the model saw the least context, count
+  least. ``blend='constant'`` is the plain average.
+- Logits are blended (nnU-Net v2 aggregates logits too), not probabilities: a softmax afterwards gives the
+  probabilities.
+- Evaluation during training and ``python -m medjax.evaluate`` use :class:`SlidingWindow`
+  (``config.eval.window``, :func:`wrap`): the same positions and weights, blended inside the jitted
+  evaluation step for a whole batch.
+- Windows go to the model in batches of exactly ``batch_size`` (the last one padded with repeats), so a
+  jitted ``apply_fn`` compiles once for every image size.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+BLENDS = ("gaussian", "constant")
 
-def starts(size: int, window: int, overlap: float) -> list[int]:
-    """Window offsets along one axis: step ``window * (1 - overlap)`` (at least 1), last window flush."""
-    if size <= window:
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """First index of each window along an axis of ``length >= window`` (nnU-Net's even spacing).
+
+    ``n = ceil((length - window) / step) + 1`` windows with ``step = window * (1 - overlap)`` (at least
+    1 pixel), placed at ``round(i * (length - window) / (n - 1))``: the first at 0, the last flush with
+    the end, neighbours overlapping by at least ``overlap``.
+    """
+    if length < window:
+        raise ValueError(f"length {length} is shorter than the window {window}; pad first")
+    step = max(1.0, window * (1.0 - overlap))
+    count = math.ceil((length - window) / step) + 1
+    if count == 1:
         return [0]
-    step = max(1, int(window * (1.0 - overlap)))
-    count = math.ceil((size - window) / step) + 1
-    return sorted({min(i * step, size - window) for i in range(count)})
+    spacing = (length - window) / (count - 1)
+    return [round(i * spacing) for i in range(count)]
 
 
-def gaussian_weights(window: tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
-    """``(h, w)`` importance map, 1 at the centre, never below 1e-3 (every pixel keeps a weight)."""
-    axes = []
-    for n in window:
-        x = np.arange(n) - (n - 1) / 2
-        axes.append(np.exp(-0.5 * (x / (sigma_scale * n)) ** 2))
-    weights = np.outer(*axes)
-    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+def window_weights(
+    window: tuple[int, int], *, blend: str = "gaussian", sigma_scale: float = 0.125
+) -> np.ndarray:
+    """``(h, w)`` blending weights of one window's pixels, 1 at the centre; see the module docstring."""
+    if blend == "constant":
+        return np.ones(window, np.float32)
+    if blend != "gaussian":
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+    axes = [(np.arange(n) - (n - 1) / 2) / (sigma_scale * n) for n in window]
+    weights = np.exp(-0.5 * (axes[0][:, None] ** 2 + axes[1][None, :] ** 2))
+    weights /= weights.max()
+    return np.maximum(weights, weights[weights > 0].min()).astype(np.float32)
+
+
+def sliding_window_logits(
+    apply_fn: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    *,
+    window: tuple[int, int],
+    overlap: float = 0.5,
+    batch_size: int = 4,
+    blend: str = "gaussian",
+    sigma_scale: float = 0.125,
+    pad_value: float = 0.0,
+) -> np.ndarray:
+    """Blended per-pixel logits of a whole image from overlapping windows.
+
+    Args:
+      apply_fn: ``(batch_size, h, w, C)`` windows to ``(batch_size, h, w, K)`` logits, e.g. a jitted
+        ``lambda x: model.apply(variables, x, train=False)[0]``.
+      image: ``(H, W, C)``, any size.
+      window: ``(h, w)``, the model's input size (the training patch size; multiples of 32 need no
+        padding inside the models).
+      overlap: fraction in ``[0, 1)`` by which neighbouring windows overlap at least (0.5: nnU-Net's and
+        a common MONAI setting).
+      batch_size: windows per ``apply_fn`` call.
+      blend: 'gaussian' or 'constant' weights.
+      sigma_scale: Gaussian sigma as a fraction of the window side.
+      pad_value: fills a side shorter than the window (bottom/right) before tiling.
+
+    Returns:
+      ``(H, W, K)`` float32 logits.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if image.ndim != 3:
+        raise ValueError(f"image must be (H, W, C), got shape {image.shape}")
+    height, width = image.shape[:2]
+    wh, ww = window
+    padded = np.pad(
+        image,
+        ((0, max(0, wh - height)), (0, max(0, ww - width)), (0, 0)),
+        constant_values=pad_value,
+    )
+    corners = [
+        (y, x)
+        for y in window_starts(padded.shape[0], wh, overlap)
+        for x in window_starts(padded.shape[1], ww, overlap)
+    ]
+    weights = window_weights(window, blend=blend, sigma_scale=sigma_scale)[..., None]
+    total, norm = None, np.zeros((*padded.shape[:2], 1), np.float32)
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first : first + batch_size]
+        windows = np.stack([padded[y : y + wh, x : x + ww] for y, x in chunk])
+        if len(chunk) < batch_size:  # repeat the last window so every call has the same shape
+            windows = np.concatenate([windows, np.repeat(windows[-1:], batch_size - len(chunk), axis=0)])
+        logits = np.asarray(apply_fn(windows), np.float32)
+        if total is None:
+            total = np.zeros((*padded.shape[:2], logits.shape[-1]), np.float32)
+        for (y, x), window_logits in zip(chunk, logits, strict=False):
+            total[y : y + wh, x : x + ww] += window_logits * weights
+            norm[y : y + wh, x : x + ww] += weights
+    return (total / norm)[:height, :width]
 
 
 def apply_windows(apply_fn, images: jax.Array, window: tuple[int, int], overlap: float) -> jax.Array:
-    """``(B, H, W, K)`` blended logits of ``apply_fn`` (``(B, h, w, C) -> (B, h, w, K)``) over windows."""
+    """``(B, H, W, K)`` Gaussian-blended logits of ``apply_fn`` (``(B, h, w, C) -> (B, h, w, K)``) over
+    the windows of a batch, inside a jitted program (window positions depend only on the static shape;
+    a side shorter than the window is taken whole). :func:`sliding_window_logits` is the host version
+    for one image of any size."""
     h, w = images.shape[1:3]
     wh, ww = min(window[0], h), min(window[1], w)
-    weights = jnp.asarray(gaussian_weights((wh, ww)))[None, :, :, None]
+    weights = jnp.asarray(window_weights((wh, ww)))[None, :, :, None]
     total = norm = None
-    for top in starts(h, wh, overlap):
-        for left in starts(w, ww, overlap):
+    for top in window_starts(h, wh, overlap):
+        for left in window_starts(w, ww, overlap):
             logits = apply_fn(images[:, top : top + wh, left : left + ww])
             if total is None:
                 total = jnp.zeros((*images.shape[:3], logits.shape[-1]), logits.dtype)

@@ -38,21 +38,28 @@ def _abstract_apply(model, shape):
     return jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), train=False), variables)
 
 
-def _hand_count(widths, depths, ffn, num_classes, in_ch=3) -> int:
-    """Parameter count from the layer definitions in the module docstring, written out by hand."""
+def block_count(c: int, kind: str) -> int:
+    """Parameters of one default block of width ``c`` with FFN ``kind``, from the module docstring."""
+    sem = 2 * (c * c + c) + (9 + 49 + 49) * c + 3 * c
+    smooth = (c * 4 * c + 4 * c) + (9 * 4 * c + 4 * c) + (4 * c * c + c)
+    la = (c * 2 * c + 2 * c) + (49 * 2 * c + 2 * c) + (c * 2 * c + 2 * c) + (2 * c * c + c)
+    return 4 * c + 2 * c + sem + {"smooth": smooth, "la": la}[kind]  # 2 LayerNorms, 2 gammas
 
-    def block(c, kind):
-        sem = 2 * (c * c + c) + (9 + 49 + 49) * c + 3 * c
-        smooth = (c * 4 * c + 4 * c) + (9 * 4 * c + 4 * c) + (4 * c * c + c)
-        la = (c * 2 * c + 2 * c) + (49 * 2 * c + 2 * c) + (c * 2 * c + 2 * c) + (2 * c * c + c)
-        return 4 * c + 2 * c + sem + {"smooth": smooth, "la": la}[kind]  # 2 LayerNorms, 2 gammas
 
+def encoder_count(widths, depths, ffn, in_ch=3) -> int:
+    """Parameter count of the four-stage encoder, written out by hand."""
     total = 16 * in_ch * widths[0] + widths[0] + 2 * widths[0]  # stem conv + LayerNorm
     for s, (c, d) in enumerate(zip(widths, depths, strict=True)):
         if s:
             total += 2 * widths[s - 1] + 4 * widths[s - 1] * c + c  # LayerNorm + 2x2 conv
-        total += d * block(c, ffn[s])
-    return total + 2 * widths[-1] + widths[-1] * num_classes + num_classes
+        total += d * block_count(c, ffn[s])
+    return total
+
+
+def _hand_count(widths, depths, ffn, num_classes, in_ch=3) -> int:
+    """Parameter count of the classifier: encoder, head LayerNorm and linear head."""
+    head = 2 * widths[-1] + widths[-1] * num_classes + num_classes
+    return encoder_count(widths, depths, ffn, in_ch) + head
 
 
 @pytest.mark.parametrize(

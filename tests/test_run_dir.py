@@ -16,13 +16,14 @@ RUN_FILE_NAMES = ("config.json", "dataset.json", "report.json", "metrics.jsonl",
 
 
 def test_run_file_names_are_spelt_only_in_run_dir():
-    """Everyone else asks :class:`run_dir.RunDir`, so the layout can change in one place."""
+    """Everyone else asks :class:`run_dir.RunDir`, so the layout can change in one place. (Dataset
+    builders are not scanned: a downloaded archive's own files may share a name, e.g. MSD's dataset.json.)"""
     spelt = re.compile("|".join(rf"[\"']{re.escape(name)}[\"']" for name in RUN_FILE_NAMES))
     offenders = [
         f"{path.relative_to(ROOT)}:{n}"
         for folder in ("medjax", "launch", "configs")
         for path in (ROOT / folder).rglob("*.py")
-        if path.name != "run_dir.py"
+        if path.name != "run_dir.py" and "data" not in path.relative_to(ROOT).parts
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if spelt.search(line)
     ]

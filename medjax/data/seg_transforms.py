@@ -261,9 +261,7 @@ def build_train_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.tr
     # A larger window before rotating/zooming out keeps real pixels in the corners of the final patch.
     context = 1.0 if not spatial else math.sqrt(2.0) * max(1.0, 1.0 / scale[0])
     window = tuple(math.ceil(s * context) for s in size)
-    steps: list[grain.transforms.Transformation] = [
-        RandomPatch(window, float(data_cfg.foreground_prob))
-    ]
+    steps: list[grain.transforms.Transformation] = [RandomPatch(window, float(data_cfg.foreground_prob))]
     if aug.get("hflip") or aug.get("vflip"):
         steps.append(RandomFlip(0.5 if aug.get("hflip") else 0.0, 0.5 if aug.get("vflip") else 0.0))
     steps += spatial

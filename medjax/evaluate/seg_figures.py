@@ -11,14 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from scipy import ndimage
 
 from medjax.evaluate.figures import _save
-
-
-def outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` (bool) with a face neighbour outside it."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+from medjax.segmentation_metrics import surface
 
 
 def overlay(preview: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -27,8 +22,8 @@ def overlay(preview: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> n
     h, w = preview.shape[:2]
     stride = -(-label.shape[0] // h)
     ref, pred = (
-        outline(label[::stride, ::stride][:h, :w] > 0),
-        outline(prediction[::stride, ::stride][:h, :w] > 0),
+        surface(label[::stride, ::stride][:h, :w] > 0),
+        surface(prediction[::stride, ::stride][:h, :w] > 0),
     )
     rgb = np.repeat(preview, 3, axis=-1) if preview.shape[-1] == 1 else preview.copy()
     rgb[ref] = (0, 255, 0)

@@ -10,14 +10,15 @@ Conventions (medjax's, stated once here):
     95 % percentile bootstrap intervals over units, like classification's over examples (unstratified).
   * Per unit and class: Dice ``2|P n G| / (|P| + |G|)`` and IoU ``|P n G| / |P u G|`` are undefined (NaN,
     left out of means, as nnU-Net's summary does) when the class is absent from both prediction and
-    reference. HD95 follows MedPy's ``hd95`` (used for the Synapse benchmark since TransUNet): the 95th
-    percentile of the surface distances of both directions pooled, surfaces being the pixels removed by one
-    erosion with the face-connected structure, distances in mm when the spacing is known (else pixels);
-    NaN when either mask is empty.
+    reference. HD95 is :func:`medjax.segmentation_metrics.hausdorff` (MedPy's ``hd95``: both directions'
+    surface distances pooled; NaN when either mask is empty), in mm when the spacing is known, else pixels.
+    Those are the per-case conventions of :mod:`medjax.segmentation_metrics`; this module adds what a
+    split report needs on top: confusion counts per image, the pooled pixel metrics, and a bootstrap
+    that recomputes all of them (and the pixel AUC) from per-unit sums as one matrix product.
   * "Pixel" metrics pool every valid pixel of the split (DRIVE's convention for F1/accuracy/AUC); the
-    per-unit ones average units. Pixel AUC is exact (scikit-learn) for the point value; its bootstrap uses
-    per-unit score histograms on 4096 quantile bins of the pooled scores (pairs sharing a bin count half,
-    which moves an AUC by less than 1/4096).
+    per-unit ones average units. Pixel AUC is exact (:func:`medjax.segmentation_metrics.pixel_auc`)
+    for the point value; its bootstrap uses per-unit score histograms on 4096 quantile bins of the
+    pooled scores (pairs sharing a bin count half, which moves an AUC by less than 1/4096).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
-from sklearn import metrics as skm
+
+from medjax import segmentation_metrics
 
 
 def confusion(pred: np.ndarray, label: np.ndarray, valid: np.ndarray, num_classes: int) -> np.ndarray:
@@ -49,30 +50,6 @@ def overlap(counts: np.ndarray) -> dict[str, np.ndarray]:
         dice = np.where(reference + predicted > 0, 2 * tp / (reference + predicted), np.nan)
         iou = np.where(reference + predicted - tp > 0, tp / (reference + predicted - tp), np.nan)
     return {"dice": dice, "iou": iou}
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, iterations=1)
-
-
-def hd95(pred: np.ndarray, reference: np.ndarray, spacing: Sequence[float] | None = None) -> float:
-    """MedPy's 95 % Hausdorff distance between two binary masks (2-D or 3-D), in units of ``spacing``
-    (one value per axis; None: pixels). NaN when either mask is empty.
-
-    Both masks are cropped to the bounding box of their union first: every surface pixel lies inside it,
-    so the distances are unchanged and a small organ in a large volume costs little.
-    """
-    pred, reference = np.asarray(pred, bool), np.asarray(reference, bool)
-    if not pred.any() or not reference.any():
-        return math.nan
-    box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(pred | reference))
-    pred, reference = np.pad(pred[box], 1), np.pad(reference[box], 1)  # A margin so edges stay surfaces.
-    sampling = None if spacing is None else tuple(float(s) for s in spacing)
-    a, b = _surface(pred), _surface(reference)
-    to_b = ndimage.distance_transform_edt(~b, sampling=sampling)[a]
-    to_a = ndimage.distance_transform_edt(~a, sampling=sampling)[b]
-    return float(np.percentile(np.concatenate([to_b, to_a]), 95))
 
 
 def units(example_info: dict | None, num_examples: int) -> tuple[list[str], list[np.ndarray]]:
@@ -116,8 +93,17 @@ def unit_hd95(
         p, g = p[0], g[0]
     out = np.full(num_classes, np.nan)
     for k in range(1, num_classes):
-        out[k] = hd95(p == k, g == k, spacing)
+        out[k] = segmentation_metrics.hausdorff(*_cropped(p == k, g == k), spacing=spacing)
     return out
+
+
+def _cropped(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the bounding box of their union plus a 1-pixel margin: every surface pixel
+    lies inside, so surface distances are unchanged while a small organ in a large volume costs little."""
+    if not (pred.any() or ref.any()):
+        return pred, ref
+    box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(pred | ref))
+    return np.pad(pred[box], 1), np.pad(ref[box], 1)
 
 
 def auc_histograms(
@@ -144,15 +130,6 @@ def histogram_auc(hist: np.ndarray) -> np.ndarray:
     pairs = neg.sum(-1) * pos.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(-1) / pairs, np.nan)
-
-
-def pixel_auc(scores: np.ndarray, label: np.ndarray, valid: np.ndarray) -> float:
-    """Exact ROC AUC of the positive-class scores over every valid pixel (NaN with one class only)."""
-    v = np.asarray(valid, bool)
-    y = np.asarray(label)[v] == 1
-    if y.all() or not y.any():
-        return math.nan
-    return float(skm.roc_auc_score(y, np.asarray(scores)[v]))
 
 
 def summary(

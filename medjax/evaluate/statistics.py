@@ -101,20 +101,24 @@ def bootstrap_intervals(
     for idx in bootstrap_indices(labels, num_samples=num_samples, seed=seed, stratified=stratified):
         for k, v in summary_metrics(labels=labels[idx], probs=probs[idx]).items():
             draws[k].append(v)
+    return {k: percentile_interval(point[k], values, confidence=confidence) for k, values in draws.items()}
+
+
+def percentile_interval(value: float, draws: Sequence[float], *, confidence: float = 0.95) -> dict:
+    """``{'value', 'low', 'high', 'resamples', 'skipped'}``: the point estimate ``value`` and the percentile
+    interval of the bootstrap ``draws``, leaving out (and counting as ``skipped``) the NaN ones; ``low`` and
+    ``high`` are NaN when no draw is usable."""
+    draws = np.asarray(draws, np.float64)
+    usable = draws[~np.isnan(draws)]
     tail = 100 * (1 - confidence) / 2
-    result = {}
-    for k, values in draws.items():
-        values = np.asarray(values, np.float64)
-        usable = values[~np.isnan(values)]
-        low, high = np.percentile(usable, [tail, 100 - tail]) if len(usable) else (math.nan, math.nan)
-        result[k] = {
-            "value": point[k],
-            "low": float(low),
-            "high": float(high),
-            "resamples": len(usable),
-            "skipped": int(len(values) - len(usable)),
-        }
-    return result
+    low, high = np.percentile(usable, [tail, 100 - tail]) if len(usable) else (math.nan, math.nan)
+    return {
+        "value": float(value),
+        "low": float(low),
+        "high": float(high),
+        "resamples": len(usable),
+        "skipped": int(len(draws) - len(usable)),
+    }
 
 
 def youden_threshold(*, labels: np.ndarray, scores: np.ndarray) -> float:

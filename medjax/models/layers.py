@@ -15,7 +15,17 @@ from jax import lax
 
 from medjax.models.depthwise import DepthwiseConv
 
-__all__ = ["BatchNorm", "Conv", "Dense", "DepthwiseConv", "DropPath", "GlobalPool", "SEVector", "gelu"]
+__all__ = [
+    "BatchNorm",
+    "Conv",
+    "ConvTranspose",
+    "Dense",
+    "DepthwiseConv",
+    "DropPath",
+    "GlobalPool",
+    "SEVector",
+    "gelu",
+]
 
 
 def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -109,6 +119,44 @@ class Conv(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(x.dtype)
         return y
+
+
+class ConvTranspose(nn.Module):
+    """Transposed convolution whose kernel equals its stride (non-overlapping 2x, 4x upsampling), with
+    ``nn.ConvTranspose``'s parameters and values (``padding='VALID'``, ``transpose_kernel=False``).
+
+    Every input pixel writes its own ``s x s`` output tile, so the layer is one 2-D matrix product
+    ``(N*H*W, C) x (C, s*s*F)`` followed by a depth-to-space reshape, instead of XLA's transposed
+    convolution (a convolution over a zero-dilated input, s*s times the work). Segmentation decoders use it
+    to upsample by 2 between levels and by 4 to full resolution.
+
+    Attributes:
+      features: output channels.
+      stride: upsampling factor (also the kernel size).
+      impl: ``'xla'`` computes with ``lax.conv_transpose`` (the reference); any other value, the product.
+    """
+
+    features: int
+    stride: int = 2
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s, channels = self.stride, x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (s, s, channels, self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(x.dtype)
+        kernel = kernel.astype(x.dtype)
+        if self.impl == "xla":
+            dims = ("NHWC", "HWIO", "NHWC")
+            return lax.conv_transpose(x, kernel, (s, s), "VALID", dimension_numbers=dims) + bias
+        # lax.conv_transpose without transpose_kernel correlates with the unflipped kernel over the
+        # dilated input, so output offset (a, b) inside a tile reads kernel tap (s-1-a, s-1-b).
+        weights = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(channels, s * s * self.features)
+        n, h, w, _ = x.shape
+        y = _matmul_last_axis(x, weights).reshape(n, h, w, s, s, self.features)
+        return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * s, w * s, self.features) + bias
 
 
 class BatchNorm(nn.Module):

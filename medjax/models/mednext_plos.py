@@ -233,6 +233,22 @@ class Encoder(nn.Module):
         base = VARIANTS[self.variant]
         return tuple(self.widths or base["widths"]), tuple(self.depths or base["depths"])
 
+    def block(self, ffn: str, drop_path: float, name: str) -> Block:
+        """A :class:`Block` with this network's module settings (the segmentation decoder builds its own)."""
+        return Block(
+            ffn=ffn,
+            sem_branches=self.sem_branches,
+            la_ratio=self.la_ratio,
+            la_kernel=self.la_kernel,
+            attention=self.attention,
+            head_dim=self.head_dim,
+            mlp_ratio=self.mlp_ratio,
+            layer_scale_init=self.layer_scale_init,
+            drop_path=drop_path,
+            impl=self.depthwise_impl,
+            name=name,
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
         """Maps ``(N, H, W, C_in)`` to the four stage outputs at strides 4, 8, 16 and 32 (ceil mode)."""
@@ -250,19 +266,7 @@ class Encoder(nn.Module):
                     x
                 )
             for b in range(depth):
-                x = Block(
-                    ffn=self.ffn[s],
-                    sem_branches=self.sem_branches,
-                    la_ratio=self.la_ratio,
-                    la_kernel=self.la_kernel,
-                    attention=self.attention,
-                    head_dim=self.head_dim,
-                    mlp_ratio=self.mlp_ratio,
-                    layer_scale_init=self.layer_scale_init,
-                    drop_path=rates.pop(0),
-                    impl=self.depthwise_impl,
-                    name=f"stage{s + 1}_block{b}",
-                )(x, train=train)
+                x = self.block(self.ffn[s], rates.pop(0), f"stage{s + 1}_block{b}")(x, train=train)
             stages.append(x)
         return stages
 

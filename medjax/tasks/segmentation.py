@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import segmentation_metrics
 from medjax.evaluate import seg_figures
 from medjax.evaluate import seg_statistics as S
 from medjax.evaluate.markdown import fmt, table
@@ -74,7 +75,9 @@ def validation_metrics(predictions: dict, class_names: Sequence[str]) -> dict:
     values = S.summary(counts, per_unit, None, class_names)
     result = {k: float(v) for k, v in values.items() if "hd95" not in k}
     if "score" in predictions:
-        result["pixel_auc"] = S.pixel_auc(predictions["score"], predictions["label"], predictions["valid"])
+        result["pixel_auc"] = segmentation_metrics.pixel_auc(
+            predictions["label"], predictions["score"], predictions["valid"]
+        )
     return result
 
 
@@ -126,7 +129,7 @@ def _judge_split(out: Path, role: str, p: dict, names: list[str], settings: dict
         hist = S.auc_histograms(p["score"], label, valid, groups, settings.get("auc_bins", 4096))
     point = S.summary(counts, per_unit, hist, names)
     if "score" in p:
-        point["pixel_auc"] = S.pixel_auc(p["score"], label, valid)
+        point["pixel_auc"] = segmentation_metrics.pixel_auc(label, p["score"], valid)
     intervals = S.bootstrap(
         counts, per_unit, hist, names, num_samples=settings["bootstrap_samples"], seed=settings["seed"]
     )
