@@ -31,6 +31,8 @@ from medjax.evaluate.markdown import fmt, table
 
 # Batch planes compared with the reference as an extra rater when present (DRIVE's 2nd observer).
 OBSERVERS = ("second_observer",)
+# Rows of the per-case table in report.md (the CSV has every case).
+MARKDOWN_CASES = 50
 # Longest side of the image previews kept for the overlay figures.
 PREVIEW_SIDE = 384
 
@@ -239,8 +241,12 @@ def report_lines(report: dict) -> list[str]:
                       + ", ".join(f"{k} {fmt(v)}" for k, v in values.items()) + "."]  # fmt: skip
         lines += [""] + [f"![{role} {kind}]({file})" for kind, file in split["figures"].items()]
         head = [k for k in split["per_case"][0] if not k.startswith("reference_pixels")]
-        lines += ["", f"Per {split['unit']} (also `per_case_{role}.csv`):", ""]
-        lines += table(
-            head, [[fmt(r[k]) if isinstance(r[k], float) else r[k] for k in head] for r in split["per_case"]]
-        )
+        shown = split["per_case"][:MARKDOWN_CASES]
+        note = f"; the first {len(shown)}" if len(shown) < len(split["per_case"]) else ""
+        lines += [
+            "",
+            f"Per {split['unit']} (all in `per_case_{role}.csv`{note}):",
+            "",
+        ]
+        lines += table(head, [[fmt(r[k]) if isinstance(r[k], float) else r[k] for k in head] for r in shown])
     return lines
