@@ -56,14 +56,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every_epochs = 50.0
     config.train.log_every_steps = 20
     config.optim.warmup_epochs = 10.0
-
-    if args.variant == "synthetic":
-        seg_recipes.use_synthetic_segmentation(config, image_size=64)
-        config.train.num_epochs = 6.0
-        config.train.eval_every_epochs = 2.0
-        config.optim.warmup_epochs = 0.5
-    elif args.variant == "smoke":
-        seg_recipes.make_smoke(config, args.model)
-    elif args.variant != "real":
-        raise ValueError(f"Unknown variant {args.variant!r} of drive; use real, synthetic or smoke.")
-    return config
+    return seg_recipes.apply_variant(config, args.variant, args.model)

@@ -63,12 +63,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.num_epochs = 60.0
     config.train.eval_every_epochs = 5.0
     config.optim.warmup_epochs = 1.0
-    if args.variant == "synthetic":
-        seg_recipes.use_synthetic_segmentation(config, image_size=64)
-        config.train.num_epochs = 6.0
-        config.train.eval_every_epochs = 2.0
-    elif args.variant == "smoke":
-        seg_recipes.make_smoke(config, args.model)
-    elif args.variant != "real":
-        raise ValueError(f"Unknown variant {args.variant!r} of seg_folder; use real, synthetic or smoke.")
-    return config
+    return seg_recipes.apply_variant(config, args.variant, args.model)

@@ -62,6 +62,25 @@ def use_synthetic_segmentation(config: ml_collections.ConfigDict, *, image_size:
     config.eval.window = None
 
 
+def apply_variant(config: ml_collections.ConfigDict, variant: str, model: str) -> ml_collections.ConfigDict:
+    """Every segmentation config's variants: 'real' (as is), 'synthetic' (the offline demo's recipe) or
+    'smoke'; returns ``config``.
+
+    Raises:
+      ValueError: for another variant.
+    """
+    if variant == "synthetic":
+        use_synthetic_segmentation(config, image_size=64)
+        config.train.num_epochs = 6.0
+        config.train.eval_every_epochs = 2.0
+        config.optim.warmup_epochs = 0.5
+    elif variant == "smoke":
+        make_smoke(config, model)
+    elif variant != "real":
+        raise ValueError(f"Unknown variant {variant!r} of {config.name}; use real, synthetic or smoke.")
+    return config
+
+
 def make_smoke(config: ml_collections.ConfigDict, model: str) -> None:
     """Seconds on tiny synthetic data at 32 px with a tiny model, for tests."""
     config_lib.make_smoke(config)
@@ -99,12 +118,4 @@ def volume_config(name: str, arg: str | None, *, layout: str, default_dir: str) 
     config.train.num_epochs = 100.0
     config.train.eval_every_epochs = 5.0
     config.optim.warmup_epochs = 2.0
-    if args.variant == "synthetic":
-        use_synthetic_segmentation(config, image_size=64)
-        config.train.num_epochs = 6.0
-        config.train.eval_every_epochs = 2.0
-    elif args.variant == "smoke":
-        make_smoke(config, args.model)
-    elif args.variant != "real":
-        raise ValueError(f"Unknown variant {args.variant!r} of {name}; use real, synthetic or smoke.")
-    return config
+    return apply_variant(config, args.variant, args.model)
