@@ -1,34 +1,45 @@
 """Study C: MobileNetV2 for pneumonia on the Kermany pediatric chest X-ray (NORMAL vs PNEUMONIA).
 
-Recipe from the study: 224x224, pixels scaled to [0, 1], random rotations and horizontal flips, Adam with
-cosine annealing, early stopping on validation loss, a validation split carved 80/20 out of train (the
-official 16-image ``val/`` is too small and often missing). ImageNet weights can be loaded with
-``config.init_from`` and layers unfrozen selectively with ``config.optim.trainable`` (patterns).
+The default is study C's recipe from the ImageNet start (:func:`medjax.recipes.imagenet_mobilenet_v2`):
+MobileNetV2 1.0 at 224x224 with ImageNet weights, pixels scaled to [0, 1], random rotations and
+horizontal flips, Adam with cosine annealing, selective unfreezing as a schedule (the new classifier for
+2 epochs, then the last blocks for 2, then all), early stopping on validation loss. Validation is 20 % of
+the official train split carved **by patient** (the ``personNNNN_`` / ``IM-NNNN`` file-name keys; the
+builder's ``group_pattern``), so no child is on both sides; the official test split is kept.
+
+Weights: ``init_from.path`` defaults to
+``~/medjax_data/weights/imagenet_mobilenet_v2/tf2_mobilenet_v2_1.0_224_ptq.tflite`` (Keras MobileNetV2
+1.0/224, quantized TFLite; see ../shared/data/README.md for its provenance). With the copy in
+../shared, as in the example below:
+``--config.init_from.path=../shared/weights/imagenet_mobilenet_v2/tf2_mobilenet_v2_1.0_224_ptq.tflite``.
 
 Variants (``--config=configs/chest_xray.py:<variant>``):
-  (none)     the real archive under ``data.manual_dir`` (default ``~/medjax_data/chest_xray``), laid out as
-             ``[chest_xray/]train|test[|val]/NORMAL|PNEUMONIA/*.jpeg``. With the copy in ../shared/data:
-             ``--config.data.manual_dir=../shared/data/chest_xray``.
-  cpu        the real archive at a CPU-feasible 64x64 grey, with ``model=`` one of the three studies'
-             families: ``mobilenet_v2`` (width 1.4), ``convnext`` (study A's head:
+  (none)     the recipe above on the real archive under ``data.manual_dir`` (default
+             ``~/medjax_data/chest_xray``), laid out as ``[chest_xray/]train|test[|val]/NORMAL|PNEUMONIA/*``.
+             With the copy in ../shared/data: ``--config.data.manual_dir=../shared/data/chest_xray``.
+  cpu        the same recipe sized for 2 CPU cores in about 30 minutes: 160x160, 8 epochs, the head
+             alone for 1 epoch and the last blocks for 1.
+  scratch    the real archive at a CPU-feasible 64x64 grey, trained from scratch, with ``model=`` one of
+             the three studies' families: ``mobilenet_v2`` (width 1.4), ``convnext`` (study A's head:
              avg+max pooling, SEVector, depths 2-2-2-2, widths 32-256) or ``mednext_plos`` (widths 24-192,
-             depths 1-1-2-1), e.g. ``--config=configs/chest_xray.py:variant=cpu,model=convnext``.
+             depths 1-1-2-1), e.g. ``--config=configs/chest_xray.py:variant=scratch,model=convnext``.
              This is what ``launch/reproduce.py`` runs for RESULTS.md.
-  synthetic  the same recipe on generated ``synthetic_ct`` slices (not medical data), 64x64.
+  synthetic  MobileNetV2 (width 0.35) from scratch on generated ``synthetic_ct`` slices (not medical
+             data), 64x64.
   smoke      seconds on a tiny synthetic set; used by the tests.
 
 Example:
-  python -m medjax.launch --config=configs/chest_xray.py:synthetic
+  python -m medjax.launch --config=configs/chest_xray.py:cpu \\
+      --config.data.manual_dir=../shared/data/chest_xray \\
+      --config.init_from.path=../shared/weights/imagenet_mobilenet_v2/tf2_mobilenet_v2_1.0_224_ptq.tflite
 """
 
 import ml_collections
 
-from medjax import config_lib
+from medjax import config_lib, recipes
 
-# Reduced models of the ``cpu`` variant (64x64 grey), sized to train in minutes on 2 CPU cores.
-CPU_MODELS = {
-    # Width 1.4: test AUC 0.923 (accuracy 0.846) at width 0.5, 0.944 (0.865) at 1.0, 0.957 (0.883) at 1.4;
-    # seed 0. At 1.0, 96 px (0.936) and ConvNeXt's warm-up below (0.941) did not help.
+# Reduced models of the ``scratch`` variant (64x64 grey), sized to train in minutes on 2 CPU cores.
+SCRATCH_MODELS = {
     "mobilenet_v2": {"width_multiplier": 1.4, "dropout_rate": 0.2},
     "convnext": {
         "depths": (2, 2, 2, 2),
@@ -45,64 +56,63 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, variant="real", model="mobilenet_v2")
     config = config_lib.base_config()
     config.name = "chest_xray"
-
-    config.model_name = "mobilenet_v2"
-    config.model = config_lib.model_config("mobilenet_v2", width_multiplier=1.0, dropout_rate=0.2)
-
     config.data.name = "chest_xray"
     config.data.manual_dir = "~/medjax_data/chest_xray"
     config.data.builder_kwargs = ml_collections.ConfigDict(
         {"image_size": 224, "channels": 3, "validation_fraction": 0.2, "seed": 0}
     )
-    config.data.image_size = 224
-    config.data.channels = 3
-    config.data.normalize = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})  # [0, 1] as in the study.
-    config.data.augment.hflip = True
-    config.data.augment.rotation_degrees = 15.0
-
-    config.optim.name = "adam"
-    config.optim.learning_rate = 1e-3
-    config.optim.schedule = "cosine"
+    recipes.imagenet_mobilenet_v2(config, image_size=224, head_epochs=2.0)
     config.train.num_epochs = 15.0
-    config.train.early_stopping = ml_collections.ConfigDict(
-        {"monitor": "loss", "patience": 3, "min_delta": 1e-3}
-    )
 
+    if args.model != "mobilenet_v2" and args.variant != "scratch":
+        raise ValueError("model= is an argument of the scratch variant only.")
     if args.variant == "cpu":
-        if args.model not in CPU_MODELS:
-            raise ValueError(f"model={args.model!r}: the cpu variant has {', '.join(CPU_MODELS)}.")
+        config.name = "chest_xray_cpu"
+        config.data.builder_kwargs.image_size = 160
+        recipes.imagenet_mobilenet_v2(config, image_size=160, head_epochs=1.0)
+        config.train.num_epochs = 8.0
+    elif args.variant in ("scratch", "synthetic", "smoke"):
+        _from_scratch(config, args)
+    elif args.variant != "real":
+        raise ValueError(
+            f"Unknown variant {args.variant!r} of chest_xray; use real, cpu, scratch, synthetic or smoke."
+        )
+    return config
+
+
+def _from_scratch(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
+    """The variants without pretrained weights: torchvision-style models, static training."""
+    recipes.from_scratch(config)
+    config.model = config_lib.model_config("mobilenet_v2", width_multiplier=1.0, dropout_rate=0.2)
+    config.data.augment.rotation_degrees = 15.0
+    if args.variant == "scratch":
+        if args.model not in SCRATCH_MODELS:
+            raise ValueError(f"model={args.model!r}: the scratch variant has {', '.join(SCRATCH_MODELS)}.")
         config.name = f"chest_xray_{args.model}"
         config.model_name = args.model
-        config.model = config_lib.model_config(args.model, **CPU_MODELS[args.model])
+        config.model = config_lib.model_config(args.model, **SCRATCH_MODELS[args.model])
         config.data.builder_kwargs.update({"image_size": 64, "channels": 1})
         config.data.image_size = 64
         config.data.channels = 1
-        # The official test split is harder than a validation split carved from train: with rotation and
-        # flips only, MobileNetV2 reached test specificity 0.48 (validation 0.96). Crops and intensity
-        # jitter raised test AUC 0.914 -> 0.923 and accuracy 0.79 -> 0.85 (seed 0).
+        config.data.normalize = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})
+        # The official test split is another cohort than the train split validation is carved from;
+        # crops and intensity jitter widen what training sees.
         config.data.augment.update(
             {"random_resized_crop_scale": (0.7, 1.0), "brightness": 0.2, "contrast": 0.2}
         )
+        config.optim.learning_rate = 1e-3
         if args.model == "convnext":
-            # With Adam at 1e-3 and no warm-up, ConvNeXt sat near chance for 8 of 15 epochs (validation
-            # AUC 0.50-0.84) and reached test AUC 0.919; with one warm-up epoch at 5e-4 and room for
-            # 25 epochs (patience 5), 0.963. The same change gave MobileNetV2 nothing (0.944 -> 0.941).
+            # Without warm-up at 1e-3, ConvNeXt sat near chance (validation AUC 0.50-0.84) for 8 of 15
+            # epochs; one warm-up epoch at 5e-4 and room for 25 epochs (patience 5) let it train.
             config.optim.warmup_epochs = 1.0
             config.optim.learning_rate = 5e-4
             config.train.num_epochs = 25.0
             config.train.early_stopping.patience = 5
-    elif args.model != "mobilenet_v2":
-        raise ValueError("model= is an argument of the cpu variant only.")
-    if args.variant == "synthetic":
+    elif args.variant == "synthetic":
         config_lib.use_synthetic_data(config, image_size=64)
         config.data.augment.rotation_degrees = 10.0
         config.model.width_multiplier = 0.35
         config.train.num_epochs = 12.0
-    elif args.variant == "smoke":
+    else:
         config_lib.make_smoke(config)
         config.model.width_multiplier = 0.35
-    elif args.variant not in ("real", "cpu"):
-        raise ValueError(
-            f"Unknown variant {args.variant!r} of chest_xray; use real, cpu, synthetic or smoke."
-        )
-    return config

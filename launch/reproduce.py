@@ -2,7 +2,14 @@
 
 One command trains every experiment below from scratch with a fixed seed, evaluates each best-on-validation
 checkpoint with ``medjax.evaluate`` (95 % bootstrap intervals, thresholds, calibration, model card) and
-writes the table::
+writes the table.
+
+The locked test protocol (:mod:`medjax.protocol`): training never evaluates test (``data.test_split=''``);
+this script evaluates it once per final recipe and records it in ``results/test_ledger.json`` (the
+recipe's digest, the commit of its config, the date test was first evaluated). A recipe changed after its
+test was seen is refused (``--allow_recipe_change`` evaluates it anyway and RESULTS.md says so). Each row
+says how its recipe was chosen, and the closing note puts the recipe's cross-validation numbers
+(``launch/cross_validate.py``, ``results/cv/<experiment>.json``) beside its test numbers::
 
   JAX_PLATFORMS=cpu python launch/reproduce.py            # all experiments -> RESULTS.md
   JAX_PLATFORMS=cpu python launch/reproduce.py --only=pneumoniamnist,breastmnist
@@ -46,6 +53,10 @@ def _define_flags() -> None:
     flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
     cli.define_allocator_flag()
     flags.DEFINE_string("note", None, "A sentence for RESULTS.md, e.g. what else loaded the machine.")
+    flags.DEFINE_string("ledger", str(ROOT / "results" / "test_ledger.json"), "Test evaluations so far.")
+    flags.DEFINE_bool(
+        "allow_recipe_change", False, "Evaluate test for a recipe changed since its test was evaluated."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +71,12 @@ class Experiment:
     budget_s: float | None = None  # Wall-time target of training + evaluation, when the issue sets one.
     init_from: str | None = None  # An experiment above whose best checkpoint this one fine-tunes.
     seeds: tuple[int, ...] = (0,)  # Several: an ensemble of one run per seed (mean class probabilities).
+    chosen: str = ""  # How the recipe was chosen (RESULTS.md quotes it on the row's recipe).
+    pending: str | None = None  # Why the experiment cannot run yet (listed as skipped).
+
+    def cv_path(self) -> Path:
+        """Where ``launch/cross_validate.py`` writes this recipe's cross-validation by default."""
+        return ROOT / "results" / "cv" / f"{self.name}.json"
 
     def workdirs(self, root: Path) -> list[Path]:
         """One run directory per seed: ``<root>/<name>``, or ``<root>/<name>/seed_<k>`` in an ensemble.
@@ -69,23 +86,32 @@ class Experiment:
         return [root / self.name / f"seed_{seed}" for seed in self.seeds]
 
 
+# Recipes settled before the locked protocol: variants were compared on test numbers too.
+_BEFORE_PROTOCOL = (
+    "before the locked test protocol, comparing variants on test as well as validation (seed 0), so its "
+    "test numbers are optimistic; not yet re-chosen by cross-validation"
+)
 EXPERIMENTS = (
     Experiment(
         "pneumoniamnist",
         "configs/pneumoniamnist.py",
         "pneumoniamnist",
-        "MedMNIST v2 test ACC/AUC: ResNet-18 (28) 0.854/0.944, ResNet-50 (224) 0.884/0.962, "
-        "Google AutoML Vision 0.946/0.991",
+        "MedMNIST v2, same official split and metrics (test ACC/AUC): ResNet-18 (28) 0.854/0.944, "
+        "ResNet-50 (224) 0.884/0.962, Google AutoML Vision 0.946/0.991",
         {"auc": 0.97, "accuracy": 0.92},
         budget_s=600.0,
+        chosen=_BEFORE_PROTOCOL,
     ),
     *(
         Experiment(
             f"chest_xray_{family}",
-            f"configs/chest_xray.py:variant=cpu,model={family}",
+            f"configs/chest_xray.py:variant=scratch,model={family}",
             "chest_xray",
-            "Study C (MobileNetV2, ImageNet-pretrained, 224x224): validation ACC 0.912, AUC 0.947",
+            "Study C (MobileNetV2, ImageNet-pretrained, 224x224): validation ACC 0.912, AUC 0.947 on its own "
+            "80/20 per-image carve of train. Not like for like: this row is the official test split, at "
+            "64x64 grey, from scratch, validated on a carve by patient",
             {"auc": 0.95},
+            chosen=_BEFORE_PROTOCOL,
         )
         for family in ("mobilenet_v2", "convnext", "mednext_plos")
     ),
@@ -93,20 +119,56 @@ EXPERIMENTS = (
         "breastmnist",
         "configs/breastmnist.py:from_pneumoniamnist",
         "breastmnist",
-        "MedMNIST v2 test ACC/AUC: ResNet-18 (28) 0.863/0.901, Google AutoML Vision 0.861/0.919. "
-        "Label 1 is normal/benign here, so Sens. is the benign recall and Spec. the malignant recall",
+        "MedMNIST v2, same official split and metrics (test ACC/AUC): ResNet-18 (28) 0.863/0.901, Google "
+        "AutoML Vision 0.861/0.919. Label 1 is normal/benign here, so Sens. is the benign recall and Spec. "
+        "the malignant recall. The official splits share 99 near-duplicate pairs (preparation report), "
+        "which flatters every result on this split, published ones included",
         {"auc": 0.92},
         init_from="pneumoniamnist",
         seeds=(0, 1, 2, 3, 4),
+        chosen=_BEFORE_PROTOCOL.replace("(seed 0)", "(configs/breastmnist.py cites the validation numbers)"),
+    ),
+    Experiment(
+        "ucsd_covid_ct",
+        "configs/ucsd_covid_ct.py",
+        "ucsd_covid_ct",
+        "He et al. 2020 (Self-Trans: DenseNet-169, ImageNet transfer and self-supervision), same official "
+        "split (test): F1 0.85, AUC 0.94, accuracy about 0.86",
+        {},
+        chosen="on validation (configs/ucsd_covid_ct.py)",
+    ),
+    Experiment(
+        "drive",
+        "",
+        "drive",
+        "Official test split, FOV mask, 1st observer: U-Net F1 about 0.81-0.82, AUC 0.975-0.98; SA-UNet F1 "
+        "0.826, AUC 0.986; 2nd observer accuracy 0.947",
+        {},
+        pending="segmentation is not implemented yet",
     ),
 )
 
 
 def run_experiment(
-    exp: Experiment, *, shared: Path, root: Path, data_dir: str | None, bootstrap_samples: int
+    exp: Experiment,
+    *,
+    shared: Path,
+    root: Path,
+    data_dir: str | None,
+    bootstrap_samples: int,
+    ledger,
+    allow_recipe_change: bool = False,
 ) -> dict | None:
-    """Trains (or reads back) every run of one experiment and evaluates it; None when its data is absent."""
-    from medjax import config_lib
+    """Trains (or reads back) every run of one experiment and evaluates it; None when its data is absent.
+
+    Training never evaluates test; the evaluation here does, once per recipe, recorded in ``ledger`` (a
+    :class:`medjax.protocol.TestLedger`).
+
+    Raises:
+      medjax.protocol.RecipeChangedError: test was evaluated for another recipe of this experiment and
+        ``allow_recipe_change`` is False (nothing is evaluated).
+    """
+    from medjax import config_lib, protocol, recipes
     from medjax.evaluate import command as evaluate
     from medjax.run_dir import RunDir, report_paths
 
@@ -116,9 +178,14 @@ def run_experiment(
     config = config_lib.load_config_file(str(ROOT / exp.config))
     config.data.manual_dir = str(data_path)
     config.data.data_dir = data_dir
+    config.data.test_split = ""  # Test is this script's to evaluate, once (medjax.protocol).
     config.train.progress_bar = False
     if exp.init_from:  # Wherever --workdir_root put the run it fine-tunes.
         config.init_from.path = str(_source_run(exp, root))
+    elif config.init_from.path == recipes.IMAGENET_MOBILENET_V2:  # The ImageNet start, read in place.
+        config.init_from.path = str(shared.parent / "weights" / recipes.IMAGENET_MOBILENET_V2_FILE)
+    keys = protocol.recipe(config.to_dict(), seeds=list(exp.seeds), init_from=exp.init_from)
+    ledger.ensure_allowed(exp.name, keys, allow_change=allow_recipe_change)  # Before hours of training.
     workdirs = exp.workdirs(root)
     train_reports = []
     for seed, workdir in zip(exp.seeds, workdirs, strict=True):
@@ -134,12 +201,34 @@ def run_experiment(
             splits=("validation", "test"),
             bootstrap_samples=bootstrap_samples,
         )
+        commit = protocol.last_commit(exp.config.partition(":")[0], repo=ROOT)
+        ledger.record(exp.name, keys=keys, commit=commit, allow_change=allow_recipe_change)
     return {
         "experiment": dataclasses.asdict(exp),
         "workdirs": [str(w) for w in workdirs],
         "train": train_reports,
         "evaluation": evaluation,
+        "protocol": {
+            "recipe": protocol.digest(keys),
+            "cv_recipe": protocol.recipe_digest(config.to_dict()),
+            "history": ledger.history(exp.name),
+            "cv": json.loads(exp.cv_path().read_text()) if exp.cv_path().exists() else None,
+        },
     }
+
+
+def _cannot_run(exp: Experiment, root: Path) -> str | None:
+    """Why ``exp`` cannot run now (None when it can; absent data is found by run_experiment)."""
+    from medjax.run_dir import RunDir
+
+    if exp.pending:
+        return exp.pending
+    config_file = exp.config.partition(":")[0]
+    if not (ROOT / config_file).exists():
+        return f"no config yet (`{config_file}`)"
+    if exp.init_from and RunDir(_source_run(exp, root)).read_report() is None:
+        return f"starts from the `{exp.init_from}` run, which has not finished"
+    return None
 
 
 def reusable_evaluation(path: Path, workdirs: list[Path], *, bootstrap_samples: int) -> dict | None:
@@ -233,11 +322,17 @@ def markdown(
         "threshold chosen on validation (Youden's J), applied unchanged to test; accuracy, F1 and the "
         "confusion counts use the argmax. Wall time is training plus evaluation on this machine (dataset "
         "preparation excluded), summed over an ensemble's runs.",
+        "",
+        "Test protocol (medjax/protocol.py): training never evaluates test; this command evaluates it once "
+        "per recipe and records it in `results/test_ledger.json`. The Recipe column gives the recipe's "
+        "digest, the last commit of its config file and the date test was first evaluated for it, and says "
+        "when test had been evaluated for earlier recipes of the row (peeking). Each recipe section says "
+        "how the recipe was chosen; the closing section puts its cross-validation beside its test numbers.",
         *([f"Note: {note}"] if note else []),
         "",
         "| Experiment | Model | Input | Epochs | Wall time | Test accuracy | Test AUC | Test F1 | Sens. "
-        "| Spec. | Params | Size | Target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Spec. | Params | Size | Target | Recipe |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         train_reports, evaluation, exp = result["train"], result["evaluation"], result["experiment"]
@@ -262,14 +357,61 @@ def markdown(
             f"| {name} | {model} | {size}x{size}x{config['data']['channels']} "
             f"| {epochs} | {wall} | {_interval(test, 'accuracy')} | {_interval(test, 'auc')} "
             f"| {_interval(test, 'f1')} | {youden['sensitivity']:.3f} | {youden['specificity']:.3f} "
-            f"| {card['params'] / 1e6:.2f} M | {card['params_mb']:.1f} MB | {target_text(exp, test)} |"
+            f"| {card['params'] / 1e6:.2f} M | {card['params_mb']:.1f} MB | {target_text(exp, test)} "
+            f"| {protocol_text(result)} |"
         )
     for name, reason in skipped.items():
-        lines.append(f"| {name} | skipped: {reason} | | | | | | | | | | | |")
+        lines.append(f"| {name} | skipped: {reason} | | | | | | | | | | | | |")
     lines += ["", "## Recipes and published comparisons", ""]
     for name, result in results.items():
         lines += [f"### {name}", *_recipe_lines(result, shared=shared), ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, *cv_lines(results)])
+
+
+def protocol_text(result: dict) -> str:
+    """The Recipe cell: digest @ commit, first test date, and any test seen for earlier recipes."""
+    history = result.get("protocol", {}).get("history")
+    if not history:
+        return "not recorded"
+    entry = history[-1]
+    text = f"{entry['recipe']} @ {entry['commit']}, test first {entry['first_test']}"
+    if entry["evaluations"] > 1:
+        text += f", evaluated {entry['evaluations']} times"
+    if entry["after"]:
+        text += f"; ⚠ test was seen for {len(entry['after'])} earlier recipe(s) ({', '.join(entry['after'])})"
+    if entry.get("note"):
+        text += f"; {entry['note']}"
+    return text
+
+
+def cv_lines(results: dict) -> list[str]:
+    """Closing section: each recipe's cross-validation (mean ± sd over folds) beside its test numbers."""
+    lines = [
+        "",
+        "## Cross-validation beside test",
+        "",
+        "Grouped, stratified K-fold cross-validation on train+validation (`launch/cross_validate.py`, "
+        "`results/cv/<experiment>.json`); a recipe is chosen on these numbers, test is the check. "
+        "\"same recipe\" compares the cross-validated recipe's digest with the tested one's.",
+        "",
+        "| Experiment | CV AUC | CV accuracy | folds | Test AUC | Test accuracy | same recipe |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        test = result["evaluation"]["splits"]["test"]["metrics"]
+        tested = f"{test['auc']['value']:.3f} | {test['accuracy']['value']:.3f}"
+        cv = result.get("protocol", {}).get("cv")
+        if not cv:
+            lines.append(f"| {name} | none yet | | | {tested} | |")
+            continue
+        summary = cv["summary"]
+        same = "yes" if cv["recipe"] == result["protocol"]["cv_recipe"] else f"no (CV of {cv['recipe']})"
+        lines.append(
+            f"| {name} | {summary['auc']['mean']:.3f} ± {summary['auc']['sd']:.3f} "
+            f"| {summary['accuracy']['mean']:.3f} ± {summary['accuracy']['sd']:.3f} | {cv['folds']} "
+            f"| {tested} | {same} |"
+        )
+    return lines
 
 
 def _recipe_lines(result: dict, *, shared: Path) -> list[str]:
@@ -300,22 +442,23 @@ def _recipe_lines(result: dict, *, shared: Path) -> list[str]:
             f"step {r['best_step']}"
         )
         if ensemble:
-            test = r["test"]
+            val = r["validation"]
             lines.append(
-                f"- Seed {seed}: {steps}; alone, test accuracy {test['accuracy']:.3f}, AUC {test['auc']:.3f}."
+                f"- Seed {seed}: {steps}; alone, validation accuracy {val['accuracy']:.3f}, AUC "
+                f"{val['auc']:.3f}."
             )
         else:
             lines.append(f"- Steps: {steps}.")
     val = result["evaluation"]["splits"]["validation"]["metrics"]
     lines.append(f"- Validation: accuracy {_interval(val, 'accuracy')}, AUC {_interval(val, 'auc')}.")
-    return [*lines, f"- Published: {exp['published']}."]
+    return [*lines, f"- Recipe chosen: {exp['chosen'] or 'not said'}.", f"- Published: {exp['published']}."]
 
 
 def main(argv: list[str]) -> None:
     del argv
     args = flags.FLAGS
     cli.setup(compilation_cache_dir=args.compilation_cache_dir, memory_allocator=args.allocator)
-    from medjax.run_dir import RunDir  # After the allocator re-execution, like every jax import here.
+    from medjax import protocol  # After the allocator re-execution, like every jax import here.
 
     started = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
     chosen = [e for e in EXPERIMENTS if not args.only or e.name in args.only]
@@ -323,19 +466,37 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"Unknown experiments {sorted(unknown)}; known: {', '.join(e.name for e in EXPERIMENTS)}.")
     shared, root = Path(args.shared_data), Path(args.workdir_root)
+    ledger = protocol.TestLedger(args.ledger)
     results, skipped = {}, {}
     for exp in chosen:
         t0 = time.perf_counter()
-        if exp.init_from and RunDir(_source_run(exp, root)).read_report() is None:
-            skipped[exp.name] = f"starts from the `{exp.init_from}` run, which has not finished"
-            print(f"== {exp.name}: skipped, {skipped[exp.name]}", flush=True)
-            continue
-        result = run_experiment(
-            exp, shared=shared, root=root, data_dir=args.data_dir, bootstrap_samples=args.bootstrap_samples
-        )
-        if result is None:
-            skipped[exp.name] = f"no data at `{_shown(shared / exp.data)}`"
-            print(f"== {exp.name}: skipped, no data at {shared / exp.data}", flush=True)
+        reason = _cannot_run(exp, root)
+        if reason is None:
+            try:
+                result = run_experiment(
+                    exp,
+                    shared=shared,
+                    root=root,
+                    data_dir=args.data_dir,
+                    bootstrap_samples=args.bootstrap_samples,
+                    ledger=ledger,
+                    allow_recipe_change=args.allow_recipe_change,
+                )
+            except protocol.RecipeChangedError as e:
+                print(f"== {e}", flush=True)
+                first = ledger.current(exp.name)
+                result, reason = (
+                    None,
+                    (
+                        f"recipe changed after its test was evaluated ({first['first_test']}, recipe "
+                        f"{first['recipe']}); see `--allow_recipe_change`"
+                    ),
+                )
+            else:
+                reason = None if result is not None else f"no data at `{_shown(shared / exp.data)}`"
+        if reason is not None:
+            skipped[exp.name] = reason
+            print(f"== {exp.name}: skipped, {reason}", flush=True)
             continue
         results[exp.name] = result
         print(f"== {exp.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)

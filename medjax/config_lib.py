@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from medjax import tasks
+from medjax.errors import ConfigError
 
 # Keys (or whole sections) that change how a run is *watched* or judged, not what it computes; a workdir
 # may be resumed with them changed.
@@ -90,14 +93,20 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
 
     c.model_name = "mobilenet_v2"  # A module in medjax/models (see medjax.models.available_models()).
     c.model = ml_collections.ConfigDict()  # Keyword arguments of that module's Model.
-    # Pretrained weights loaded at the start of a fresh run: a Keras .weights.h5/.keras/.h5, or a
-    # torchvision/timm/official .pth/.safetensors state dict (medjax.models.convert.load_pretrained); or a
-    # medjax run directory, whose best checkpoint starts a fine-tuning run (medjax.trained.init_from_run).
+    # Pretrained weights loaded at the start of a fresh run: a Keras .weights.h5/.keras/.h5, a
+    # torchvision/timm/official .pth/.safetensors state dict or a quantized MobileNetV2 .tflite
+    # (medjax.models.convert.load_pretrained); or a medjax run directory, whose best checkpoint starts a
+    # fine-tuning run (medjax.init_from.from_run).
     c.init_from = ml_collections.ConfigDict(
         {
             "path": ml_collections.FieldReference(None, field_type=str),
             "source": ml_collections.FieldReference(None, field_type=str),  # None: detect from the keys.
             "reinit_head": ml_collections.FieldReference(None, field_type=bool),  # None: when shapes differ.
+            # BatchNorm statistics re-measured on this many training images after loading, keeping what the
+            # model evaluates (medjax.models.convert.calibrate); None: 256 for a .tflite file (its folded
+            # BatchNorms hold no statistics, so training-mode passes would not compute the pretrained
+            # network), else 0.
+            "calibrate_images": ml_collections.FieldReference(None, field_type=int),
         }
     )
 
@@ -116,7 +125,7 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.data.interpolation = "bilinear"  # Resizing of images: 'nearest' | 'bilinear' | 'bicubic' | 'lanczos'.
     c.data.train_split = "train"
     c.data.eval_split = "validation"
-    c.data.test_split = "test"
+    c.data.test_split = "test"  # '': never evaluated (cross-validation folds keep test unseen).
     c.data.normalize = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})  # After scaling to [0, 1].
     c.data.augment = ml_collections.ConfigDict(
         {
@@ -147,6 +156,11 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # Selective unfreezing: regexes over '/'-joined parameter paths that train, e.g.
     # ('block_1[4-6]/.*', 'head_.*', 'classifier/.*') for MobileNetV2's last 3 blocks + head; None: all.
     c.optim.trainable = ml_collections.FieldReference(None, field_type=tuple)
+    # Selective unfreezing as a schedule (medjax/unfreeze.py): phases, each with 'trainable' patterns
+    # (None: all) and a start, 'epoch': E or 'plateau': N evaluations without improvement, e.g.
+    # ({'epoch': 0, 'trainable': ('classifier/.*',)}, {'epoch': 2, 'trainable': None}). The train step
+    # compiles once for all phases; exclusive with optim.trainable. None: no schedule.
+    c.optim.unfreeze = ml_collections.FieldReference(None, field_type=tuple)
     c.optim.freeze_batch_stats = True  # Frozen BatchNorms keep their running statistics.
 
     c.train = ml_collections.ConfigDict()
@@ -219,15 +233,57 @@ def close_matches(key: str, known: Iterable[str]) -> list[str]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks that the keys the library reads are present.
+    """Checks, before any work, that the keys the library reads are present and every value is in range
+    or among its choices, builder kwargs included (:mod:`medjax.config_checks`).
 
     Raises:
-      ValueError: naming every missing key.
+      ConfigError: naming every missing key, or every value out of range with what it accepts.
     """
+    from medjax import config_checks  # It imports the model and dataset registries lazily too.
+
     flat = flatten(config)
     missing = [k for k in REQUIRED_KEYS if k not in flat and not _is_empty_section(config, k)]
     if missing:
-        raise ValueError(f"Config is missing required keys: {', '.join(missing)}.")
+        raise ConfigError(f"Config is missing required keys: {', '.join(missing)}.")
+    config_checks.check_values(config)
+
+
+def complete_builder_kwargs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds every builder kwarg of ``config.data.name`` that ``config.data.builder_kwargs`` leaves out, at
+    its default, so each is overridable as ``--config.data.builder_kwargs.<key>=...`` on a locked config
+    and recorded in ``config.json``. Explicit defaults name the same prepared dataset as omitted ones.
+
+    Returns ``config`` (changed in place); a config naming an unknown dataset is left for :func:`validate`.
+    """
+    from medjax.data import builders  # Late: TFDS is slow to import and most callers have it already.
+
+    data = config.get("data")
+    if data is None or data.get("name") not in builders.available_datasets():
+        return config
+    with config.unlocked():
+        if data.get("builder_kwargs") is None:
+            data.builder_kwargs = ml_collections.ConfigDict()
+        kwargs = data.builder_kwargs
+        for key, default in builders.accepted_kwargs(data.name).items():
+            if key not in kwargs:
+                kwargs[key] = (
+                    ml_collections.FieldReference(None, field_type=object) if default is None else default
+                )
+    return config
+
+
+def define_config_flag(name: str, help_string: str) -> flags.FlagHolder:
+    """``config_flags.DEFINE_config_file`` (locked) whose configs carry every builder kwarg, so dotted
+    overrides such as ``--config.data.builder_kwargs.skip_corrupt=True`` reach a key that exists."""
+    holder = config_flags.DEFINE_config_file(name, None, help_string)
+    parser = flags.FLAGS[name].parser
+    load = parser.parse  # Loads the file; the flag applies the overrides to what this returns.
+    parser.parse = lambda path: _completed(load(path))
+    return holder
+
+
+def _completed(config: Any) -> Any:
+    return complete_builder_kwargs(config) if isinstance(config, ml_collections.ConfigDict) else config
 
 
 def _is_empty_section(config: ml_collections.ConfigDict, dotted: str) -> bool:
@@ -277,6 +333,11 @@ def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
     """
     a, b = flatten(saved), flatten(json.loads(json.dumps(current, default=str)))
     defaults = flatten(json.loads(to_json(base_config())))
+    from medjax.data import builders  # Builder kwargs added later count as defaults too.
+
+    if b.get("data.name") in builders.available_datasets():
+        kwargs = {"data": {"builder_kwargs": builders.accepted_kwargs(b["data.name"])}}
+        defaults.update(flatten(json.loads(json.dumps(kwargs, default=list))))
 
     def watched_only(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUMABLE_WITH_CHANGES)
@@ -289,14 +350,15 @@ def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``'configs/x.py[:arg]'`` the way ``--config`` does (for tests, notebooks and messages)."""
+    """Loads ``'configs/x.py[:arg]'`` the way ``--config`` does (for tests, notebooks and messages),
+    builder kwargs completed (:func:`complete_builder_kwargs`)."""
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     if module_spec is None or not Path(path).is_file():
         raise FileNotFoundError(f"Config file {path!r} not found.")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return complete_builder_kwargs(module.get_config(arg or None))
 
 
 def unknown_override_keys(config: ml_collections.ConfigDict, argv: Iterable[str]) -> dict[str, list[str]]:
@@ -358,10 +420,11 @@ def medmnist_config(
     early stopping on validation loss. The file goes in ``data.manual_dir`` (default
     ``~/medjax_data/medmnist``). ``variant`` is 'real', 'synthetic' or 'smoke' as in every config.
 
-    The augmentation goes beyond rotation because PneumoniaMNIST's test split is another cohort: with
-    rotation only, test specificity was 0.54 (accuracy 0.82, AUC 0.947) against 0.91 on validation;
-    adding random resized crops, flips and brightness/contrast jitter raised it to 0.88 (accuracy 0.904,
-    AUC 0.962; 12 epochs, seed 0).
+    The augmentation goes beyond rotation (random resized crops, flips, brightness/contrast jitter)
+    because PneumoniaMNIST's test images come from another cohort than train and validation, and
+    broader augmentation is the usual defence against such a shift. It is a default, not a measured
+    choice: no validation or cross-validation comparison backs it yet (``launch/cross_validate.py``
+    makes one).
     """
     config = base_config()
     config.name = subset

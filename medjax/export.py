@@ -43,6 +43,7 @@ from flax import linen as nn
 
 from medjax import cli, run_dir
 from medjax.errors import MedjaxError
+from medjax.finite import check_outputs
 
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
@@ -312,6 +313,9 @@ def export_trained(
     inputs, onnx_errors = {}, {}
     for dtype in input_dtypes:
         exported = export_probabilities(members, input_dtype=dtype, platforms=platforms)
+        if "cpu" in platforms:  # An artifact of a damaged checkpoint would compute NaN for any input.
+            probe = random_images(2, members[0].image_shape, dtype)
+            check_outputs(np.asarray(exported.call(probe)), what=f"the exported {dtype} artifact")
         name = f"probs_{dtype}.jax"
         (out / name).write_bytes(exported.serialize())
         inputs[dtype] = {"jax": name}
@@ -434,4 +438,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -1,21 +1,35 @@
 """``config.init_from``: the weights a fresh run starts from instead of its random initialisation.
 
-Two kinds of source: a pretrained weights file (Keras, PyTorch, safetensors; mapped by
-:func:`medjax.models.convert.load_pretrained`), or a medjax run directory, whose best checkpoint starts a
-fine-tuning run on another dataset. A resumed run restores its own checkpoint over these, so the source
-is read, not trusted, after the first start.
+Two kinds of source: a pretrained weights file (Keras, PyTorch, safetensors, quantized MobileNetV2
+TFLite; mapped by :func:`medjax.models.convert.load_pretrained`), or a medjax run directory, whose best
+checkpoint starts a fine-tuning run on another dataset. A resumed run restores its own checkpoint over
+these, so the source is read, not trusted, after the first start.
+
+A weights file's BatchNorm statistics can be re-measured on the task's training images
+(``init_from.calibrate_images``, :mod:`medjax.models.convert.calibrate`); a ``.tflite`` start needs it,
+since its folded BatchNorms hold no statistics and the training pass would not compute the pretrained
+network (:mod:`medjax.models.convert.tflite`).
 """
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
 from medjax import run_dir
+from medjax.data import pipeline
 from medjax.errors import ConfigError, MedjaxError
 from medjax.models import convert
+from medjax.models.convert import calibrate
+
+# Images whose statistics replace the identity BatchNorms of a folded (.tflite) start: per-channel
+# moments over 256 images x H x W positions are stable, for the cost of one evaluation pass over them.
+TFLITE_CALIBRATION_IMAGES = 256
 
 
 def initial_variables(
@@ -33,7 +47,8 @@ def initial_variables(
     if not path.exists():
         raise ConfigError(
             f"init_from.path {path} does not exist. Give a weights file (.weights.h5, .keras, .h5, .pth, "
-            ".safetensors) or a medjax run directory (with config.json and checkpoints/), or unset it."
+            ".safetensors, .tflite) or a medjax run directory (with config.json and checkpoints/), or "
+            "unset it."
         )
     if path.is_dir() and run_dir.RunDir(path).is_run():
         if config.init_from.source is not None:
@@ -46,13 +61,36 @@ def initial_variables(
             image_shape=image_shape,
             reinit_head=config.init_from.reinit_head,
         )
-    return convert.load_pretrained(
+    variables = convert.load_pretrained(
         str(path),
         model_name=config.model_name,
         target_variables=fresh,
         source=config.init_from.source,
         reinit_head=config.init_from.reinit_head,
+        model=model,
     )
+    num_images = config.init_from.calibrate_images
+    if num_images is None:
+        num_images = TFLITE_CALIBRATION_IMAGES if path.suffix.lower() == ".tflite" else 0
+    if num_images > 0:
+        batches = list(first_images(config.data, num_images))
+        count = sum(len(b) for b in batches)
+        print(f"Calibrating BatchNorm statistics on {count} {config.data.train_split} images.", flush=True)
+        variables = calibrate.calibrate_batch_norm(model, variables, batches)
+    return variables
+
+
+def first_images(data_cfg: ml_collections.ConfigDict, num_images: int) -> Iterator[np.ndarray]:
+    """Batches of the first ``num_images`` (rounded up to whole batches) images of the training split,
+    with the evaluation preprocessing (TFDS stores a split shuffled); the split's padding is dropped."""
+    with contextlib.closing(pipeline.iterate_eval(data_cfg, split=data_cfg.train_split)) as batches:
+        seen = 0
+        for batch in batches:
+            if seen >= num_images:
+                return
+            images = batch["image"][np.asarray(batch["mask"], bool)]
+            seen += len(images)
+            yield images
 
 
 def from_run(

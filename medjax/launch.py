@@ -9,15 +9,12 @@ the keys it may have meant. Running again with the same ``--workdir`` resumes fr
 import sys
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from medjax import allocator, cli, config_lib, cores
-from medjax.errors import DatasetNotFoundError, MedjaxError
+from medjax.errors import DatasetNotFoundError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/covid_ct.py:smoke."
-)
+_CONFIG = config_lib.define_config_flag("config", "Experiment config file, e.g. configs/covid_ct.py:smoke.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>-<variant>).")
 _CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir",
@@ -53,30 +50,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
             f"  --config.{key}: not a key of {spec}; did you mean: {', '.join(m) or 'no close match'}?"
             for key, m in unknown.items()
         ]
-        sys.exit("Unknown config keys:\n" + "\n".join(lines))
+        sys.exit("medjax: error: unknown config keys:\n" + "\n".join(lines))
 
 
 def main(argv: list[str]) -> None:
     del argv
+    config_lib.validate(_CONFIG.value)  # Before the allocator re-executes the command, and before any work.
     cli.setup(compilation_cache_dir=_CACHE_DIR.value, memory_allocator=_ALLOCATOR.value)
     from medjax import train  # Imported late so that --help stays fast.
 
     spec = flags.FLAGS["config"].serialize().split("=", 1)[1]
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(spec)
+    cores.limit(_CONFIG.value.get("cpu_cores"))  # Before JAX starts (train_and_evaluate checks again).
+    print(
+        f"medjax: config {spec}, workdir {workdir}, allocator {allocator.active()}, "
+        f"{len(cores.available())} CPU cores",
+        flush=True,
+    )
     try:
-        cores.limit(_CONFIG.value.get("cpu_cores"))  # Before JAX starts (train_and_evaluate checks again).
-        print(
-            f"medjax: config {spec}, workdir {workdir}, allocator {allocator.active()}, "
-            f"{len(cores.available())} CPU cores",
-            flush=True,
-        )
         train.train_and_evaluate(_CONFIG.value, workdir)
     except DatasetNotFoundError as e:
         demo = spec.partition(":")[0] + ":synthetic"
-        sys.exit(f"medjax: error: {e}\nTo try the same recipe offline on generated data: --config={demo}")
-    except MedjaxError as e:
-        sys.exit(f"medjax: error: {e}")
+        raise DatasetNotFoundError(
+            f"{e}\nTo try the same recipe offline on generated data: --config={demo}"
+        ) from e
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, flags_parser=_parse_flags)

@@ -22,12 +22,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
 from medjax import cli, gradcam, run_dir, seg_predict
 from medjax.data import images
 from medjax.errors import MedjaxError
+from medjax.finite import check_outputs
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
@@ -83,7 +84,12 @@ def predict_files(
     for chunk in _chunks(list(paths), batch_size):
         decoded, inputs = {}, []
         for path in chunk:
-            row = {"path": str(path), "prediction": "", **{f"prob_{n}": "" for n in names}, "error": ""}
+            row = {
+                "path": images.printable(path),
+                "prediction": "",
+                **{f"prob_{n}": "" for n in names},
+                "error": "",
+            }
             if cam_dir is not None:
                 row["cam"] = ""
             try:
@@ -99,6 +105,7 @@ def predict_files(
             continue
         batch = np.stack(inputs)
         probs = model.predict_proba(batch, batch_size=batch_size)
+        check_outputs(probs, what=f"{model.workdir} (best checkpoint, step {model.step})")
         cams = None
         if cam_dir is not None:
             cams = gradcam.cam(model, None, batch, method=cam_method, batch_size=batch_size)
@@ -109,18 +116,24 @@ def predict_files(
             if cams is not None:
                 out = Path(cam_dir) / f"{index:05d}_{Path(row['path']).stem}.png"
                 Image.fromarray(gradcam.blend_overlay(original, cams[j])).save(out)
-                row["cam"] = str(out)
+                row["cam"] = images.printable(out)
     return rows
 
 
 def write_csv(rows: Sequence[dict[str, str]], path: str | os.PathLike) -> None:
-    """Writes ``rows`` (all with the same keys) with a header line."""
+    """Writes ``rows`` (all with the same keys) with a header line, as UTF-8, all or nothing: a failure
+    midway (a full disk) leaves no truncated CSV behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path", "prediction", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path", "prediction", "error"])
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _define_flags() -> None:
@@ -164,4 +177,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -13,6 +13,7 @@ file name is spelt here and nowhere else:
 ``checkpoints/best/N/``     Orbax: variables of the best validation evaluation (to use)
 ``report.json``             validation and test metrics of the best checkpoint, written at the end
 ``evaluation/``             ``python -m medjax.evaluate``'s report
+``.medjax.lock``            held while a run trains here; names its pid, host and command
 ``gradcam/``, ``export/``   ``python -m medjax.gradcam`` and ``python -m medjax.export`` outputs
 ==========================  =============================================================================
 
@@ -63,6 +64,7 @@ class RunDir:
     evaluation_dir = property(lambda self: self.path / "evaluation")
     gradcam_dir = property(lambda self: self.path / "gradcam")
     export_dir = property(lambda self: self.path / "export")
+    lock_file = property(lambda self: self.path / ".medjax.lock")  # Held by training (medjax.locking).
 
     def is_run(self) -> bool:
         """Whether training ever started here (it writes ``config.json`` first)."""

@@ -15,29 +15,41 @@ from pathlib import Path
 import tensorboardX
 import tqdm
 
+from medjax.errors import CheckpointError
+
 
 class MetricWriter:
     """Appends metrics to a JSON-lines file and TensorBoard event files (a run's ``metrics.jsonl`` and
-    ``tensorboard/``, see :mod:`medjax.run_dir`)."""
+    ``tensorboard/``, see :mod:`medjax.run_dir`).
 
-    def __init__(self, path: Path, tensorboard_dir: Path, *, resume_step: int | None = None):
+    A resumed run first cuts the file back to what its checkpoint had seen: the first ``resume_lines``
+    lines (the count the checkpoint recorded, :attr:`lines`), or, for checkpoints without that count, the
+    lines of steps up to ``resume_step``. Lines after that are redone by the replay. A last line cut short
+    by a kill mid-write is dropped; a damaged line elsewhere names the file and line.
+    """
+
+    def __init__(
+        self, path: Path, tensorboard_dir: Path, *, resume_step: int = 0, resume_lines: int | None = None
+    ):
         self.path = Path(path)
-        if resume_step is not None:
-            self._drop_after(resume_step)
+        self.lines = self._cut_back(resume_step, resume_lines)
         self._tb = tensorboardX.SummaryWriter(str(tensorboard_dir))
 
-    def _drop_after(self, step: int) -> None:
-        """Forgets lines written after the checkpoint a resumed run restarts from (they will be redone)."""
+    def _cut_back(self, step: int, lines: int | None) -> int:
+        """Rewrites the file to the lines a run resumed at ``step`` keeps; returns their count."""
         if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            return 0
+        records = read_metrics(self.path)
+        kept = records[:lines] if lines is not None else [r for r in records if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
+        return len(kept)
 
     def write(self, step: int, kind: str, scalars: dict) -> None:
         """Writes ``scalars`` (numbers; lists such as confusion matrices go to JSON only)."""
         record = {"step": int(step), "kind": kind, **scalars}
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+        self.lines += 1
         for key, value in scalars.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{kind}/{key}", value, step)
@@ -45,6 +57,27 @@ class MetricWriter:
 
     def close(self) -> None:
         self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``, dropping a last line that a kill cut short.
+
+    Raises:
+      CheckpointError: naming the file and line of a damaged line that is not the last.
+    """
+    text = Path(path).read_text(errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # Torn by a kill mid-write: the replay writes it again.
+            raise CheckpointError(
+                f"{path}:{number}: damaged line ({e}); delete that line (or the file) and rerun."
+            ) from e
+    return records
 
 
 class Progress:

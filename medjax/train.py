@@ -30,14 +30,16 @@ from medjax import (
     cores,
     inference,
     init_from,
+    locking,
     losses,
     models,
     optim,
     sharding,
     sliding_window,
     tasks,
+    unfreeze,
 )
-from medjax.checkpointing import RunCheckpointer
+from medjax.checkpointing import RunCheckpointer, has_checkpoints
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
 from medjax.errors import ConfigError, NonFiniteLossError
@@ -78,6 +80,7 @@ def train_step(
     state: TrainState,
     batch: dict,
     seed_key: jax.Array,
+    phase: jax.Array | None = None,
     *,
     model,
     tx,
@@ -91,6 +94,9 @@ def train_step(
 
     ``frozen_stats`` (a pytree of Python bools over ``batch_stats``, see
     :func:`medjax.optim.frozen_statistics_mask`) keeps the running statistics of frozen BatchNorms.
+    With an unfreezing schedule, ``phase`` is its current phase (an int32 scalar, traced, so the step
+    compiles once for all phases), ``tx.update`` receives it, and ``frozen_stats`` holds bool arrays
+    indexed by it (:func:`medjax.optim.frozen_statistics_tables`).
     ``ema_decay`` > 0 updates ``state.ema`` (see :func:`ema_update`).
     """
     rng = jax.random.fold_in(seed_key, state.step)
@@ -118,9 +124,17 @@ def train_step(
     )
     if frozen_stats is not None:
         batch_stats = jax.tree.map(
-            lambda frozen, new, old: old if frozen else new, frozen_stats, batch_stats, state.batch_stats
+            lambda frozen, new, old: (
+                jnp.where(jnp.asarray(frozen)[phase], old, new)
+                if phase is not None
+                else (old if frozen else new)
+            ),
+            frozen_stats,
+            batch_stats,
+            state.batch_stats,
         )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    phase_args = {} if phase is None else {"phase": phase}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **phase_args)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
@@ -218,15 +232,16 @@ def evaluate(
 
 
 def _check_workdir_config(run: RunDir, config: ml_collections.ConfigDict) -> None:
-    """Writes ``config.json``, or refuses a workdir that an incompatible config wrote."""
-    if run.is_run():
+    """Refuses a workdir whose checkpoints an incompatible config wrote. A workdir with no checkpoint has
+    finished nothing, so any config may take it over (e.g. the same command with a smaller batch after a
+    failed start)."""
+    if run.is_run() and has_checkpoints(run.checkpoint_dir):
         differing = config_lib.differing_keys(run.read_config().to_dict(), config.to_dict())
         if differing:
             raise ConfigError(
                 f"Workdir {run.path} was written by a different config; keys that differ: "
                 f"{', '.join(differing)}. Use another --workdir, or delete this one to start over."
             )
-    run.write_config(config)
 
 
 @dataclasses.dataclass
@@ -240,6 +255,8 @@ class _Experiment:
     total_steps: int
     eval_every: int
     schedule: optax.Schedule
+    unfreeze: tuple[unfreeze.Phase, ...] | None
+    steps_per_epoch: int
     state: TrainState
     p_train: Callable
     p_eval: Callable
@@ -308,7 +325,11 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     initial = init_from.initial_variables(config, model, fresh, image_shape)
     state = sharding.replicate(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
     frozen_stats = None
-    if config.optim.trainable is not None and config.optim.freeze_batch_stats:
+    phases = unfreeze.parse(config.optim.unfreeze)
+    if phases is not None and config.optim.freeze_batch_stats:
+        tables = optim.trainable_tables(abstract_params, phases)
+        frozen_stats = optim.frozen_statistics_tables(tables, state.batch_stats)
+    elif config.optim.trainable is not None and config.optim.freeze_batch_stats:
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
         frozen_stats = optim.frozen_statistics_mask(trainable, state.batch_stats)
     p_train, p_eval = make_steps(model, tx, loss_fn, task, frozen_stats=frozen_stats, ema_decay=ema_decay)
@@ -320,16 +341,35 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
         total_steps=total_steps,
         eval_every=max(1, round(config.train.eval_every_epochs * steps_per_epoch)),
         schedule=schedule,
+        unfreeze=phases,
+        steps_per_epoch=steps_per_epoch,
         state=state,
         p_train=p_train,
         p_eval=p_eval,
     )
 
 
+def _non_finite_message(step: int, step_metrics: dict, last_saved: int, run: RunDir) -> str:
+    """What stopped the run and a way forward that the workdir will accept."""
+    text = f"Non-finite training metrics at step {step}: {step_metrics}. "
+    if not last_saved:
+        return text + (
+            "No checkpoint was saved yet, so this workdir has finished nothing: rerun with a lower "
+            "optim.learning_rate or a set optim.grad_clip_norm (the changed config is accepted here)."
+        )
+    return text + (
+        f"The last good checkpoint (step {last_saved}) is kept in {run.checkpoint_dir}. Its config is "
+        "fixed, so rerunning here repeats the failure: rerun with a lower optim.learning_rate or a set "
+        f"optim.grad_clip_norm in a new --workdir, or with --config.init_from.path={run.path} to fine-tune "
+        "its best checkpoint."
+    )
+
+
 def _final_report(
     config, exp: _Experiment, ckpt: RunCheckpointer, writer: MetricWriter, state, **run
 ) -> dict:
-    """Validation and test metrics of the best checkpoint (the last state if none was saved)."""
+    """Validation and test metrics of the best checkpoint (the last state if none was saved); no test
+    metrics when ``data.test_split`` is empty (cross-validation folds, where test stays unseen)."""
     best_step = ckpt.best_step()
     variables = (
         ckpt.restore_best(abstract_variables=state.variables)
@@ -347,6 +387,8 @@ def _final_report(
         "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
     for name, split in (("validation", config.data.eval_split), ("test", config.data.test_split)):
+        if not split:
+            continue
         report[name] = exp.evaluate(variables, config.data, split, state.loss_state)
         writer.write(run["step"], name + "_best", report[name])
     return report
@@ -366,7 +408,9 @@ def train_and_evaluate(
       The report also written to ``<workdir>/report.json``.
 
     Raises:
-      ConfigError: for a workdir written by a different config.
+      ConfigError: for an invalid config, or a workdir whose checkpoints a different config wrote.
+      BusyError: when another process is running in ``workdir`` (naming it).
+      CheckpointError: for an unreadable run file (naming it); unreadable checkpoints are skipped.
       NonFiniteLossError: naming the step; the last good checkpoint stays in the workdir.
 
     The calling process is left as it is: ``config.cpu_cores`` and the memory allocator are process
@@ -375,10 +419,20 @@ def train_and_evaluate(
     """
     config_lib.validate(config)
     run = RunDir(workdir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    # One process per workdir for the run's life: two would interleave metrics and read each other's
+    # half-written checkpoints.
+    with locking.exclusive(run.lock_file, what=f"workdir {run.path}"):
+        return _train_and_evaluate(config, run, extra_loss_terms)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_loss_terms) -> dict:
+    """:func:`train_and_evaluate` once the config is valid and the workdir locked."""
     _check_workdir_config(run, config)
     t_start = time.perf_counter()
     data_cfg, train_cfg = config.data, config.train
     exp = _build(config, extra_loss_terms)
+    run.write_config(config)  # Only once the run is known to start (a failed start leaves no trace).
     run.write_dataset_info(class_names=exp.meta.class_names, label_counts=exp.meta.label_counts)
     state = exp.state
 
@@ -388,36 +442,50 @@ def train_and_evaluate(
         )
     )
     ckpt = run.checkpointer(config)
-    loop_state: dict = {}
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-        state, loop_state = ckpt.restore(start_step, abstract_state=state, data_iterator=train_iter)
-        print(f"Resuming from the checkpoint at step {start_step} in {run.checkpoint_dir}.", flush=True)
-    step = last_saved = start_step or 0
+    step, state, loop_state = ckpt.restore_latest(abstract_state=state, data_iterator=train_iter)
+    if step:
+        print(f"Resuming from the checkpoint at step {step} in {run.checkpoint_dir}.", flush=True)
+    last_saved = step
     stopper = EarlyStopping(**train_cfg.early_stopping, state=loop_state.get("early_stopping"))
     stopped = loop_state.get("stopped", False)
-    writer = MetricWriter(run.metrics_file, run.tensorboard_dir, resume_step=step or None)
+    phases = None
+    if exp.unfreeze is not None:
+        phases = unfreeze.PhaseTracker(
+            exp.unfreeze,
+            steps_per_epoch=exp.steps_per_epoch,
+            monitor=train_cfg.early_stopping.monitor,
+            min_delta=train_cfg.early_stopping.min_delta,
+            state=loop_state.get("unfreeze"),
+        )
+        print(phases.describe(), flush=True)
+    writer = MetricWriter(
+        run.metrics_file, run.tensorboard_dir, resume_step=step, resume_lines=loop_state.get("metrics_lines")
+    )
     progress = Progress(
         total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
     )
     window: list[dict] = []
     try:
         while step < exp.total_steps and not stopped:
+            phase_arg = ()
+            if phases is not None:
+                if phases.at_step(step):
+                    stopper.bad_evals = 0  # Each phase gets the full early-stopping patience.
+                    progress.message(f"step {step}: {phases.describe()}")
+                phase_arg = (jnp.asarray(phases.phase, jnp.int32),)
             state, step_metrics = exp.p_train(
-                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key
+                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key, *phase_arg
             )
             step += 1
             step_metrics = jax.device_get(step_metrics)
             if not all(np.isfinite(v) for v in step_metrics.values()):
-                raise NonFiniteLossError(
-                    f"Non-finite training metrics at step {step}: {step_metrics}. The last good checkpoint "
-                    f"(step {last_saved}) is kept in {run.checkpoint_dir}; lower optim.learning_rate or "
-                    "set optim.grad_clip_norm and rerun to resume from it."
-                )
+                raise NonFiniteLossError(_non_finite_message(step, step_metrics, last_saved, run))
             window.append(step_metrics)
             progress.update(step, loss=float(step_metrics["loss"]))
             if step % train_cfg.log_every_steps == 0:
                 summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                if phases is not None:
+                    summary["unfreeze_phase"] = phases.phase
                 writer.write(step, "train", {**summary, "learning_rate": float(exp.schedule(step - 1))})
                 window = []
             evaluate_now = step % exp.eval_every == 0 or step == exp.total_steps
@@ -426,6 +494,12 @@ def train_and_evaluate(
                 writer.write(step, "validation", val)
                 progress.message(f"step {step}: validation loss {val['loss']:.4f} {exp.task.headline(val)}")
                 stopped = stopper.update(val[train_cfg.early_stopping.monitor])
+                if phases is not None:
+                    # Early stopping acts in the last phase only: an earlier phase ends by its schedule.
+                    stopped = stopped and phases.phase == len(phases.phases) - 1
+                    if phases.after_evaluation(val[train_cfg.early_stopping.monitor]):
+                        stopper.bad_evals = 0
+                        progress.message(f"step {step}: {phases.describe()}")
                 scalars = {k: v for k, v in val.items() if np.isscalar(v)}
                 ckpt.save_best(step, variables=state.eval_variables, metrics=scalars)
                 if stopped:
@@ -435,7 +509,9 @@ def train_and_evaluate(
             if evaluate_now or (
                 train_cfg.checkpoint_every_steps and step % train_cfg.checkpoint_every_steps == 0
             ):
-                loop = {"early_stopping": stopper.state(), "stopped": stopped}
+                loop = {"early_stopping": stopper.state(), "stopped": stopped, "metrics_lines": writer.lines}
+                if phases is not None:
+                    loop["unfreeze"] = phases.state()
                 ckpt.save(step, state=state, data_iterator=train_iter, loop_state=loop)
                 last_saved = step
         progress.close()
@@ -445,9 +521,12 @@ def train_and_evaluate(
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
         run.write_report(report)
+        name, split = (
+            ("test", data_cfg.test_split) if data_cfg.test_split else ("validation", data_cfg.eval_split)
+        )
         print(
-            f"Test ({data_cfg.test_split}) with the best checkpoint (step {report['best_step']}): "
-            f"{exp.task.headline(report['test'])}. Report: {run.report_file}",
+            f"{name.capitalize()} ({split}) with the best checkpoint (step {report['best_step']}): "
+            f"{exp.task.headline(report[name])}. Report: {run.report_file}",
             flush=True,
         )
         return report

@@ -1,6 +1,8 @@
 """Shared fixtures: one prepared synthetic dataset directory for the whole test session."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the checkout (or ``$MEDJAX_SHARED_DATA``); may not exist."""
     return Path(os.environ.get("MEDJAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_weights_dir() -> Path:
+    """``../shared/weights`` beside the checkout (or ``$MEDJAX_SHARED_WEIGHTS``); may not exist."""
+    return Path(os.environ.get("MEDJAX_SHARED_WEIGHTS", ROOT.parent / "shared" / "weights"))
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +38,40 @@ def compilation_cache(tmp_path_factory):
 
 
 SMOKE = f"{ROOT}/configs/chest_xray.py:smoke"  # MobileNetV2: the loop tests share one compiled step.
+
+
+def launch_smoke(workdir, data_dir, cache_dir, *args, env=None, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """``python -m medjax.launch`` of the smoke config in a subprocess (text pipes), reading the session's
+    prepared data and compilation cache; ``args`` are further flags, ``env`` extra variables."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "medjax.launch",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--compilation_cache_dir={cache_dir}",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+
+
+def data_config(**values):
+    """``config.data`` of the base config with ``values`` set (whole sections replaced), for tests that
+    drive the pipeline without a config file."""
+    from medjax import config_lib
+
+    config = config_lib.base_config().data
+    for key, value in values.items():
+        config[key] = value
+    return config
 
 
 def optim_config(**overrides):

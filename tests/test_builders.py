@@ -23,6 +23,7 @@ from medjax.data.builders import (
     medmnist,
     monkeypox,
     sars_cov2_ct,
+    ucsd_covid_ct,
 )
 from medjax.data.images import ImageDecodeError
 from tests.test_images import write_dicom
@@ -187,6 +188,19 @@ def test_covid_ct_slices_nested_numbered_folders(tmp_path):
     labels = {e["label"]: _text(e["id"]).split("/")[0] for rows in examples.values() for e in rows}
     assert labels == {0: "1NonCOVID", 1: "2COVID", 2: "3CAP"}
     assert builder.info.metadata["preparation"]["counts"]["test"] == {"Normal": 2, "COVID": 2, "CAP": 2}
+
+
+def test_ucsd_covid_ct_keeps_the_official_split_of_mixed_formats(tmp_path):
+    root = tmp_path / "manual" / "COVID-CT"
+    for split, n in (("train", 4), ("val", 3), ("test", 2)):
+        write_images(root / split / "CT_COVID", n, mode="RGBA", size=(53, 70))
+        write_images(root / split / "CT_NonCOVID", n, suffix=".jpg", mode="L", size=(300, 200))
+    builder = prepare(ucsd_covid_ct, tmp_path / "manual", tmp_path / "data", channels=3)
+    examples = read(builder)
+    assert builder.info.features["label"].names == ["CT_NonCOVID", "CT_COVID"]
+    assert {s: len(r) for s, r in examples.items()} == {"train": 8, "validation": 6, "test": 4}
+    assert all(e["label"] == ("CT_COVID/" in _text(e["id"])) for rows in examples.values() for e in rows)
+    assert all(e["image"].shape == (32, 32, 3) for rows in examples.values() for e in rows)
 
 
 def test_brain_mri_four_class_aliases_and_binary(tmp_path):

@@ -150,8 +150,8 @@ def test_png_round_trip_and_pixel_hash(tmp_path):
         tmp_path / "a.png"
     )
     spec = images.ImageSpec(size=8, channels=3)
-    png_rgb, hash_rgb = images.prepare_file(tmp_path / "rgb.png", spec)
-    _, hash_rgba = images.prepare_file(tmp_path / "a.png", spec)
+    png_rgb, hash_rgb, _ = images.prepare_file(tmp_path / "rgb.png", spec)
+    _, hash_rgba, _ = images.prepare_file(tmp_path / "a.png", spec)
     assert hash_rgb == hash_rgba  # Same pixels, different encodings: one duplicate group.
     assert hash_rgb != images.pixel_hash(rgb[::-1])
     assert np.asarray(Image.open(io.BytesIO(png_rgb))).shape == (8, 8, 3)

@@ -37,11 +37,18 @@ def ensemble(smoke_run, second_smoke_run, tfds_data_dir, tmp_path_factory):
         {"auc": 0.0, "accuracy": 1.01},
         seeds=(0, 1),
     )
+    entry = {"recipe": "bbb", "commit": "1234567", "first_test": "2026-12-01 23:05 UTC", "evaluations": 1}
+    cv = {
+        "recipe": "ccc",
+        "folds": 5,
+        "summary": {"auc": {"mean": 0.91, "sd": 0.02}, "accuracy": {"mean": 0.8, "sd": 0.03}},
+    }
     result = {
         "experiment": dataclasses.asdict(experiment),
         "workdirs": [str(w) for w in workdirs],
         "train": [json.loads((w / "report.json").read_text()) for w in workdirs],
         "evaluation": evaluation,
+        "protocol": {"recipe": "bbb", "cv_recipe": "ccc", "history": [{**entry, "after": ["aaa"]}], "cv": cv},
     }
     return workdirs, out / "report.json", result
 
@@ -65,7 +72,8 @@ def test_markdown_row_and_recipe_of_an_ensemble(ensemble):
         shared=ROOT.parent / "shared" / "data",
     )
     lines = text.splitlines()
-    (row,) = [line for line in lines if line.startswith("| smoke_pair |")]
+    table = lines[: lines.index("## Recipes and published comparisons")]
+    (row,) = [line for line in table if line.startswith("| smoke_pair |")]
     test = result["evaluation"]["splits"]["test"]["metrics"]
     accuracy, auc = test["accuracy"], test["auc"]
     assert row.startswith("| smoke_pair | mobilenet_v2, ensemble of 2 | 32x32x1 |")
@@ -77,8 +85,19 @@ def test_markdown_row_and_recipe_of_an_ensemble(ensemble):
     assert f"({BOOTSTRAP} stratified resamples of the test set)" in text
     assert "Note: A test." in lines
     for seed, train in zip((0, 1), result["train"], strict=True):
-        alone = f"alone, test accuracy {train['test']['accuracy']:.3f}, AUC {train['test']['auc']:.3f}."
+        val = train["validation"]
+        alone = f"alone, validation accuracy {val['accuracy']:.3f}, AUC {val['auc']:.3f}."
         assert any(line.startswith(f"- Seed {seed}: ") and line.endswith(alone) for line in lines)
+    # The locked protocol, visible: recipe, commit, first test date, and the earlier recipe seen on test.
+    assert row.endswith(
+        "| bbb @ 1234567, test first 2026-12-01 23:05 UTC; ⚠ test was seen for 1 earlier recipe(s) (aaa) |"
+    )
+    assert "- Recipe chosen: not said." in lines
+    (cv_row,) = [
+        line for line in lines[lines.index("## Cross-validation beside test") :] if "smoke_pair" in line
+    ]
+    tested = f"{auc['value']:.3f} | {accuracy['value']:.3f}"
+    assert cv_row == f"| smoke_pair | 0.910 ± 0.020 | 0.800 ± 0.030 | 5 | {tested} | yes |"
     assert "--config.data.manual_dir=../shared/data/synthetic`" in text  # As typed from the repository.
     folder = reproduce._shown(workdirs[0].parent)  # Relative to the repository, as the reader types it.
     assert f"workdirs `{folder}/seed_<k>`, evaluated together by" in text
@@ -98,3 +117,26 @@ def test_a_stored_evaluation_is_reused_only_for_these_runs_as_they_are(ensemble)
         assert reproduce.reusable_evaluation(path, workdirs, bootstrap_samples=BOOTSTRAP) is None
     finally:
         os.utime(member_report, (stat.st_atime, stat.st_mtime))
+
+
+def test_a_recipe_changed_after_its_test_was_seen_is_refused_before_training(tmp_path):
+    from medjax import protocol
+
+    ledger = protocol.TestLedger(tmp_path / "ledger.json")
+    ledger.record("smoke", keys={"optim.learning_rate": 1.0}, commit="1234567")
+    (tmp_path / "shared" / "synthetic").mkdir(parents=True)
+    exp = reproduce.Experiment("smoke", "configs/chest_xray.py:smoke", "synthetic", "", {})
+    kwargs = {
+        "shared": tmp_path / "shared",
+        "root": tmp_path / "runs",
+        "data_dir": None,
+        "bootstrap_samples": 1,
+    }
+    with pytest.raises(protocol.RecipeChangedError, match="smoke: test was first evaluated"):
+        reproduce.run_experiment(exp, ledger=ledger, **kwargs)
+    assert not (tmp_path / "runs").exists()  # Refused before any training.
+    assert reproduce._cannot_run(reproduce.Experiment("x", "configs/nope.py", "d", "", {}), tmp_path) == (
+        "no config yet (`configs/nope.py`)"
+    )
+    drive = next(e for e in reproduce.EXPERIMENTS if e.name == "drive")
+    assert reproduce._cannot_run(drive, tmp_path) == "segmentation is not implemented yet"

@@ -7,7 +7,6 @@ read back through ``as_data_source()`` (no TensorFlow).
 import json
 import sys
 
-import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from medjax.data import builders, pipeline
 from medjax.data.builders import _segmentation as seg
 from medjax.data.builders._folder import DatasetLayoutError
 from medjax.data.images import ImageDecodeError
-from tests.conftest import shared_data_dir
+from tests.conftest import data_config, shared_data_dir
 
 RNG = np.random.default_rng(0)
 H, W = 16, 20
@@ -201,8 +200,8 @@ def test_drive_layout_fov_as_valid_second_observer_and_seeded_validation(tmp_pat
     meta = builder.info.metadata["segmentation"]
     assert meta["pixel_counts"]["test"] == [20 * 12 * 15, 20 * 4 * 15]  # Inside the FOV only.
     assert meta["second_observer_splits"] == ["test"]
-    cfg = ml_collections.ConfigDict(
-        {
+    cfg = data_config(
+        **{
             "name": "drive", "data_dir": str(tmp_path / "data"), "manual_dir": str(tmp_path / "manual"),
             "builder_kwargs": {"num_validation": 4, "seed": 1}, "channels": 3, "eval_batch_size": 8,
             "num_workers": 0, "pad_multiple": 8, "normalize": {"mean": 0.0, "std": 1.0},

@@ -13,6 +13,7 @@ import pytest
 from medjax.data import pipeline
 from medjax.data import seg_transforms as S
 from medjax.errors import ConfigError
+from tests.conftest import data_config
 
 LABELS = (0, 1, 3)
 
@@ -84,8 +85,8 @@ def test_patches_find_foreground_and_pad_small_images_as_invalid():
 
 
 def _config(data_dir, **overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(
-        {
+    cfg = data_config(
+        **{
             "name": "synthetic_ct",
             "data_dir": str(data_dir),
             "manual_dir": None,

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import chex
@@ -18,7 +17,7 @@ import pytest
 from medjax import allocator, config_lib, init_from, models, run_dir, train
 from medjax.errors import ConfigError, MedjaxError, NonFiniteLossError
 
-from .conftest import ROOT, SMOKE, smoke_config
+from .conftest import ROOT, launch_smoke, smoke_config
 
 COMPARED = ("steps", "best_step", "stopped_early", "validation", "test")
 
@@ -89,7 +88,7 @@ def test_weight_average_is_what_is_selected_checkpointed_and_resumed(tmp_path, t
 
 def test_workdir_of_another_config_is_refused(tmp_path, tfds_data_dir):
     workdir = tmp_path / "run"
-    workdir.mkdir()
+    (workdir / "checkpoints" / "latest" / "4").mkdir(parents=True)  # It has finished something.
     other = smoke_config(tfds_data_dir)
     other.optim.learning_rate = 0.5
     (workdir / "config.json").write_text(config_lib.to_json(other))
@@ -116,21 +115,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
 
 
 def _launch(workdir, data_dir, cache_dir):
-    cmd = [
-        sys.executable,
-        "-m",
-        "medjax.launch",
-        f"--config={SMOKE}",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.train.num_epochs=4",
-        "--config.train.checkpoint_every_steps=1",
-        f"--compilation_cache_dir={cache_dir}",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    args = ("--config.train.num_epochs=4", "--config.train.checkpoint_every_steps=1")
+    return launch_smoke(workdir, data_dir, cache_dir, *args, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow

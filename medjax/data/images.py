@@ -9,7 +9,12 @@ clear :class:`ImageDecodeError` naming the file. Rules chosen here (documented b
 * Alpha (RGBA, LA, palette with transparency) is composited on **black**, so transparent borders of CT
   slices become the black background they stand for, instead of whatever colour the hidden pixels hold.
 * High bit depth (16-bit/32-bit integer, float) is scaled to 8 bits by **per-image min-max**: medical
-  16-bit PNGs often use only 10-12 bits, so a fixed ``/257`` would give near-black images.
+  16-bit PNGs often use only 10-12 bits, so a fixed ``/257`` would give near-black images. NaN and
+  infinite pixels (float TIFFs mark missing data so) are left out of the min-max and become black; a file
+  with no finite pixel is rejected.
+* File names need not be UTF-8 (archives from other systems hold Latin-1 or Shift-JIS names):
+  :func:`printable` turns a path into text that every writer accepts (undecodable bytes as ``\\xNN``),
+  which is what ids, messages, reports and CSVs carry.
 * DICOM: modality rescale (slope/intercept), then the window from ``window=(center, width)`` if given,
   else the file's first WindowCenter/WindowWidth, else min-max; MONOCHROME1 is inverted so that higher
   values are brighter, as in MONOCHROME2.
@@ -24,9 +29,13 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medjax.data import near_duplicates
+from medjax.errors import DataError
 
 RESIZE_POLICIES = ("stretch", "pad", "crop")
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -34,8 +43,17 @@ _TO_RGB_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
     """A file could not be turned into an image; the message names the file and the reason."""
+
+
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as valid UTF-8 text: bytes of a non-UTF-8 file name appear as ``\\xNN`` escapes.
+
+    Python holds such names with surrogate escapes, which UTF-8 writers (TFDS text features, CSV and JSON
+    files, a UTF-8 terminal) refuse; this keeps the name readable and unique instead.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def decode_image(
@@ -55,13 +73,14 @@ def decode_image(
       ImageDecodeError: empty, truncated or corrupt file, not an image, or an unsupported mode.
     """
     path = Path(path)
+    shown = printable(path)
     _check_channels(channels)
     try:
         head = path.open("rb").read(132)
     except OSError as e:
-        raise ImageDecodeError(f"{path}: cannot read file ({e})") from e
+        raise ImageDecodeError(f"{shown}: cannot read file ({e})") from e
     if not head:
-        raise ImageDecodeError(f"{path}: empty file (0 bytes)")
+        raise ImageDecodeError(f"{shown}: empty file (0 bytes)")
     if head[128:132] == b"DICM" or path.suffix.lower() in _DICOM_SUFFIXES:
         grey_or_rgb = _decode_dicom(path, window)
     else:
@@ -76,19 +95,20 @@ def _check_channels(channels: int) -> None:
 
 def _decode_pillow(path: Path) -> np.ndarray:
     """Returns a (H, W) or (H, W, 3) uint8 array, alpha composited on black."""
+    shown = printable(path)
     try:
         with Image.open(path) as img:
             img.load()  # Force decoding now so truncation surfaces here, not in a later convert().
             img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(f"{path}: not an image file (Pillow cannot identify its format)") from e
+        raise ImageDecodeError(f"{shown}: not an image file (Pillow cannot identify its format)") from e
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"{path}: image too large for Pillow's decompression-bomb limit ({e})") from e
+        raise ImageDecodeError(f"{shown}: image too large for Pillow's decompression-bomb limit ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"{path}: truncated or corrupt image data ({e})") from e
+        raise ImageDecodeError(f"{shown}: truncated or corrupt image data ({e})") from e
     mode = img.mode
     if mode in _HIGH_DEPTH_MODES:
-        return _min_max_to_uint8(np.asarray(img))
+        return _min_max_to_uint8(np.asarray(img), path)
     if mode == "1":
         return np.asarray(img.convert("L"))
     if mode in ("P", "PA"):
@@ -103,27 +123,29 @@ def _decode_pillow(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
     if mode in ("L", "RGB"):
         return np.asarray(img)
-    raise ImageDecodeError(f"{path}: unsupported image mode {mode!r}")
+    raise ImageDecodeError(f"{shown}: unsupported image mode {mode!r}")
 
 
 def _decode_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
     import pydicom  # Imported lazily: most datasets never contain DICOM.
 
+    shown = printable(path)
+
     try:
         ds = pydicom.dcmread(path, force=True)
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises many unrelated types for bad files.
-        raise ImageDecodeError(f"{path}: unreadable DICOM or no pixel data ({e})") from e
+        raise ImageDecodeError(f"{shown}: unreadable DICOM or no pixel data ({e})") from e
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageDecodeError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
+        raise ImageDecodeError(f"{shown}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
     if int(ds.get("SamplesPerPixel", 1)) == 3:
-        return pixels if pixels.dtype == np.uint8 else _min_max_to_uint8(pixels)
+        return pixels if pixels.dtype == np.uint8 else _min_max_to_uint8(pixels, path)
     values = pixels.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1)
     values += float(ds.get("RescaleIntercept", 0) or 0)
     if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
         window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
     if window is None:
-        out = _min_max_to_uint8(values)
+        out = _min_max_to_uint8(values, path)
     else:
         center, width = window
         low = center - width / 2.0
@@ -141,12 +163,17 @@ def _first(value) -> float:
         return float(value[0])
 
 
-def _min_max_to_uint8(values: np.ndarray) -> np.ndarray:
+def _min_max_to_uint8(values: np.ndarray, path: Path) -> np.ndarray:
+    """Scales the finite pixels' range to 0-255; non-finite pixels become 0 (see the module docstring)."""
     values = values.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise ImageDecodeError(f"{printable(path)}: no finite pixel value (all NaN or infinite)")
+    low, high = float(values[finite].min()), float(values[finite].max())
     if high <= low:
         return np.zeros(values.shape, np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    scaled = np.round((np.where(finite, values, low) - low) * (255.0 / (high - low)))
+    return np.where(finite, scaled, 0).astype(np.uint8)
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -218,23 +245,32 @@ class ImageSpec:
     window: tuple[float, float] | None = None
 
 
-def prepare_array(image: np.ndarray, spec: ImageSpec) -> tuple[bytes, str]:
-    """Returns ``(png_bytes, pixel_hash)`` for a decoded uint8 image.
+class PreparedImage(NamedTuple):
+    """What a builder keeps of one source image: the stored PNG and the two keys of duplicate finding."""
 
-    The hash is taken at native resolution after channel conversion, so byte-identical files and
-    re-encodings of the same pixels (RGB vs RGBA with opaque alpha) fall into one duplicate group.
+    png: bytes
+    pixel_hash: str  # Exact copies (:func:`pixel_hash` at native resolution).
+    fingerprint: np.ndarray  # Near copies (:func:`medjax.data.near_duplicates.thumbnail`).
+
+
+def prepare_array(image: np.ndarray, spec: ImageSpec) -> PreparedImage:
+    """The stored PNG, pixel hash and near-duplicate fingerprint of a decoded uint8 image.
+
+    Hash and fingerprint are taken at native resolution after channel conversion, so byte-identical
+    files and re-encodings of the same pixels (RGB vs RGBA with opaque alpha) fall into one duplicate
+    group whatever size the dataset is stored at.
     """
     image = to_channels(image, spec.channels)
-    digest = pixel_hash(image)
-    return encode_png(resize_image(image, size=spec.size, policy=spec.resize)), digest
+    png = encode_png(resize_image(image, size=spec.size, policy=spec.resize))
+    return PreparedImage(png, pixel_hash(image), near_duplicates.thumbnail(image))
 
 
-def prepare_file(path: str | os.PathLike, spec: ImageSpec) -> tuple[bytes, str]:
-    """Decodes ``path`` and returns ``(png_bytes, pixel_hash)``; raises :class:`ImageDecodeError`."""
+def prepare_file(path: str | os.PathLike, spec: ImageSpec) -> PreparedImage:
+    """Decodes ``path`` and prepares it (:func:`prepare_array`); raises :class:`ImageDecodeError`."""
     return prepare_array(decode_image(path, channels=spec.channels, window=spec.window), spec)
 
 
-def try_prepare_file(path: str | os.PathLike, spec: ImageSpec) -> tuple[tuple[bytes, str] | None, str | None]:
+def try_prepare_file(path: str | os.PathLike, spec: ImageSpec) -> tuple[PreparedImage | None, str | None]:
     """:func:`prepare_file` returning ``(result, None)`` or ``(None, error message)``, for batch scans."""
     try:
         return prepare_file(path, spec), None

@@ -1,16 +1,25 @@
-"""Deterministic, stratified, duplicate-aware train/validation/test assignment.
+"""Deterministic, stratified, grouped train/validation/test assignment, and a report of what leaks.
 
-Real archives contain identical images (the Kermany X-rays have 30 byte-identical pairs, SARS-CoV-2 CT a
-few more). If two copies land in train and test, test accuracy is inflated. So items are grouped by the
-content hash of their decoded pixels and every split that *we* draw assigns whole groups. Official splits
-published with a dataset are the benchmark other papers report on; they are kept exactly as published,
-and duplicates that straddle them are counted in the report (PneumoniaMNIST and BreastMNIST really have
-some) instead of being silently moved. ``drop_duplicates=True`` keeps one copy per group (the one in the
-most held-out split: test, then validation, then train), which also removes such leaks.
+Three things tie images together, and every split that *we* draw assigns whole linked groups:
 
-Group allocation: within each class, groups are shuffled with ``numpy.random.default_rng(seed)`` and laid
-end to end; a group goes to the split in which its midpoint falls, with per-class split sizes rounded by
-largest remainder. With no duplicates this gives exact stratified counts.
+* **exact copies**: the same decoded pixels (the Kermany X-rays have 30 byte-identical pairs, SARS-CoV-2
+  CT a few more);
+* **near copies**: re-encoded, resized or re-windowed versions of one image
+  (:mod:`medjax.data.near_duplicates`);
+* **one patient**: a grouping key per item (e.g. ``person1234`` parsed from Kermany's file names), so
+  every image of a patient lands on one side of every split, validation carved from train included.
+
+Official splits published with a dataset are the benchmark other papers report on; they are kept exactly
+as published, and what links them (exact copies, near copies, shared keys) is counted in the report
+(PneumoniaMNIST and BreastMNIST really have exact copies across splits) instead of being silently moved.
+``drop_duplicates=True`` keeps one copy per exact group (the one in the most held-out split: test, then
+validation, then train), which removes exact leaks.
+
+Group allocation: within each class (a linked group's majority label), groups are shuffled with
+``numpy.random.default_rng(seed)`` and laid end to end; a group goes to the split in which its midpoint
+falls, with per-class split sizes rounded by largest remainder. With no links this gives exact
+stratified counts. Cross-validation folds (``cv_folds``) are allocated the same way over everything that
+is not test.
 """
 
 from __future__ import annotations
@@ -58,17 +67,44 @@ def largest_remainder(total: int, fractions: Sequence[float]) -> list[int]:
     return parts
 
 
+def linked_groups(n: int, *, equal: Sequence[Sequence], pairs: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+    """Group id per item (numbered by first member), joining items that share a non-None value in any of
+    the per-item sequences ``equal``, and the index ``pairs``, transitively."""
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(i: int, j: int) -> None:
+        a, b = find(i), find(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    for values in equal:
+        first: dict = {}
+        for i, value in enumerate(values):
+            if value is not None:
+                join(first.setdefault(value, i), i)
+    for i, j in pairs:
+        join(i, j)
+    return group_ids([str(find(i)) for i in range(n)])
+
+
 def _allocate(
     members: Mapping[int, list[int]],
-    group_label: Mapping[int, int],
+    labels: Sequence[int],
     fractions: Mapping[str, float],
     rng: np.random.Generator,
 ) -> dict[int, str]:
-    """Assigns each group id in ``members`` to a split, stratified by the group's label."""
+    """Assigns each group id in ``members`` to a split, stratified by the group's majority label."""
     names = list(fractions)
     by_label: dict[int, list[int]] = collections.defaultdict(list)
     for gid in sorted(members):
-        by_label[group_label[gid]].append(gid)
+        majority = collections.Counter(int(labels[i]) for i in members[gid]).most_common(1)[0][0]
+        by_label[majority].append(gid)
     out: dict[int, str] = {}
     for label in sorted(by_label):
         groups = [by_label[label][i] for i in rng.permutation(len(by_label[label]))]
@@ -80,6 +116,17 @@ def _allocate(
             out[gid] = names[min(int(np.searchsorted(bounds, midpoint, side="right")), len(names) - 1)]
             start += size
     return out
+
+
+def _assign(split: list, pool: list[int], groups: np.ndarray, labels, fractions, rng) -> None:
+    """Allocates the linked groups of the items in ``pool`` (in place in ``split``)."""
+    members: dict[int, list[int]] = collections.defaultdict(list)
+    for i in pool:
+        members[groups[i]].append(i)
+    chosen = _allocate(members, labels, fractions, rng)
+    for gid, idx in members.items():
+        for i in idx:
+            split[i] = chosen[gid]
 
 
 def _check_fractions(fractions: Mapping[str, float]) -> None:
@@ -100,6 +147,11 @@ def plan_splits(
     min_validation: int = 50,
     seed: int = 0,
     drop_duplicates: bool = False,
+    keys: Sequence[str | None] | None = None,
+    near_pairs: Sequence[tuple[int, int]] = (),
+    ids: Sequence[str] | None = None,
+    cv_folds: int = 0,
+    cv_fold: int = 0,
 ) -> SplitPlan:
     """Assigns items to splits.
 
@@ -115,24 +167,35 @@ def plan_splits(
         validation split whatever its size.
       min_validation: see ``validation_fraction``.
       seed: seed of the shuffles; same inputs and seed give the same plan.
-      drop_duplicates: keep only one item per duplicate group (the most held-out copy).
+      drop_duplicates: keep only one item per exact duplicate group (the most held-out copy).
+      keys: grouping key per item (a patient), None where an item has none; items sharing a key are
+        never separated by a split drawn here.
+      near_pairs: index pairs of near-duplicate images (:func:`medjax.data.near_duplicates.find_pairs`),
+        likewise never separated.
+      ids: item names, used to list examples of leaks in the report.
+      cv_folds: when >= 2, everything that is not test is re-split into this many grouped, stratified
+        folds; fold ``cv_fold`` becomes validation and the others train.
+      cv_fold: see ``cv_folds``.
 
     Returns:
       A :class:`SplitPlan`.
     """
     n = len(labels)
-    if len(hashes) != n or (official is not None and len(official) != n):
-        raise ValueError("labels, hashes and official must have the same length")
-    groups = group_ids(hashes)
+    if any(x is not None and len(x) != n for x in (hashes, official, keys, ids)):
+        raise ValueError("labels, hashes, official, keys and ids must have the same length")
+    if cv_folds and not (cv_folds >= 2 and 0 <= cv_fold < cv_folds):
+        raise ValueError(f"cv_folds must be >= 2 and 0 <= cv_fold < cv_folds, got {cv_folds}, {cv_fold}")
+    exact = group_ids(hashes)
+    linked = linked_groups(n, equal=[hashes, keys or [None] * n], pairs=near_pairs)
     rng = np.random.default_rng(seed)
     split = list(official) if official is not None else [None] * n
     keep = np.ones(n, bool)
     if drop_duplicates:
         best: dict[int, int] = {}
         for i in range(n):
-            j = best.get(groups[i])
+            j = best.get(exact[i])
             if j is None or _HOLDOUT_PRIORITY.get(split[i], 3) < _HOLDOUT_PRIORITY.get(split[j], 3):
-                best[groups[i]] = i
+                best[exact[i]] = i
         keep[:] = False
         keep[list(best.values())] = True
 
@@ -140,7 +203,7 @@ def plan_splits(
     if official is None:
         fractions = dict(fractions or {"train": 0.7, "validation": 0.1, "test": 0.2})
         _check_fractions(fractions)
-        pool = [i for i in range(n) if keep[i]]
+        _assign(split, [i for i in range(n) if keep[i]], linked, labels, fractions, rng)
         validation_source = "random"
     else:
         unknown = set(official) - set(SPLITS)
@@ -148,24 +211,23 @@ def plan_splits(
             raise ValueError(f"unknown official split names {sorted(unknown)}; expected {SPLITS}")
         n_train = sum(1 for i in range(n) if keep[i] and split[i] == "train")
         n_val = sum(1 for i in range(n) if keep[i] and split[i] == "validation")
-        pool = []
         if validation_fraction is not None and (n_val < min_validation or n_val < 0.01 * n_train):
             if not 0.0 < validation_fraction < 1.0:
                 raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-            fractions = {"train": 1.0 - validation_fraction, "validation": validation_fraction}
+            carve = {"train": 1.0 - validation_fraction, "validation": validation_fraction}
             pool = [i for i in range(n) if keep[i] and split[i] in ("train", "validation")]
+            _assign(split, pool, linked, labels, carve, rng)
             validation_source = f"carved from train ({n_val} official validation items merged into train)"
-    if pool:
-        members: dict[int, list[int]] = collections.defaultdict(list)
-        for i in pool:
-            members[groups[i]].append(i)
-        group_label = {gid: labels[idx[0]] for gid, idx in members.items()}
-        chosen = _allocate(members, group_label, fractions, rng)
-        for gid, idx in members.items():
-            for i in idx:
-                split[i] = chosen[gid]
+    if cv_folds:
+        folds = {f"fold{k}": 1.0 / cv_folds for k in range(cv_folds)}
+        pool = [i for i in range(n) if keep[i] and split[i] != "test"]
+        _assign(split, pool, linked, labels, folds, np.random.default_rng(seed))
+        split = [("validation" if s == f"fold{cv_fold}" else "train") if s in folds else s for s in split]
+        validation_source = f"fold {cv_fold} of {cv_folds} over everything but test (grouped, stratified)"
     assignment = tuple(split[i] if keep[i] else None for i in range(n))
-    return SplitPlan(assignment, _report(labels, groups, assignment, validation_source, drop_duplicates))
+    report = _report(labels, exact, assignment, validation_source, drop_duplicates)
+    report.update(_links_report(assignment, keys, near_pairs, exact, ids))
+    return SplitPlan(assignment, report)
 
 
 def _report(
@@ -192,7 +254,50 @@ def _report(
         "duplicate_items": int((sizes - 1).sum()),
         "duplicates_dropped": sum(name is None for name in assignment) if drop_duplicates else 0,
         "label_conflict_groups": sum(len(v) > 1 for v in labels_of.values()),
+        "label_conflict_items": int(sum(sizes[gid] for gid, v in labels_of.items() if len(v) > 1)),
         "straddling_groups": sum(len(v) > 1 for v in splits_of.values()),
         "validation_source": validation_source,
         "counts": {name: dict(sorted(counts[name].items())) for name in SPLITS if name in counts},
     }
+
+
+def _links_report(
+    assignment: Sequence[str | None],
+    keys: Sequence[str | None] | None,
+    near_pairs: Sequence[tuple[int, int]],
+    exact: np.ndarray,
+    ids: Sequence[str] | None,
+    max_examples: int = 20,
+) -> dict:
+    """Patients and near-duplicates, and those of them that sit in more than one split (a leak when the
+    splits are drawn here is impossible, so any count above zero is in the official splits)."""
+    name = (lambda i: ids[i]) if ids is not None else (lambda i: i)
+    near = [(i, j) for i, j in near_pairs if exact[i] != exact[j]]  # Exact copies are counted above.
+    placed = [(i, j) for i, j in near if None not in (assignment[i], assignment[j])]
+    across = [(i, j) for i, j in placed if assignment[i] != assignment[j]]
+    report = {
+        "near_duplicate_pairs": len(near),
+        "straddling_near_duplicate_pairs": len(across),
+        "near_duplicate_examples": [[name(i), name(j)] for i, j in near[:max_examples]],
+        "straddling_near_duplicate_examples": [
+            {name(i): assignment[i], name(j): assignment[j]} for i, j in across[:max_examples]
+        ],
+    }
+    if keys is not None:
+        members: dict[str, list[int]] = collections.defaultdict(list)
+        for i, key in enumerate(keys):
+            if key is not None and assignment[i] is not None:
+                members[key].append(i)
+        straddling = {k: v for k, v in members.items() if len({assignment[i] for i in v}) > 1}
+        report.update(
+            {
+                "patients": len(members),
+                "patients_with_several_images": sum(len(v) > 1 for v in members.values()),
+                "items_without_key": sum(k is None for k in keys),
+                "straddling_patients": len(straddling),
+                "straddling_patient_examples": {
+                    k: sorted({assignment[i] for i in v}) for k, v in list(straddling.items())[:max_examples]
+                },
+            }
+        )
+    return report

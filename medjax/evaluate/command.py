@@ -22,13 +22,23 @@ from medjax import config_lib, inference, run_dir
 from medjax.data import pipeline
 from medjax.errors import MedjaxError
 from medjax.evaluate import markdown, model_card
+from medjax.finite import check_outputs
 
 
 def predict_split(model: run_dir.TrainedModel, data_cfg, *, split: str) -> dict:
-    """``{'index', 'label', <the task's eval outputs>}`` of every example of ``split``, in storage order."""
-    return inference.predict_split(
+    """``{'index', 'label', <the task's eval outputs>}`` of every example of ``split``, in storage order.
+
+    Raises:
+      NonFiniteOutputError: when an output holds NaN or infinity (a damaged checkpoint).
+    """
+    outputs = inference.predict_split(
         lambda batch: model.outputs_fn(model.variables, batch), data_cfg, split=split
     )
+    for key, value in outputs.items():
+        if key not in ("index", "label") and np.issubdtype(np.asarray(value).dtype, np.floating):
+            what = f"{model.workdir} (best checkpoint, step {model.step}) on split {split} ({key})"
+            check_outputs(np.asarray(value), what=what)
+    return outputs
 
 
 def _settings(config, **overrides) -> dict:
@@ -47,7 +57,8 @@ def _resolve_splits(data_cfg, splits: Sequence[str]) -> dict[str, str]:
     Raises:
       MedjaxError: for a split the dataset does not have (listing those it has).
     """
-    named = {"validation": data_cfg.eval_split, "test": data_cfg.test_split}
+    # A run trained with test_split '' never looked at test; its test role is the dataset's 'test'.
+    named = {"validation": data_cfg.eval_split, "test": data_cfg.test_split or "test"}
     resolved = {role: named.get(role, role) for role in splits}
     _, info = pipeline.load_source(data_cfg, data_cfg.eval_split)
     unknown = [s for s in resolved.values() if s.split("[")[0] not in info.splits]  # 'train[:10%]' is fine.

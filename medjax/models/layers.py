@@ -311,7 +311,8 @@ class SEVector(nn.Module):
 
     ``v * sigmoid(W2 relu(W1 v))`` with hidden width ``max(1, C // ratio)``. The vector is already
     "squeezed" (it is the pooled feature), so unlike a classic SE block there is no spatial pooling.
-    The gate's bias starts at zero, i.e. every channel starts half-open.
+    Both biases start at zero but the weights are random, so the initial gates scatter around one half
+    (channel by channel and image by image) rather than sitting at it.
     """
 
     ratio: int = 16

@@ -32,6 +32,7 @@ import json
 import os
 import pkgutil
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,10 @@ from typing import Any
 import tensorflow_datasets as tfds
 from absl import logging
 
+from medjax import locking
 from medjax.errors import DatasetNotFoundError
+
+INCOMPLETE_PREFIX = tfds.core.constants.INCOMPLETE_PREFIX  # Of TFDS's unfinished preparations.
 
 # Environment variables naming the default data directory, in order of precedence.
 DATA_DIR_ENV_VARS = ("MEDJAX_DATA_DIR", "TFDS_DATA_DIR")
@@ -96,6 +100,29 @@ def config_name(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
     return f"{readable or 'default'}-{digest}"
 
 
+def check_kwargs(name: str, builder_kwargs: Mapping[str, Any]) -> tfds.core.BuilderConfig | None:
+    """The dataset's ``Config`` for ``builder_kwargs`` (None for a dataset without kwargs), built without
+    reading or writing any file, so a config is checked before any work starts.
+
+    Raises:
+      ValueError: an unknown kwarg (the message lists the accepted ones) or a value the dataset's
+        ``Config`` rejects; TypeError: a value of the wrong type.
+    """
+    module = _import(name)
+    kwargs = dict(builder_kwargs)
+    defaults = accepted_kwargs(name)
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"Unknown builder_kwargs {unknown} for dataset {name!r}. "
+            f"Accepted: {', '.join(sorted(defaults)) or '(none)'}."
+        )
+    if not hasattr(module, "Config"):
+        return None
+    values = {**defaults, **kwargs}
+    return module.Config(name=config_name(values, defaults), description=f"{name} with {values}", **values)
+
+
 def get_builder(
     name: str,
     *,
@@ -123,20 +150,7 @@ def get_builder(
     builder_cls = module.Builder
     if builder_cls.name != name:
         raise TypeError(f"medjax.data.builders.{name}.Builder is registered in TFDS as {builder_cls.name!r}.")
-    kwargs = dict(builder_kwargs or {})
-    defaults = accepted_kwargs(name)
-    unknown = sorted(set(kwargs) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"Unknown builder_kwargs {unknown} for dataset {name!r}. "
-            f"Accepted: {', '.join(sorted(defaults)) or '(none)'}."
-        )
-    config = None
-    if hasattr(module, "Config"):
-        values = {**defaults, **kwargs}
-        config = module.Config(
-            name=config_name(values, defaults), description=f"{name} with {values}", **values
-        )
+    config = check_kwargs(name, builder_kwargs or {})
     data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
     builder = builder_cls(data_dir=data_dir, config=config)
     setattr(builder, _MANUAL_DIR_ATTR, os.path.expanduser(manual_dir or _default_manual_dir(data_dir, name)))
@@ -148,7 +162,10 @@ def prepare(builder: tfds.core.DatasetBuilder, *, manual_dir: str | None = None)
 
     TFDS writes into a temporary ``incomplete.*`` directory and renames it into place only after every
     split and ``dataset_info.json`` are written, so an interrupted preparation is never mistaken for a
-    finished one; the next call simply starts again. TFDS draws per-split progress bars meanwhile.
+    finished one; the next call removes what it left and starts again. One process prepares a dataset
+    at a time (:mod:`medjax.locking`): another one waits, saying for which process, then uses the result.
+    TFDS draws per-split progress bars meanwhile; a summary line follows (what was skipped, what
+    conflicts).
 
     Args:
       builder: from :func:`get_builder`.
@@ -175,8 +192,48 @@ def prepare(builder: tfds.core.DatasetBuilder, *, manual_dir: str | None = None)
                 f"Then set config.data.manual_dir to that folder (now: {manual})."
             )
         download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual))
-    logging.info("Preparing %s into %s (first use only).", builder.info.full_name, builder.data_dir)
-    builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    target = Path(builder.data_dir)
+    name = builder.info.full_name
+
+    def waiting(holder: str) -> None:
+        print(f"Waiting for {holder}, which is preparing {name}.", flush=True)
+
+    with locking.exclusive(
+        target.parent / f".{target.name}.lock", what=f"preparation of {name}", wait=waiting
+    ):
+        if builder.is_prepared():  # The process waited for prepared it.
+            builder.info.read_from_directory(builder.data_dir)
+            return
+        for leftover in target.parent.glob(f"{INCOMPLETE_PREFIX}*_{target.name}"):
+            shutil.rmtree(leftover)  # An interrupted preparation's; under the lock nobody writes it.
+        logging.info("Preparing %s into %s (first use only).", name, builder.data_dir)
+        builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    print(preparation_summary(builder), flush=True)
+
+
+def preparation_summary(builder: tfds.core.DatasetBuilder) -> str:
+    """One paragraph on a prepared dataset: examples per split, and what was skipped or conflicts (the
+    full lists are in ``builder.info.metadata['preparation']``, i.e. the dataset's ``metadata.json``)."""
+    counts = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
+    lines = [f"Prepared {builder.info.full_name} in {builder.data_dir}: {counts}."]
+    report = dict((builder.info.metadata or {}).get("preparation") or {})
+    skipped = report.get("skipped_corrupt") or []
+    if skipped:
+        first = skipped[0]["id"]
+        lines.append(f"Skipped {len(skipped)} unreadable file(s) (first: {first}).")
+    links = report.get("skipped_links") or []
+    if links:
+        lines.append(
+            f"Skipped {len(links)} symbolic link(s) (first: {links[0]['path']}: {links[0]['reason']})."
+        )
+    if report.get("label_conflict_groups"):
+        items, groups = report.get("label_conflict_items", "?"), report["label_conflict_groups"]
+        lines.append(f"{items} images in {groups} groups of identical pixels carry conflicting labels.")
+    if report.get("duplicates_dropped"):
+        lines.append(f"Dropped {report['duplicates_dropped']} duplicate images.")
+    if len(lines) > 1:
+        lines.append(f"Full lists: {Path(builder.data_dir) / 'metadata.json'}.")
+    return " ".join(lines)
 
 
 def _default_manual_dir(data_dir: str, name: str) -> str:

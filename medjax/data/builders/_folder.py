@@ -8,6 +8,10 @@ Two bases live here because every real dataset needs the same plumbing:
   dataset's ``metadata.json``. Subclasses only implement ``_collect``: find the source images.
 * :class:`FolderBuilder` implements ``_collect`` for ``<root>/<split>/<class>/*`` and ``<root>/<class>/*``
   archives, tolerating wrapper folders (``chest_xray/chest_xray``), ``__MACOSX`` and OS litter.
+  Symbolic links are followed while they stay inside manual_dir and lead to something not yet scanned;
+  a link that leaves manual_dir, is broken, or leads back to a folder already scanned (``loop -> .``
+  would otherwise become a class holding every image) is skipped and listed in the report
+  (``skipped_links``). File names need not be UTF-8 (ids use :func:`medjax.data.images.printable`).
 
 Images are decoded once, in a thread pool (Pillow and zlib release the GIL), and their PNG bytes are
 spilled to a temporary file so that 17k-image datasets at 224 px do not sit in RAM until TFDS writes them.
@@ -28,10 +32,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from medjax.data import images, splits
+from medjax.data import images, near_duplicates, splits
+from medjax.errors import DataError
 
 JUNK_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini", "__macosx"})
 SPLIT_ALIASES = {
@@ -44,7 +50,7 @@ _TFDS_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(tfds.core.Bui
 _MAX_SEARCH_DEPTH = 4
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(DataError):
     """The manual directory does not hold the expected layout; the message names the path and layout."""
 
 
@@ -64,13 +70,17 @@ class ImageConfig(tfds.core.BuilderConfig):
 
     ``image_size``/``channels``: stored shape (channels 1 or 3); ``resize``: 'stretch' | 'pad' | 'crop'
     (see :func:`medjax.data.images.resize_image`); ``drop_duplicates``: keep one copy per pixel-identical
-    group instead of only keeping groups inside one split.
+    group instead of only keeping groups inside one split. ``cv_folds`` >= 2 re-splits everything but
+    test into that many grouped, stratified folds and makes fold ``cv_fold`` the validation split
+    (``launch/cross_validate.py`` prepares one dataset per fold).
     """
 
     image_size: int = 224
     channels: int = 3
     resize: str = "stretch"
     drop_duplicates: bool = False
+    cv_folds: int = 0
+    cv_fold: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -82,6 +92,11 @@ class ImageConfig(tfds.core.BuilderConfig):
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.resize not in images.RESIZE_POLICIES:
             raise ValueError(f"resize must be one of {images.RESIZE_POLICIES}, got {self.resize!r}")
+        if self.cv_folds and not (self.cv_folds >= 2 and 0 <= self.cv_fold < self.cv_folds):
+            raise ValueError(
+                f"cv_folds must be 0 or >= 2 with 0 <= cv_fold < cv_folds, got {self.cv_folds}, "
+                f"{self.cv_fold}"
+            )
 
 
 @dataclasses.dataclass(eq=False)
@@ -92,6 +107,10 @@ class FolderConfig(ImageConfig):
     fraction leaves that split out. ``validation_fraction`` is carved from an official train split whose
     validation split is absent or smaller than ``min_validation``. ``skip_corrupt`` skips unreadable files
     (listed in the report) instead of failing; ``dicom_window`` = (center, width) overrides DICOM windows.
+    ``group_pattern`` is a regular expression searched in each image's path relative to the dataset root
+    (e.g. ``train/PNEUMONIA/person12_virus_5.jpeg``); its first matched capture group (or the whole match)
+    names the image's patient, and one patient's images are never separated by a split drawn here.
+    Images it does not match are their own group; the report counts them.
     """
 
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
@@ -100,13 +119,23 @@ class FolderConfig(ImageConfig):
     seed: int = 0
     skip_corrupt: bool = False
     dicom_window: tuple[float, float] | None = None
+    group_pattern: str = ""
 
     def __post_init__(self):
         super().__post_init__()
+        try:
+            re.compile(self.group_pattern)
+        except re.error as e:
+            raise ValueError(f"group_pattern {self.group_pattern!r} is not a regular expression: {e}") from e
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+
+
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to ``root``, '/'-separated and printable: a record id or report entry."""
+    return images.printable(Path(os.path.relpath(path, root)).as_posix())
 
 
 def _coerce(key: str, value, default):
@@ -131,7 +160,8 @@ def _coerce(key: str, value, default):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One source image: its id (relative path), label, official split, PNG location in the spill, hash."""
+    """One source image: its id (relative path), label, official split, PNG location in the spill, pixel
+    hash, near-duplicate fingerprint and patient key (None: its own group)."""
 
     id: str
     label: int
@@ -139,6 +169,17 @@ class Record:
     offset: int
     length: int
     hash: str
+    fingerprint: np.ndarray
+    key: str | None = None
+
+
+def group_key(pattern: str, item_id: str) -> str | None:
+    """The patient ``pattern`` finds in ``item_id``: its first matched capture group, else the whole
+    match; None when it does not match (or there is no pattern)."""
+    match = re.search(pattern, item_id) if pattern else None
+    if match is None:
+        return None
+    return next((g for g in match.groups() if g is not None), match.group(0))
 
 
 class _Spill:
@@ -240,7 +281,12 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
     def _split_options(self) -> dict:
         """Keyword arguments of :func:`splits.plan_splits` taken from the config."""
-        return {"drop_duplicates": self.builder_config.drop_duplicates}
+        config = self.builder_config
+        return {
+            "drop_duplicates": config.drop_duplicates,
+            "cv_folds": config.cv_folds,
+            "cv_fold": config.cv_fold,
+        }
 
     def _split_generators(self, dl_manager):
         try:
@@ -252,10 +298,14 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         if not records:
             raise DatasetLayoutError(f"{self.name}: no images found in {manual_dir}")
         self.info.features["label"].names = list(names)
+        near_pairs = near_duplicates.find_pairs(np.stack([r.fingerprint for r in records]))
         plan = splits.plan_splits(
             labels=[r.label for r in records],
             hashes=[r.hash for r in records],
             official=None if records[0].official is None else [r.official for r in records],
+            keys=[r.key for r in records] if getattr(self.builder_config, "group_pattern", "") else None,
+            near_pairs=near_pairs,
+            ids=[r.id for r in records],
             **self._split_options(),
         )
         report.update(plan.report)
@@ -325,13 +375,35 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
         return DatasetLayoutError(f"{self.name}: {message}\nExpected layout under manual_dir:\n{self.LAYOUT}")
 
     def _subdirs(self, path: Path) -> list[Path]:
-        return sorted(p for p in path.iterdir() if p.is_dir() and not self.ignore_dir(p.name))
+        return sorted(
+            p for p in path.iterdir() if p.is_dir() and not self.ignore_dir(p.name) and self._follow(p)
+        )
+
+    def _follow(self, path: Path) -> bool:
+        """False (and the link listed in ``self._skipped_links``) for a symbolic link that leaves
+        manual_dir, is broken or loops; True for everything else."""
+        if not path.is_symlink():
+            return True
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # RuntimeError: a loop of links (Python 3.11).
+            reason = f"broken or looping link ({e.__class__.__name__})"
+        else:
+            scan_root = getattr(self, "_scan_root", None)
+            if scan_root is not None and not target.is_relative_to(scan_root):
+                reason = f"link leaves manual_dir (to {images.printable(target)})"
+            elif target.is_dir() and path.parent.resolve().is_relative_to(target):
+                reason = "link to a folder that contains it (a loop)"
+            else:
+                return True
+        self._follow_skip(path, reason)
+        return False
 
     def _match_classes(self, subdirs: list[Path]) -> dict[str, Path]:
         """Label name -> folder among ``subdirs`` (discovered classes: every folder is a class)."""
         folders = self.class_folders()
         if folders is None:
-            return {p.name: p for p in subdirs}
+            return {images.printable(p.name): p for p in subdirs}
         found: dict[str, Path] = {}
         for name, aliases in folders.items():
             keys = {normalise(a) for a in (name, *aliases)}
@@ -370,9 +442,15 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
         return {n: found[n] for n in expected}
 
     def _collect(self, manual_dir: Path, store) -> tuple[list, list, dict]:
+        self._scan_root, self._skipped_links = manual_dir.resolve(), []
         root, has_splits = self._find_root(self.search_root(manual_dir))
         config = self.builder_config
-        report: dict = {"root": os.path.relpath(root, manual_dir), "ignored": [], "skipped_corrupt": []}
+        report: dict = {
+            "root": images.printable(os.path.relpath(root, manual_dir)),
+            "group_pattern": config.group_pattern,
+            "ignored": [],
+            "skipped_corrupt": [],
+        }
         tops = self._subdirs(root)
         if has_splits:
             split_dirs = {
@@ -390,12 +468,12 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
         class_dirs = {split: self._class_dirs(d, names) for split, d in split_dirs.items()}
         used = {p for dirs in class_dirs.values() for p in dirs.values()} | set(split_dirs.values())
         for parent in {root, *split_dirs.values()}:
-            report["ignored"] += [os.path.relpath(p, root) for p in sorted(parent.iterdir()) if p not in used]
+            report["ignored"] += [_rel(p, root) for p in sorted(parent.iterdir()) if p not in used]
         jobs = []
         for split, dirs in class_dirs.items():
             for label, (name, folder) in enumerate(dirs.items()):
                 files, junk = self._list_files(folder)
-                report["ignored"] += [os.path.relpath(p, root) for p in junk]
+                report["ignored"] += [_rel(p, root) for p in junk]
                 if not files:
                     raise self._layout_error(f"empty class folder {folder} (class {name!r})")
                 jobs += [(p, label, split) for p in files]
@@ -405,11 +483,12 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
             # Consumed in order as they finish, so PNG bytes go to the spill file instead of piling up.
             results = pool.map(lambda job: images.try_prepare_file(job[0], spec), jobs)
             for (path, label, split), (result, error) in zip(jobs, results, strict=True):
-                rel = Path(os.path.relpath(path, root)).as_posix()
+                rel = _rel(path, root)
                 if error is not None:
                     failures.append((rel, error))
                 else:
-                    records.append(Record(rel, label, split, *store(result[0]), result[1]))
+                    key = group_key(config.group_pattern, rel)
+                    records.append(Record(rel, label, split, *store(result.png), *result[1:], key=key))
         if failures and not config.skip_corrupt:
             listing = "\n".join(f"  {e}" for _, e in failures[:10])
             raise images.ImageDecodeError(
@@ -418,6 +497,7 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
                 "Pass skip_corrupt=True to skip them (they are then listed in the preparation report)."
             )
         report["skipped_corrupt"] = [{"id": rel, "reason": e} for rel, e in failures]
+        report["skipped_links"] = list(self._skipped_links)
         for split, dirs in class_dirs.items():
             for label, name in enumerate(dirs):
                 if not any(r.official == split and r.label == label for r in records):
@@ -425,12 +505,36 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
         return records, list(names), report
 
     def _list_files(self, folder: Path) -> tuple[list[Path], list[Path]]:
-        """All files below ``folder`` (sorted), split into candidates and junk."""
-        files, junk = [], []
-        for path in sorted(folder.rglob("*")):
-            rel_parts = path.relative_to(folder).parts
-            if any(is_junk(part) for part in rel_parts):
-                junk.append(path)
-            elif path.is_file():
-                files.append(path)
-        return files, junk
+        """All files below ``folder`` (sorted), split into candidates and junk; links as :meth:`_follow`
+        says, each real folder scanned once."""
+        files, junk, seen = [], [], {folder.resolve()}
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            parent = Path(dirpath)
+            kept = []
+            for name in sorted(dirnames):
+                path = parent / name
+                if is_junk(name):
+                    junk.append(path)
+                elif not self._follow(path):
+                    continue
+                elif path.resolve() in seen:
+                    self._follow_skip(path, "link to a folder already scanned")
+                else:
+                    seen.add(path.resolve())
+                    kept.append(name)
+            dirnames[:] = kept
+            for name in filenames:
+                path = parent / name
+                if is_junk(name):
+                    junk.append(path)
+                elif self._follow(path):
+                    files.append(path)
+        return sorted(files), sorted(junk)
+
+    def _follow_skip(self, path: Path, reason: str) -> None:
+        scan_root = getattr(self, "_scan_root", None)
+        shown = _rel(path, scan_root) if scan_root and path.absolute().is_relative_to(scan_root) else path
+        entry = {"path": images.printable(shown), "reason": reason}
+        skipped = self.__dict__.setdefault("_skipped_links", [])
+        if entry not in skipped:
+            skipped.append(entry)

@@ -116,9 +116,10 @@ in manual_dir. Expected layout:
                     f"({len(labels)}), got {pixels.dtype} {pixels.shape}"
                 )
             for i, (image, label) in enumerate(zip(pixels, labels, strict=True)):
-                png, digest = images.prepare_array(image, spec)
+                png, digest, fingerprint = images.prepare_array(image, spec)
+                item_id = f"{split}/{i:06d}"
                 records.append(
-                    Record(f"{split}/{i:06d}", int(label), _SPLIT_KEYS[split], *store(png), digest)
+                    Record(item_id, int(label), _SPLIT_KEYS[split], *store(png), digest, fingerprint)
                 )
         return records, list(names), {"source": str(path)}
 

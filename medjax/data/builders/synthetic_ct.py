@@ -69,6 +69,15 @@ class Config(tfds.core.BuilderConfig):
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"synthetic_ct: task must be one of {TASKS}, got {self.task!r}")
+        minimum = {"image_size": 8, "num_train": 1, "num_validation": 1, "num_test": 1, "seed": 0}
+        for key, low in minimum.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        for key in ("lesion_contrast", "lesion_radius"):
+            low, high = getattr(self, key)
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"{key} must be (low, high) with 0 <= low <= high <= 1, got {(low, high)}")
 
 
 class SyntheticCt(tfds.core.GeneratorBasedBuilder):

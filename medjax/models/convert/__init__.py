@@ -18,12 +18,14 @@ legacy ``.h5`` (Keras 2 / ``keras.applications``    h5py; layers by name
 downloads, ``model.save('x.h5')``)
 ``.pth`` / ``.pt`` / ``.bin`` state dicts           ``torch.load`` (torch needed only here)
 ``.safetensors``                                    ``safetensors.numpy`` (no torch)
+``.tflite`` (quantized MobileNetV2, BatchNorm folded)  :mod:`.tflite`, a FlatBuffer reader (no TFLite runtime)
 a ``dict`` of arrays                                as is
 ==================================================  =======================================================
 
 PyTorch schemes: 'torchvision' (``mobilenet_v2``), 'official' (facebookresearch ConvNeXt) and 'timm'
-(``convnext_*``). The pretrained models also fix the model configuration and input scaling; see
-``tables.SOURCE_EXPECTS`` (printed on load).
+(``convnext_*``); TFLite files are their own source, 'tflite' (MobileNetV2 only; the folded BatchNorms
+and what they mean for fine-tuning are explained in :mod:`.tflite`). The pretrained models also fix the
+model configuration and input scaling; see ``tables.SOURCE_EXPECTS`` (printed on load).
 
 ``tables.py`` holds the per-family name tables, ``readers.py`` the file formats; this module maps and
 checks. Parity with Keras and the PyTorch layouts is pinned in ``tests/test_parity_keras.py``.
@@ -31,6 +33,7 @@ checks. Parity with Keras and the PyTorch layouts is pinned in ``tests/test_pari
 
 import re
 from collections.abc import Mapping
+from os import PathLike
 from typing import Any
 
 import jax.numpy as jnp
@@ -153,6 +156,7 @@ def load_pretrained(
     target_variables: Mapping,
     source: str | None = None,
     reinit_head: bool | None = None,
+    model: Any = None,
 ) -> dict:
     """Pretrained weights converted into variables shaped like ``target_variables``.
 
@@ -161,10 +165,13 @@ def load_pretrained(
       model_name: the medjax architecture, 'mobilenet_v2' or 'convnext' (any variant).
       target_variables: freshly initialised ``model.init(...)`` variables; they fix the shapes and dtypes
         and supply the values of re-initialised head layers.
-      source: naming scheme, 'keras', 'torchvision', 'official' or 'timm'; None detects it.
+      source: naming scheme, 'keras', 'torchvision', 'official', 'timm' or 'tflite'; None detects it
+        (a ``.tflite`` file is always 'tflite').
       reinit_head: head layers (MobileNetV2 classifier; ConvNeXt head_norm, sevector, classifier) keep
         their target values: always (True), never (False: they must match like any layer), or when the
         source lacks them or their shape differs, e.g. another class count (None).
+      model: the flax module ``target_variables`` belong to (optional); a ``.tflite`` source takes its
+        ``bn_epsilon`` (else 1e-3) and must match its ``padding_style``.
 
     Returns:
       ``{'params': ..., 'batch_stats': ...}`` (as in ``target_variables``). Prints one summary line, the
@@ -177,14 +184,17 @@ def load_pretrained(
         raise ValueError(f"No converter for model {model_name!r}; available: {sorted(FAMILIES)}.")
     family = FAMILIES[model_name]
     slots = family.slots(target_variables["params"])
-    description, layout, data = read_weights(path_or_obj, slots)
-    schemes = sorted(slots[0].names)
+    is_tflite = isinstance(path_or_obj, str | PathLike) and str(path_or_obj).lower().endswith(".tflite")
+    if is_tflite and model_name != "mobilenet_v2":
+        raise ValueError(f"TFLite files convert to mobilenet_v2 only, not {model_name!r} ({path_or_obj}).")
+    description, layout, data = read_weights(path_or_obj, slots, model=model)
+    schemes = sorted(slots[0].names) + ["tflite"] * (model_name == "mobilenet_v2")
     if source is not None and source not in schemes:
         raise ValueError(f"source must be one of {schemes} for {model_name}, got {source!r}.")
-    if layout == "keras":
-        if source not in (None, "keras"):
-            raise ValueError(f"{description} holds Keras weights, but source={source!r}.")
-        scheme = "keras"
+    if layout in ("keras", "tflite"):
+        if source not in (None, layout):
+            raise ValueError(f"{description} holds {layout} weights, but source={source!r}.")
+        scheme = "keras"  # A TFLite graph arrives under the Keras layer names (.tflite).
         found, unexpected = _map_keras(slots, data)
     else:
         scheme = source or _detect_scheme(slots, data)
@@ -200,8 +210,9 @@ def load_pretrained(
         found, target_variables, head=family.head, reinit_head=reinit_head, expected=expected
     )
     unexpected += unused
+    origin = "tflite" if layout == "tflite" else scheme
     if missing or unexpected or misshaped:
-        lines = [f"Pretrained weights from {description} (scheme {scheme!r}) do not fit {model_name}:"]
+        lines = [f"Pretrained weights from {description} (scheme {origin!r}) do not fit {model_name}:"]
         for title, items in (
             ("missing (in the model, not in the source)", missing),
             ("unexpected (in the source, not used)", unexpected),
@@ -213,9 +224,9 @@ def load_pretrained(
         )
         raise PretrainedMismatchError("\n".join(lines))
     loaded = len(traverse_util.flatten_dict(variables)) - len(kept)
-    print(f"Loaded {loaded} arrays into {model_name} from {description} (scheme {scheme!r}).", flush=True)
+    print(f"Loaded {loaded} arrays into {model_name} from {description} (scheme {origin!r}).", flush=True)
     for title, items in (("Kept model values for", kept), ("Adapted", adapted)):
         if items:
             print(f"  {title}: " + "; ".join(items), flush=True)
-    print(f"  These weights expect {SOURCE_EXPECTS[model_name, scheme]}.", flush=True)
+    print(f"  These weights expect {SOURCE_EXPECTS[model_name, origin]}.", flush=True)
     return variables

@@ -1,7 +1,8 @@
-"""Readers: Keras models and files, PyTorch and safetensors state dicts -> plain numpy arrays.
+"""Readers: Keras models and files, PyTorch and safetensors state dicts, TFLite files -> numpy arrays.
 
-Keras sources become ``{layer name: [weights in Keras order]}``, PyTorch sources ``{key: array}``; h5py,
-safetensors and torch are imported only when a file needs them.
+Keras sources (and TFLite files, converted to Keras names and layouts by :mod:`.tflite`) become
+``{layer name: [weights in Keras order]}``, PyTorch sources ``{key: array}``; h5py, safetensors and torch
+are imported only when a file needs them.
 """
 
 import io
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from medjax.models.convert import tflite
 from medjax.models.convert.tables import KERAS_CLASSES, Slot
 
 
@@ -86,12 +88,15 @@ def _state_dict(mapping: Mapping) -> dict[str, np.ndarray]:
     return {k: _to_numpy(v) for k, v in mapping.items()}
 
 
-def read_weights(path_or_obj: Any, slots: list[Slot]) -> tuple[str, str, dict]:
+def read_weights(path_or_obj: Any, slots: list[Slot], *, model: Any = None) -> tuple[str, str, dict]:
     """Reads any supported source (module docstring).
 
+    ``model`` (the target flax module, optional) gives a ``.tflite`` conversion its BatchNorm epsilon
+    (default 1e-3) and the padding style to check.
+
     Returns:
-      ``(description, layout, data)``: layout 'keras' (data: layer name -> weights in Keras order) or
-      'torch' (data: state-dict key -> array).
+      ``(description, layout, data)``: layout 'keras' (data: layer name -> weights in Keras order),
+      'tflite' (the same, converted from a quantized MobileNetV2) or 'torch' (state-dict key -> array).
 
     Raises:
       FileNotFoundError: for a missing path.
@@ -119,6 +124,14 @@ def read_weights(path_or_obj: Any, slots: list[Slot]) -> tuple[str, str, dict]:
                 "(safetensors.torch.save_file(state_dict, 'weights.safetensors')), which needs no torch here."
             ) from e
         return str(path), "torch", _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if name.endswith(".tflite"):
+        layers = tflite.mobilenet_v2_layers(
+            path,
+            slots,
+            bn_epsilon=getattr(model, "bn_epsilon", 1e-3),
+            padding_style=getattr(model, "padding_style", None),
+        )
+        return str(path), "tflite", layers
     if name.endswith((".h5", ".keras")):
         import h5py
 
@@ -132,5 +145,5 @@ def read_weights(path_or_obj: Any, slots: list[Slot]) -> tuple[str, str, dict]:
             data = _keras_from_legacy_h5(file) if legacy else _keras_from_keras3_h5(file, slots)
         return str(path), "keras", data
     raise ValueError(
-        f"Unsupported weights file {path}: expected .h5, .keras, .pth, .pt, .bin or .safetensors."
+        f"Unsupported weights file {path}: expected .h5, .keras, .pth, .pt, .bin, .safetensors or .tflite."
     )

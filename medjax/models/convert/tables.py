@@ -52,6 +52,9 @@ SOURCE_EXPECTS = {
     "data.normalize: mean=0.5, std=0.5 (inputs in [-1, 1])",
     ("mobilenet_v2", "torchvision"): "model: padding_style='torch', bn_epsilon=1e-5; "
     "data.normalize: ImageNet mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)",
+    ("mobilenet_v2", "tflite"): "model: padding_style='tf' (BatchNorms folded: identities at any "
+    "bn_epsilon, see medjax.models.convert.tflite); data.normalize: mean=0.5, std=0.5 (inputs in [-1, 1]); "
+    "1001 classes, index 0 = background",
     ("convnext", "keras"): "data.normalize: ImageNet mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225) "
     "(the Keras model's own Normalization layer is not part of medjax)",
     (

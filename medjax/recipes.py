@@ -1,0 +1,133 @@
+"""Training recipes shared by several ``configs/*.py``: study C's fine-tuning from ImageNet MobileNetV2.
+
+Study C (PAPERS.md) fine-tunes an ImageNet MobileNetV2 at 224 px with rotations and horizontal flips,
+Adam, cosine annealing, early stopping on validation loss and *selective unfreezing*. What the study
+leaves open and medjax chooses (each a config key, overridable):
+
+* the unfreezing schedule, :data:`MOBILENET_V2_UNFREEZE`: the new classifier alone for ``head_epochs``
+  (the backbone's ImageNet features are kept while the zero-initialised head finds its footing), then the
+  last inverted-residual blocks (14-16, the 160/320-channel stage) with the 1x1 head convolution for as
+  many epochs, then everything (``optim.unfreeze``, :mod:`medjax.unfreeze`);
+* the weights: the only ImageNet MobileNetV2 available offline here, Keras' MobileNetV2 1.0/224 as a
+  post-training-quantized TFLite file (BatchNorm folded), so the model takes Keras' padding and
+  BatchNorm epsilon; the 1001-way ImageNet classifier is replaced (``init_from.reinit_head``);
+* the input range: the study scales pixels to [0, 1]; the weights were trained on [-1, 1]
+  (``input_range``, recorded in ``data.normalize``).
+"""
+
+import ml_collections
+
+from medjax import config_lib
+
+# The weights file below a weights folder (../shared/weights/ here); a user places it under
+# ~/medjax_data/weights/ (or overrides init_from.path).
+IMAGENET_MOBILENET_V2_FILE = "imagenet_mobilenet_v2/tf2_mobilenet_v2_1.0_224_ptq.tflite"
+IMAGENET_MOBILENET_V2 = f"~/medjax_data/weights/{IMAGENET_MOBILENET_V2_FILE}"
+
+HEAD = ("classifier/.*",)
+LAST_BLOCKS = ("block_1[4-6]/.*", "head_conv/.*", "head_bn/.*", "classifier/.*")
+
+# data.normalize (applied after scaling to [0, 1]) for each input range.
+INPUT_RANGES = {"unit": {"mean": 0.0, "std": 1.0}, "symmetric": {"mean": 0.5, "std": 0.5}}
+
+
+def mobilenet_v2_unfreeze(head_epochs: float) -> tuple[dict, ...]:
+    """Head for ``head_epochs``, then the last blocks for as long, then all (see the module docstring)."""
+    return (
+        {"epoch": 0.0, "trainable": HEAD},
+        {"epoch": head_epochs, "trainable": LAST_BLOCKS},
+        {"epoch": 2 * head_epochs, "trainable": None},
+    )
+
+
+def imagenet_mobilenet_v2(
+    config: ml_collections.ConfigDict,
+    *,
+    image_size: int,
+    head_epochs: float = 2.0,
+    input_range: str = "unit",
+    learning_rate: float = 1e-3,
+) -> None:
+    """Sets ``config`` to study C's fine-tuning recipe from ImageNet MobileNetV2 (in place).
+
+    Model, weights, input range, augmentation (rotation 15 degrees, horizontal flips), Adam with cosine
+    annealing, the unfreezing schedule and early stopping on validation loss (patience 3, counted in the
+    last phase only). The dataset and the number of epochs are the caller's.
+
+    Raises:
+      ValueError: for an unknown ``input_range``.
+    """
+    if input_range not in INPUT_RANGES:
+        raise ValueError(f"input_range must be one of {sorted(INPUT_RANGES)}, got {input_range!r}")
+    config.model_name = "mobilenet_v2"
+    # Keras' MobileNetV2 pads stride-2 convolutions TensorFlow-style and uses BatchNorm epsilon 1e-3.
+    # Momentum 0.99 (Keras' 0.999 would take thousands of steps to adapt the statistics to a new task).
+    config.model = config_lib.model_config(
+        "mobilenet_v2",
+        width_multiplier=1.0,
+        dropout_rate=0.2,
+        padding_style="tf",
+        bn_epsilon=1e-3,
+        bn_momentum=0.99,
+    )
+    config.init_from.path = IMAGENET_MOBILENET_V2
+    config.init_from.reinit_head = True
+    config.data.image_size = image_size
+    config.data.channels = 3
+    config.data.normalize = ml_collections.ConfigDict(INPUT_RANGES[input_range])
+    config.data.augment.hflip = True
+    config.data.augment.rotation_degrees = 15.0
+    config.optim.name = "adam"
+    config.optim.learning_rate = learning_rate
+    config.optim.schedule = "cosine"
+    config.optim.unfreeze = mobilenet_v2_unfreeze(head_epochs)
+    config.train.select_best_on = "loss"
+    config.train.early_stopping = ml_collections.ConfigDict(
+        {"monitor": "loss", "patience": 3, "min_delta": 1e-3}
+    )
+
+
+def from_scratch(config: ml_collections.ConfigDict) -> None:
+    """Undoes the pretrained start (for ``:synthetic`` and ``:smoke`` variants, which have no weights):
+    no weights file, no schedule."""
+    config.init_from.path = None
+    config.init_from.reinit_head = None
+    config.optim.unfreeze = None
+
+
+# CT slices gathered from many scanners and papers (UCSD COVID-CT, SARS-CoV-2 CT-scan) differ in crop,
+# zoom and windowing, so beyond study C's rotations and flips the CT recipe adds crops and intensity jitter.
+CT_AUGMENT = {
+    "hflip": True,
+    "rotation_degrees": 15.0,
+    "random_resized_crop_scale": (0.75, 1.0),
+    "brightness": 0.1,
+    "contrast": 0.1,
+}
+
+
+def imagenet_ct(config: ml_collections.ConfigDict, *, image_size: int, head_epochs: float = 3.0) -> None:
+    """Study C's recipe (:func:`imagenet_mobilenet_v2`) for 2-class CT slices: :data:`CT_AUGMENT` and a
+    longer early-stopping patience (5), since a validation split of about a hundred slices is noisy."""
+    imagenet_mobilenet_v2(config, image_size=image_size, head_epochs=head_epochs)
+    config.data.augment.update(CT_AUGMENT)
+    config.train.early_stopping.patience = 5
+
+
+def mednext_plos_scratch(config: ml_collections.ConfigDict, *, image_size: int = 224) -> None:
+    """Study B's model (``mednext_plos`` tiny) trained from scratch: AdamW 2e-3, weight decay 0.05, one
+    warm-up epoch, cosine, drop path 0.1, flips and 10 degree rotations; 30 epochs, patience 5."""
+    config.model_name = "mednext_plos"
+    config.model = config_lib.model_config("mednext_plos", variant="tiny", drop_path_rate=0.1)
+    from_scratch(config)
+    config.data.image_size = image_size
+    config.data.channels = 3
+    config.data.normalize = ml_collections.ConfigDict(INPUT_RANGES["unit"])
+    config.data.augment.hflip = True
+    config.data.augment.rotation_degrees = 10.0
+    config.optim.name = "adamw"
+    config.optim.learning_rate = 2e-3
+    config.optim.weight_decay = 0.05
+    config.optim.warmup_epochs = 1.0
+    config.train.num_epochs = 30.0
+    config.train.early_stopping.patience = 5

@@ -1,0 +1,121 @@
+"""The locked test protocol: recipe digests, the test ledger, and the cross-validation script's pieces."""
+
+import datetime
+import importlib.util
+import json
+
+import pytest
+
+from medjax import config_lib, protocol
+from tests.conftest import ROOT, SMOKE
+
+_spec = importlib.util.spec_from_file_location("cross_validate", ROOT / "launch" / "cross_validate.py")
+cross_validate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cross_validate)
+
+
+def _smoke() -> dict:
+    return config_lib.load_config_file(SMOKE).to_dict()
+
+
+def test_recipe_digest_ignores_where_and_how_watched_but_not_what_is_learned():
+    base = _smoke()
+    moved = json.loads(json.dumps(base))
+    moved["data"]["manual_dir"], moved["data"]["data_dir"] = "/elsewhere", "/tfds"
+    moved["seed"], moved["train"]["progress_bar"], moved["data"]["test_split"] = 7, True, ""
+    moved["data"]["builder_kwargs"].update({"cv_folds": 5, "cv_fold": 3})
+    assert protocol.recipe_digest(moved) == protocol.recipe_digest(base)
+    changed = json.loads(json.dumps(base))
+    changed["optim"]["learning_rate"] *= 2
+    assert protocol.recipe_digest(changed) != protocol.recipe_digest(base)
+    assert protocol.recipe_digest(base, seeds=[0, 1]) != protocol.recipe_digest(base, seeds=[0])
+    assert len(protocol.recipe_digest(base)) == 12
+
+
+def test_ledger_counts_reruns_refuses_a_changed_recipe_and_records_it_when_allowed(tmp_path):
+    path = tmp_path / "ledger.json"
+    first_day = datetime.datetime(2026, 12, 1, 23, 5, tzinfo=datetime.UTC)
+    ledger = protocol.TestLedger(path)
+    old = protocol.recipe(_smoke())
+    assert ledger.check("x", old) == "new"
+    ledger.record("x", keys=old, commit="1234567", now=first_day)
+    ledger.record("x", keys=old, commit="1234567")  # A rerun of the same recipe only counts.
+    reread = protocol.TestLedger(path)  # It is a file in the repository, not memory.
+    entry = reread.current("x")
+    assert (entry["recipe"], entry["commit"], entry["first_test"]) == (
+        protocol.digest(old),
+        "1234567",
+        "2026-12-01 23:05 UTC",
+    )
+    assert (entry["evaluations"], entry["after"]) == (2, [])
+    new = {**old, "optim.learning_rate": 1.0}
+    with pytest.raises(protocol.RecipeChangedError, match=r"x: test was first evaluated on 2026-12-01 23:05.*"
+                       r"differs in optim.learning_rate\. .*--allow_recipe_change"):  # fmt: skip
+        reread.record("x", keys=new, commit="89abcde")
+    assert protocol.TestLedger(path).history("x") == reread.history("x")  # Nothing recorded.
+    entry = reread.record("x", keys=new, commit="89abcde", allow_change=True)
+    assert (entry["after"], entry["evaluations"]) == ([protocol.digest(old)], 1)
+    assert len(protocol.TestLedger(path).history("x")) == 2
+
+
+def test_a_key_medjax_gained_at_its_default_does_not_change_a_recipe():
+    new = protocol.recipe(_smoke())
+    old = {k: v for k, v in new.items() if k != "train.ema_decay"}  # A recipe from before the key.
+    assert protocol.changed_keys(old, new) == []
+    assert protocol.changed_keys(old, {**new, "train.ema_decay": 0.99}) == ["train.ema_decay"]
+    assert protocol.changed_keys(new, old) == ["train.ema_decay"]  # A key removed is a change.
+    builder_default = {k: v for k, v in new.items() if k != "data.builder_kwargs.seed"}
+    assert protocol.changed_keys(builder_default, new) == ["data.builder_kwargs.seed"]  # Data may differ.
+
+
+def test_the_ledger_in_the_repository_knows_the_recipes_tested_before_it():
+    """results/test_ledger.json was seeded with the recipes of RESULTS.md of 2026-11-23: the MedMNIST ones
+    are still those (a change must show), Kermany's changed since, by carving validation by patient."""
+    import importlib.util as util
+
+    spec = util.spec_from_file_location("reproduce_for_ledger", ROOT / "launch" / "reproduce.py")
+    reproduce = util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    ledger = protocol.TestLedger(ROOT / "results" / "test_ledger.json")
+    for exp in reproduce.EXPERIMENTS:
+        if ledger.current(exp.name) is None:
+            continue
+        config = config_lib.load_config_file(str(ROOT / exp.config)).to_dict()
+        keys = protocol.recipe(config, seeds=list(exp.seeds), init_from=exp.init_from)
+        expected = ["data.builder_kwargs.group_pattern"] if exp.name.startswith("chest_xray") else []
+        assert ledger.changes(exp.name, keys) == expected, exp.name
+
+
+def test_last_commit_names_the_config_and_dirty_state(tmp_path):
+    commit = protocol.last_commit("configs/chest_xray.py", repo=ROOT)
+    assert commit == "unknown" or len(commit.split("+")[0]) >= 7
+    assert protocol.last_commit("x.py", repo=tmp_path) == "unknown"  # Not a git checkout.
+
+
+def test_fold_config_sets_the_fold_and_never_tests():
+    config = config_lib.load_config_file(SMOKE)
+    fold = cross_validate.fold_config(config, folds=5, fold=2)
+    assert (fold.data.builder_kwargs.cv_folds, fold.data.builder_kwargs.cv_fold, fold.data.test_split) == (
+        5,
+        2,
+        "",
+    )
+    assert "cv_folds" not in config.data.builder_kwargs and config.data.test_split == "test"  # A copy.
+    assert protocol.recipe_digest(fold.to_dict()) == protocol.recipe_digest(config.to_dict())
+
+
+def test_summary_is_mean_and_sample_sd_over_folds_and_markdown_lists_them(tmp_path):
+    reports = [
+        {"validation": {"auc": a, "accuracy": b, "loss": 0.5}}
+        for a, b in ((0.8, 0.7), (0.9, 0.8), (1.0, 0.9))
+    ]
+    summary = cross_validate.summarize(reports)
+    assert summary["auc"]["mean"] == pytest.approx(0.9) and summary["auc"]["sd"] == pytest.approx(0.1)
+    assert summary["loss"] == {"mean": 0.5, "sd": 0.0, "folds": [0.5, 0.5, 0.5]}
+    assert "balanced_accuracy" not in summary  # Absent from the reports.
+    text = cross_validate.markdown(
+        summary, spec="configs/x.py", digest="abc", commit="1234567", workdir=tmp_path, written="now"
+    )
+    assert "| auc | 0.900 ± 0.100 | 0.800 | 0.900 | 1.000 |" in text.splitlines()
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_validate.cross_validate(config_lib.load_config_file(SMOKE), folds=1, workdir=tmp_path)
