@@ -193,7 +193,29 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.eval.bootstrap_samples = 1000  # Resamples behind each 95 % interval.
     c.eval.target_sensitivity = 0.9  # Also report specificity at the validation threshold reaching this.
     c.eval.calibration_bins = 15  # Equal-width confidence bins of the expected calibration error.
+    if task == "segmentation":
+        _add_segmentation_defaults(c)
     return c
+
+
+def _add_segmentation_defaults(c: ml_collections.ConfigDict) -> None:
+    """The keys segmentation adds (medjax.data.seg_transforms, medjax.tasks.segmentation)."""
+    # Training on random patches of full-resolution images (medjax.data.seg_transforms.RandomPatch):
+    # side(s) of a patch, an int or (H, W); None: data.image_size.
+    c.data.patch_size = ml_collections.FieldReference(None, field_type=object)
+    c.data.foreground_prob = 0.33  # Patches centred on a labelled pixel (nnU-Net's oversampling).
+    c.data.pad_multiple = 32  # Evaluation images are padded up to a multiple of this (the network's stride).
+    c.data.cache_decoded = False  # Decode the training split once into memory (small full-res datasets).
+    c.data.augment.scale = (1.0, 1.0)  # Zoom range of the joint rotation/zoom; (1, 1): no zoom.
+    c.data.augment.elastic_alpha = 0.0  # Elastic deformation strength in pixels; 0: off.
+    c.data.augment.elastic_sigma = 8.0  # Smoothness of the elastic displacement field (pixels).
+    # Evaluation of images larger than this window (pixels, an int or (H, W)) tiles them with windows
+    # overlapping by eval.window_overlap, blended with Gaussian weights; None: the whole image at once.
+    c.eval.window = ml_collections.FieldReference(None, field_type=object)
+    c.eval.window_overlap = 0.5
+    c.eval.overlays = 3  # Best and worst images (cases for volumes) drawn by `python -m medjax.evaluate`.
+    # Pixels in a score histogram behind the pixel AUC and its bootstrap (scores binned in [0, 1]).
+    c.eval.auc_bins = 4096
 
 
 def flatten(config: Mapping | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 ``python -m medjax.predict --workdir=RUN --output=preds.csv [--cam_dir=DIR] PATH [PATH...]``
 
+A segmentation run writes masks instead (``--mask_dir``, ``--probabilities``; NIfTI volumes too), one CSV
+row per file naming them: see :mod:`medjax.seg_predict`.
+
 Each PATH is a file or a folder (searched recursively for PNG, JPEG, BMP, TIFF and DICOM, the latter by
 ``.dcm``/``.dicom`` suffix or by the ``DICM`` magic at byte 128, since DICOM exports often have no suffix).
 Files are decoded with :func:`medjax.data.images.decode_image` and preprocessed exactly as the run's
@@ -22,7 +25,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from medjax import cli, gradcam, run_dir
+from medjax import cli, gradcam, run_dir, seg_predict
 from medjax.data import images
 from medjax.errors import MedjaxError
 from medjax.finite import check_outputs
@@ -47,7 +50,8 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
             found += [
                 p
                 for p in sorted(path.rglob("*"))
-                if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(p))
+                if p.is_file()
+                and (p.suffix.lower() in IMAGE_SUFFIXES or seg_predict.is_nifti(p) or _is_dicom(p))
             ]
         else:
             found.append(path)  # Missing files too: decoding reports them by name.
@@ -139,6 +143,10 @@ def _define_flags() -> None:
     flags.DEFINE_string("cam_dir", None, "Also save a Grad-CAM overlay PNG per image here.")
     flags.DEFINE_enum("cam_method", "gradcam", gradcam.METHODS, "CAM weighting for --cam_dir.")
     flags.DEFINE_integer("batch_size", 32, "Images decoded and predicted at a time.")
+    flags.DEFINE_string(
+        "mask_dir", None, "Segmentation runs: where masks go (default: a 'masks' folder beside --output)."
+    )
+    flags.DEFINE_bool("probabilities", False, "Segmentation runs: also write probability maps.")
 
 
 def main(argv: list[str]) -> None:
@@ -153,7 +161,13 @@ def main(argv: list[str]) -> None:
         model = run_dir.load_run(f.workdir)
     except MedjaxError as e:
         raise SystemExit(f"medjax: error: {e}") from None
-    rows = predict_files(model, files, batch_size=f.batch_size, cam_dir=f.cam_dir, cam_method=f.cam_method)
+    if model.config.task == "segmentation":
+        mask_dir = f.mask_dir or Path(f.output).parent / "masks"
+        rows = seg_predict.predict_files(model, files, out_dir=mask_dir, with_probs=f.probabilities)
+    else:
+        rows = predict_files(
+            model, files, batch_size=f.batch_size, cam_dir=f.cam_dir, cam_method=f.cam_method
+        )
     write_csv(rows, f.output)
     predicted = sum(not row["error"] for row in rows)
     print(f"Predicted {predicted} of {len(rows)} files; CSV: {f.output}")

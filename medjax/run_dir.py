@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from medjax import inference, metrics, models, tasks
+from medjax import inference, metrics, models, sliding_window, tasks
 from medjax.checkpointing import RunCheckpointer
 from medjax.data import transforms
 from medjax.errors import ConfigError, MedjaxError
@@ -204,11 +204,12 @@ class TrainedModel:
         return jax.jit(lambda variables, images: self.model.apply(variables, images, train=False)[0])
 
     @functools.cached_property
-    def outputs_fn(self) -> Callable[[dict, jax.Array], dict]:
-        """Jitted ``(variables, images) -> the task's per-example eval outputs`` (e.g. logits)."""
+    def outputs_fn(self) -> Callable[[dict, dict], dict]:
+        """Jitted ``(variables, batch) -> the task's per-example eval outputs`` (e.g. logits) of an
+        evaluation batch (``image`` plus what the task reads beside it, e.g. a segmentation's ``valid``)."""
         return jax.jit(
-            lambda variables, images: self.task.eval_outputs(
-                *self.model.apply(variables, images, train=False)
+            lambda variables, batch: self.task.eval_outputs(
+                *self.model.apply(variables, batch["image"], train=False), batch
             )
         )
 
@@ -244,7 +245,9 @@ def load_run(workdir: str | Path) -> TrainedModel:
     run = RunDir(workdir)
     config = run.read_config()
     class_names = tuple(run.read_dataset_info()["class_names"])
-    model = models.get_model(config.model_name, num_classes=len(class_names), **config.model)
+    model = sliding_window.wrap(
+        models.get_model(config.model_name, num_classes=len(class_names), **config.model), config
+    )
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     ckpt = run.checkpointer(config)
     try:

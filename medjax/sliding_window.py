@@ -15,13 +15,20 @@ window pixel (nnU-Net's and MONAI's ``sliding_window_inference``):
   least. ``blend='constant'`` is the plain average.
 - Logits are blended (nnU-Net v2 aggregates logits too), not probabilities: a softmax afterwards gives the
   probabilities.
+- Evaluation during training and ``python -m medjax.evaluate`` use :class:`SlidingWindow`
+  (``config.eval.window``, :func:`wrap`): the same positions and weights, blended inside the jitted
+  evaluation step for a whole batch.
 - Windows go to the model in batches of exactly ``batch_size`` (the last one padded with repeats), so a
   jitted ``apply_fn`` compiles once for every image size.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 BLENDS = ("gaussian", "constant")
@@ -117,3 +124,60 @@ def sliding_window_logits(
             total[y : y + wh, x : x + ww] += window_logits * weights
             norm[y : y + wh, x : x + ww] += weights
     return (total / norm)[:height, :width]
+
+
+def apply_windows(apply_fn, images: jax.Array, window: tuple[int, int], overlap: float) -> jax.Array:
+    """``(B, H, W, K)`` Gaussian-blended logits of ``apply_fn`` (``(B, h, w, C) -> (B, h, w, K)``) over
+    the windows of a batch, inside a jitted program (window positions depend only on the static shape;
+    a side shorter than the window is taken whole). :func:`sliding_window_logits` is the host version
+    for one image of any size."""
+    h, w = images.shape[1:3]
+    wh, ww = min(window[0], h), min(window[1], w)
+    weights = jnp.asarray(window_weights((wh, ww)))[None, :, :, None]
+    total = norm = None
+    for top in window_starts(h, wh, overlap):
+        for left in window_starts(w, ww, overlap):
+            logits = apply_fn(images[:, top : top + wh, left : left + ww])
+            if total is None:
+                total = jnp.zeros((*images.shape[:3], logits.shape[-1]), logits.dtype)
+                norm = jnp.zeros((1, h, w, 1), jnp.float32)
+            total = total.at[:, top : top + wh, left : left + ww].add(logits * weights)
+            norm = norm.at[:, top : top + wh, left : left + ww].add(weights)
+    return total / norm
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow:
+    """A model whose inference-mode ``apply`` on images larger than ``window`` goes window by window
+    (``aux`` is then empty); training and ``init`` are the wrapped model's. Same variables."""
+
+    model: nn.Module
+    window: tuple[int, int]
+    overlap: float = 0.5
+
+    def init(self, *args, **kwargs):
+        return self.model.init(*args, **kwargs)
+
+    def apply(self, variables, images, *, train: bool, **kwargs):
+        h, w = images.shape[1:3]
+        if train or (h <= self.window[0] and w <= self.window[1]):
+            return self.model.apply(variables, images, train=train, **kwargs)
+        logits = apply_windows(
+            lambda x: self.model.apply(variables, x, train=False, **kwargs)[0],
+            images,
+            self.window,
+            self.overlap,
+        )
+        return logits, {}
+
+
+def wrap(model: nn.Module, config) -> nn.Module | SlidingWindow:
+    """``model`` itself, or windowed when ``config.eval.window`` is set (segmentation configs)."""
+    window = config.eval.get("window")
+    if not window:
+        return model
+    size = (int(window), int(window)) if isinstance(window, int | float) else (int(window[0]), int(window[1]))
+    overlap = float(config.eval.window_overlap)
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"eval.window_overlap={overlap} must be in [0, 1).")
+    return SlidingWindow(model, size, overlap)

@@ -36,6 +36,7 @@ from medjax import (
     models,
     optim,
     sharding,
+    sliding_window,
     tasks,
     unfreeze,
 )
@@ -109,7 +110,14 @@ def train_step(
             rngs={"dropout": rng},
             mutable=["batch_stats"],
         )
-        total, terms = loss_fn(logits, batch["label"], aux, state=state.loss_state, step=state.step)
+        total, terms = loss_fn(
+            logits,
+            batch["label"],
+            aux,
+            pixel_weights=batch.get("valid"),  # Segmentation: pixels outside the field of view never count.
+            state=state.loss_state,
+            step=state.step,
+        )
         return total, (terms, updates.get("batch_stats", state.batch_stats), logits, aux)
 
     (total, (terms, batch_stats, logits, aux)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
@@ -139,7 +147,7 @@ def train_step(
         new_state = new_state.replace(ema=ema_update(state.ema, new_state.variables, state.step, ema_decay))
     step_metrics = {
         "loss": total,
-        **task.step_metrics(logits, batch["label"]),
+        **task.step_metrics(logits, batch),
         "grad_norm": optax.global_norm(grads),
         **{f"loss_{name}": value for name, value in terms.items()},
     }
@@ -154,8 +162,10 @@ def eval_step(variables: dict, batch: dict, loss_state: dict, *, model, loss_fn,
     """
     logits, aux = model.apply(variables, batch["image"], train=False)
     weights = batch["mask"].astype(jnp.float32)
-    total, _ = loss_fn(logits, batch["label"], aux, weights, state=loss_state)
-    return {**task.eval_outputs(logits, aux), "loss_sum": total * weights.sum()}
+    total, _ = loss_fn(
+        logits, batch["label"], aux, weights, pixel_weights=batch.get("valid"), state=loss_state
+    )
+    return {**task.eval_outputs(logits, aux, batch), "loss_sum": total * weights.sum()}
 
 
 def make_steps(
@@ -275,6 +285,12 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     meta = pipeline.dataset_metadata(data_cfg) if sharding.is_primary() else None
     sharding.barrier("dataset prepared")
     meta = meta or pipeline.dataset_metadata(data_cfg)
+    if meta.task != config.task:
+        raise ConfigError(
+            f"config.task={config.task!r} but dataset {data_cfg.name!r} is a {meta.task} dataset: start the "
+            f"config from medjax.config_lib.base_config(task={meta.task!r}) (or pick a {config.task} "
+            "dataset)."
+        )
     mesh = sharding.make_mesh(config.mesh.param_shards)
     sharding.check_batch_size(data_cfg.batch_size, mesh)
     sharding.check_batch_size(data_cfg.eval_batch_size, mesh, what="data.eval_batch_size")
@@ -286,7 +302,9 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
         )
     total_steps = max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
 
-    model = models.get_model(config.model_name, num_classes=meta.num_classes, **config.model)
+    model = sliding_window.wrap(
+        models.get_model(config.model_name, num_classes=meta.num_classes, **config.model), config
+    )
     loss_fn = losses.make_loss_fn(
         config.loss, class_counts=meta.label_counts[data_cfg.train_split], extra_terms=extra_loss_terms
     )

@@ -233,14 +233,14 @@ class ToBatchTypes(grain.transforms.Map):
 
 def patch_size(data_cfg: ml_collections.ConfigDict) -> tuple[int, int]:
     """``data.patch_size`` (int or (H, W)), else ``data.image_size``, as an (H, W) pair."""
-    size = data_cfg.get("patch_size") or data_cfg.image_size
+    size = data_cfg.patch_size or data_cfg.image_size
     return (int(size), int(size)) if isinstance(size, int | float) else (int(size[0]), int(size[1]))
 
 
 def build_train_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.transforms.Transformation]:
     """:class:`SegRecord` element -> normalised float32 training patch with its label and valid maps.
 
-    Reads ``patch_size`` (else ``image_size``), ``foreground_prob`` (default 0.33), ``channels``,
+    Reads ``patch_size`` (else ``image_size``), ``foreground_prob``, ``channels``,
     ``normalize`` and ``augment.{hflip, vflip, rotation_degrees, scale, elastic_alpha, elastic_sigma,
     brightness, contrast}``; a zero, False or None field leaves its transform out.
     """
@@ -251,19 +251,17 @@ def build_train_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.tr
             "patches (data.patch_size, data.foreground_prob) and zooms with data.augment.scale: set it None."
         )
     size = patch_size(data_cfg)
-    scale = tuple(aug.get("scale") or (1.0, 1.0))
-    elastic = aug.get("elastic_alpha") or 0.0
+    scale = tuple(aug.scale)
+    elastic = aug.elastic_alpha
     spatial: list[grain.transforms.Transformation] = []
     if aug.get("rotation_degrees") or scale != (1.0, 1.0):
         spatial.append(RandomRotateScale(float(aug.get("rotation_degrees") or 0.0), scale))
     if elastic:
-        spatial.append(RandomElastic(float(elastic), float(aug.get("elastic_sigma") or 8.0)))
+        spatial.append(RandomElastic(float(elastic), float(aug.elastic_sigma)))
     # A larger window before rotating/zooming out keeps real pixels in the corners of the final patch.
     context = 1.0 if not spatial else math.sqrt(2.0) * max(1.0, 1.0 / scale[0])
     window = tuple(math.ceil(s * context) for s in size)
-    steps: list[grain.transforms.Transformation] = [
-        RandomPatch(window, float(data_cfg.get("foreground_prob", 0.33)))
-    ]
+    steps: list[grain.transforms.Transformation] = [RandomPatch(window, float(data_cfg.foreground_prob))]
     if aug.get("hflip") or aug.get("vflip"):
         steps.append(RandomFlip(0.5 if aug.get("hflip") else 0.0, 0.5 if aug.get("vflip") else 0.0))
     steps += spatial
@@ -280,9 +278,9 @@ def build_eval_transforms(
     data_cfg: ml_collections.ConfigDict, *, shape: tuple[int, int]
 ) -> list[grain.transforms.Transformation]:
     """:class:`SegRecord` element -> whole normalised image padded to ``shape`` rounded up to
-    ``data.pad_multiple`` (default 32), with label and valid maps (padding invalid)."""
+    ``data.pad_multiple``, with label and valid maps (padding invalid)."""
     return [
-        PadToMultiple(tuple(shape), int(data_cfg.get("pad_multiple", 32))),
+        PadToMultiple(tuple(shape), int(data_cfg.pad_multiple)),
         transforms.ToChannels(data_cfg.channels),
         transforms.normalizer(data_cfg),
         ToBatchTypes(),

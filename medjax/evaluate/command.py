@@ -32,7 +32,7 @@ def predict_split(model: run_dir.TrainedModel, data_cfg, *, split: str) -> dict:
       NonFiniteOutputError: when an output holds NaN or infinity (a damaged checkpoint).
     """
     outputs = inference.predict_split(
-        lambda batch: model.outputs_fn(model.variables, batch["image"]), data_cfg, split=split
+        lambda batch: model.outputs_fn(model.variables, batch), data_cfg, split=split
     )
     for key, value in outputs.items():
         if key not in ("index", "label") and np.issubdtype(np.asarray(value).dtype, np.floating):
@@ -73,8 +73,10 @@ def _resolve_splits(data_cfg, splits: Sequence[str]) -> dict[str, str]:
 def predict_members(
     members: Sequence[run_dir.TrainedModel], *, splits: Sequence[str], data_dir: str | None
 ) -> dict[str, dict]:
-    """``{role: {'split', 'label', ...}}``: each member's predictions of each split, combined by the
-    task's ``ensemble`` (for one member, its own predictions in the task's judged form).
+    """``{role: {'split', 'examples', 'label', ...}}``: each member's predictions of each split, combined
+    by the task's ``ensemble`` (for one member, its own predictions in the task's judged form), and the
+    split's non-image fields (``examples``, :func:`medjax.data.pipeline.example_info`: ids, and for
+    segmentation the cases, slice positions and spacings that volume metrics need).
 
     Every member reads the split through its own config (its preprocessing, image size and channels),
     so members trained differently can still be combined, as long as they read the same examples.
@@ -92,7 +94,7 @@ def predict_members(
             source = (data_cfg.name, split)
             predicted = predict_split(member, data_cfg, split=split)
             if role not in collected:
-                collected[role] = (source, [predicted])
+                collected[role] = (source, [predicted], pipeline.example_info(data_cfg, split))
                 continue
             first_source, first = collected[role][0], collected[role][1][0]
             if source != first_source or not np.array_equal(predicted["label"], first["label"]):
@@ -104,7 +106,10 @@ def predict_members(
                 )
             collected[role][1].append(predicted)
     task = members[0].task
-    return {role: {"split": source[1]} | task.ensemble(preds) for role, (source, preds) in collected.items()}
+    return {
+        role: {"split": source[1], "examples": info} | task.ensemble(preds)
+        for role, (source, preds, info) in collected.items()
+    }
 
 
 def evaluate_run(

@@ -6,10 +6,11 @@ owns the rest. Each task module provides:
 
 ``default_loss()``
     the ``config.loss`` a config starts from (:func:`medjax.config_lib.base_config`).
-``step_metrics(logits, labels)``
+``step_metrics(logits, batch)``
     jnp scalars logged beside the loss at every training step (e.g. accuracy).
-``eval_outputs(logits, aux)``
-    what the inference pass keeps per example (e.g. the logits).
+``eval_outputs(logits, aux, batch)``
+    what the inference pass keeps per example (e.g. the logits; a segmentation also keeps the batch's
+    ``valid`` map, small enough to hold for a whole split).
 ``validation_metrics(predictions, class_names)``
     the metrics of one split's gathered predictions (``label`` plus the ``eval_outputs``), as the
     training loop logs, selects the best checkpoint on and reports; ``headline(metrics)`` is their

@@ -27,12 +27,12 @@ def default_loss() -> dict:
     return {"cross_entropy": {"weight": 1.0, "label_smoothing": 0.0}}
 
 
-def step_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    return {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+def step_metrics(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+    return {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
 
-def eval_outputs(logits: jax.Array, aux: dict) -> dict[str, jax.Array]:
-    del aux  # Classification is judged on the logits alone.
+def eval_outputs(logits: jax.Array, aux: dict, batch: dict) -> dict[str, jax.Array]:
+    del aux, batch  # Classification is judged on the logits alone.
     return {"logits": logits}
 
 

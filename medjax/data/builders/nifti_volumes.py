@@ -306,11 +306,8 @@ class NiftiVolumes(tfds.core.GeneratorBasedBuilder):
         if raw.ndim != 3 or not np.array_equal(raw, np.round(raw)) or raw.min() < 0 or raw.max() > 255:
             raise self._error(f"label {volume.label}: expected a 3-D volume of integer labels 0..255")
         labels = seg.apply_mapping(raw.astype(np.uint8), mapping)  # Unmapped raw labels become background.
-        mode = config.intensity or _DEFAULT_INTENSITY[config.layout]
-        low, high = config.window if mode == "window" else np.percentile(data, config.percentiles)
-        scaled = np.clip((data - low) / max(float(high - low), 1e-6), 0.0, 1.0)
         zooms = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
-        return np.round(scaled * 255.0).astype(np.uint8), labels, zooms
+        return volume_to_uint8(data, config), labels, zooms
 
     def _resample(self, example: seg.Example) -> seg.Example:
         config = self.builder_config
@@ -321,6 +318,16 @@ class NiftiVolumes(tfds.core.GeneratorBasedBuilder):
             ty, tx = config.target_spacing
             return seg.resize_planes(example, (max(1, round(h * dy / ty)), max(1, round(w * dx / tx))))
         return example
+
+
+def volume_to_uint8(data: np.ndarray, config: NiftiConfig) -> np.ndarray:
+    """A float intensity volume as uint8 by the config's ``intensity`` rule (the layout's default when
+    ''): 'window' clips to ``window``, 'percentile' rescales the volume's ``percentiles``. Prediction on
+    new volumes (:mod:`medjax.seg_predict`) applies the same rule."""
+    mode = config.intensity or _DEFAULT_INTENSITY[config.layout]
+    low, high = config.window if mode == "window" else np.percentile(data, config.percentiles)
+    scaled = np.clip((data - low) / max(float(high - low), 1e-6), 0.0, 1.0)
+    return np.round(scaled * 255.0).astype(np.uint8)
 
 
 Builder = NiftiVolumes
