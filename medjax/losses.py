@@ -227,6 +227,7 @@ def dice(
     include_background: bool = False,
     smooth: float = 1e-5,
     pixel_weights: jax.Array | None = None,
+    batch: bool = False,
     reduction: bool = True,
 ) -> jax.Array:
     """Soft Dice loss for segmentation: ``1 - mean_k (2 |P_k G_k| + s) / (|P_k| + |G_k| + s)`` per image.
@@ -249,12 +250,13 @@ def dice(
     if pixel_weights is not None:
         w = pixel_weights.astype(jnp.float32)[..., None]
         probs, target = probs * w, target * w
-    spatial = tuple(range(1, logits.ndim - 1))
-    intersection = jnp.sum(probs * target, axis=spatial)  # (B, K)
+    pooled = batch and reduction
+    spatial = tuple(range(0 if pooled else 1, logits.ndim - 1))
+    intersection = jnp.sum(probs * target, axis=spatial)  # (B, K), or (K,) pooled
     denominator = jnp.sum(probs, axis=spatial) + jnp.sum(target, axis=spatial)
     per_class = 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
     if not include_background:
-        per_class = per_class[:, 1:]
+        per_class = per_class[..., 1:]
     return _reduce(per_class.mean(axis=-1), reduction)
 
 

@@ -226,6 +226,20 @@ def test_dice_hand_computed_and_perfect_prediction():
     )
 
 
+def test_batch_dice_pools_the_batch_so_an_empty_image_is_not_scored_alone():
+    # Image 0: foreground probabilities 0.5, 1.0 on two foreground pixels; image 1: no foreground, one
+    # false-positive pixel at 0.5. Pooled: intersection 1.5, |P| 2.0, |G| 2 -> loss 1 - 3/4 = 1/4.
+    # Per image: 1/7 and 1 (the empty image scores 0 Dice), mean 4/7.
+    p = np.array([[[0.5, 1.0]], [[0.5, 0.0]]], np.float32)
+    logits = np.log(np.stack([1.0 - p, p], axis=-1) + 1e-12)
+    labels = np.array([[[1, 1]], [[0, 0]]])
+    pooled = losses.dice(logits=logits, labels=labels, smooth=0.0, batch=True)
+    np.testing.assert_allclose(pooled, 1 / 4, rtol=1e-5)
+    np.testing.assert_allclose(losses.dice(logits=logits, labels=labels, smooth=0.0), 4 / 7, rtol=1e-5)
+    per_image = losses.dice(logits=logits, labels=labels, smooth=0.0, batch=True, reduction=False)
+    np.testing.assert_allclose(per_image, [1 / 7, 1.0], rtol=1e-5)
+
+
 def test_composite_loss_warmup_and_state():
     loss_fn = losses.make_loss_fn(
         {
