@@ -19,22 +19,6 @@ import ml_collections
 
 from medjax.errors import ConfigError
 
-# Per task, the scalar validation metrics a run may select its best checkpoint or stop early on
-# (classification: medjax.metrics.classification_metrics plus the loss; sensitivity and specificity exist
-# for 2 classes). A task missing here has its metric keys left unchecked.
-VALIDATION_METRICS = {
-    "classification": (
-        "loss",
-        "accuracy",
-        "balanced_accuracy",
-        "auc",
-        "precision",
-        "recall",
-        "f1",
-        "sensitivity",
-        "specificity",
-    ),
-}
 METRIC_KEYS = ("train.early_stopping.monitor", "train.select_best_on")
 
 
@@ -90,6 +74,19 @@ def _models() -> list[str]:
     from medjax import models
 
     return models.available_models()
+
+
+def _metric_problem(task_name: str, value: Any) -> str | None:
+    """Whether ``value`` names a validation metric of the task (its module's ``VALIDATION_METRICS``, or a
+    ``PER_CLASS_METRICS`` prefix followed by ``_<class name>``, since class names come with the data)."""
+    from medjax import tasks
+
+    task = tasks.get_task(task_name)
+    prefixes = getattr(task, "PER_CLASS_METRICS", ())
+    if isinstance(value, str) and any(value.startswith(f"{p}_") and value != f"{p}_" for p in prefixes):
+        return None
+    problem = Choice(task.VALIDATION_METRICS).problem(value)
+    return problem and problem + "".join(f", {p}_<class name>" for p in prefixes)
 
 
 def _tasks() -> list[str]:
@@ -162,10 +159,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         found, value = _lookup(config, key)
         if found and (problem := rule.problem(value)) is not None:
             problems.append(f"{key}={value!r}: {problem}")
-    metric_names = VALIDATION_METRICS.get(config.get("task", "classification"))
-    for key in METRIC_KEYS if metric_names else ():
+    for key in METRIC_KEYS if config.get("task", "classification") in _tasks() else ():
         found, value = _lookup(config, key)
-        if found and (problem := Choice(metric_names).problem(value)) is not None:
+        if found and (problem := _metric_problem(config.get("task", "classification"), value)) is not None:
             problems.append(f"{key}={value!r}: {problem}")
     for name, term in dict(config.get("loss") or {}).items():
         weight = dict(term or {}).get("weight")

@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from medjax import cli, config_checks, config_lib, locking, metrics
+from medjax import cli, config_checks, config_lib, locking, metrics, tasks
 from medjax.data import builders, images
 from medjax.errors import BusyError, ConfigError, NonFiniteOutputError
 from medjax.finite import check_outputs
@@ -71,7 +71,31 @@ def test_validation_metrics_are_what_evaluation_reports():
     labels, probs = np.array([0, 1, 1, 0]), np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])
     reported = metrics.classification_metrics(labels=labels, probs=probs, class_names=("a", "b"))
     scalars = {k for k, v in reported.items() if isinstance(v, float)} | {"loss"}
-    assert set(config_checks.VALIDATION_METRICS["classification"]) == scalars
+    assert set(tasks.get_task("classification").VALIDATION_METRICS) == scalars
+
+
+def test_segmentation_metrics_selectable_are_what_validation_reports():
+    seg = tasks.get_task("segmentation")
+    label = np.array([[[0, 1], [1, 1]], [[0, 0], [1, 0]]], np.uint8)
+    predictions = {
+        "label": label,
+        "prediction": np.array([[[0, 1], [0, 1]], [[0, 1], [1, 0]]], np.uint8),
+        "valid": np.ones_like(label, bool),
+        "score": np.array([[[0.1, 0.9], [0.4, 0.8]], [[0.2, 0.6], [0.7, 0.3]]]),
+    }
+    reported = seg.validation_metrics(predictions, ("background", "lesion"))
+    config = _smoke(task="segmentation")
+    for name in [*reported, "loss"]:  # Every name validation reports can be selected on ...
+        config.train.select_best_on = name
+        config_checks.check_values(config)
+    for name in ("mean_hd95", "dice_", "auc"):  # ... and nothing it does not report.
+        config.train.select_best_on = name
+        with pytest.raises(
+            ConfigError,
+            match=rf"train.select_best_on='{name}': must be one of 'loss'.*"
+            r"dice_<class name>",
+        ):
+            config_checks.check_values(config)
 
 
 def test_builder_kwargs_are_completed_so_dotted_overrides_reach_them(tmp_path):

@@ -14,7 +14,9 @@ owns the rest. Each task module provides:
 ``validation_metrics(predictions, class_names)``
     the metrics of one split's gathered predictions (``label`` plus the ``eval_outputs``), as the
     training loop logs, selects the best checkpoint on and reports; ``headline(metrics)`` is their
-    one-line console summary.
+    one-line console summary. ``VALIDATION_METRICS`` names those scalars (with ``loss``), and an optional
+    ``PER_CLASS_METRICS`` the prefixes of per-class ones (``dice_<class>``): the config check accepts
+    exactly these for ``train.select_best_on`` and ``train.early_stopping.monitor``.
 ``ensemble(member_predictions)``
     one prediction from several runs' predictions of the same examples.
 ``judge(predictions, *, out, class_names, settings)`` and ``markdown(report)``

@@ -36,6 +36,21 @@ def eval_outputs(logits: jax.Array, aux: dict, batch: dict) -> dict[str, jax.Arr
     return {"logits": logits}
 
 
+# The scalars validation_metrics gives, plus the loss the loop adds: what a run may select its best
+# checkpoint or stop early on (sensitivity and specificity exist for 2 classes).
+VALIDATION_METRICS = (
+    "loss",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "precision",
+    "recall",
+    "f1",
+    "sensitivity",
+    "specificity",
+)
+
+
 def validation_metrics(predictions: dict, class_names: Sequence[str]) -> dict:
     """Metrics of gathered ``{'label', 'logits'}`` (see :func:`medjax.metrics.classification_metrics`)."""
     probs = metrics.probabilities(predictions["logits"])

@@ -68,6 +68,20 @@ def _preview(images: jax.Array) -> jax.Array:
     return (255 * (x - lo) / jnp.maximum(hi - lo, 1e-6)).astype(jnp.uint8)
 
 
+# What validation_metrics gives (binary tasks add sensitivity, specificity and pixel_auc), plus the loss,
+# and the per-class metrics as ``<prefix>_<class name>``: what a run may select or stop early on.
+VALIDATION_METRICS = (
+    "loss",
+    "mean_dice",
+    "mean_iou",
+    "pixel_accuracy",
+    "sensitivity",
+    "specificity",
+    "pixel_auc",
+)
+PER_CLASS_METRICS = ("dice", "iou", "pixel_dice")
+
+
 def validation_metrics(predictions: dict, class_names: Sequence[str]) -> dict:
     """Per-class Dice/IoU (means over images), pixel Dice, pixel accuracy and, binary, the pixel AUC
     (no surface distances: they cost seconds per image and training only needs a selection signal)."""
