@@ -228,6 +228,7 @@ def dice(
     smooth: float = 1e-5,
     pixel_weights: jax.Array | None = None,
     batch: bool = False,
+    weights: jax.Array | None = None,
     reduction: bool = True,
 ) -> jax.Array:
     """Soft Dice loss for segmentation: ``1 - mean_k (2 |P_k G_k| + s) / (|P_k| + |G_k| + s)`` per image.
@@ -237,6 +238,13 @@ def dice(
     ``DiceLoss(softmax=True, to_onehot_y=True)``). Class 0 is background and left out unless
     ``include_background``. A class absent from both an image's target and prediction scores ``s / s``,
     i.e. no loss. ``pixel_weights`` ``(B, H, W)`` scale each pixel's share of every sum (0: not counted).
+
+    ``batch=True`` sums over the whole batch before the ratio (nnU-Net's batch Dice), leaving out examples
+    whose ``weights`` ``(B,)`` are 0 (padding). Per image, an image without foreground scores 1 for any
+    false positive however small, so a data set where many images are empty teaches the model to predict
+    nothing; pooled, such an image only adds its false positives to the batch's denominator. With
+    ``reduction=False`` every example then carries the pooled loss, so any weighted mean of them (what
+    :class:`CompositeLoss` takes) is the pooled loss.
     """
     del aux
     if labels.ndim != logits.ndim - 1 or labels.ndim < 2:
@@ -247,17 +255,18 @@ def dice(
     num_classes = logits.shape[-1]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     target = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if pixel_weights is not None:
-        w = pixel_weights.astype(jnp.float32)[..., None]
-        probs, target = probs * w, target * w
-    pooled = batch and reduction
-    spatial = tuple(range(0 if pooled else 1, logits.ndim - 1))
-    intersection = jnp.sum(probs * target, axis=spatial)  # (B, K), or (K,) pooled
-    denominator = jnp.sum(probs, axis=spatial) + jnp.sum(target, axis=spatial)
+    w = jnp.ones(labels.shape, jnp.float32) if pixel_weights is None else pixel_weights.astype(jnp.float32)
+    if batch and weights is not None:
+        w = w * weights.astype(jnp.float32).reshape((-1,) + (1,) * (labels.ndim - 1))
+    probs, target = probs * w[..., None], target * w[..., None]
+    summed = tuple(range(0 if batch else 1, logits.ndim - 1))
+    intersection = jnp.sum(probs * target, axis=summed)  # (B, K), or (K,) pooled
+    denominator = jnp.sum(probs, axis=summed) + jnp.sum(target, axis=summed)
     per_class = 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
     if not include_background:
         per_class = per_class[..., 1:]
-    return _reduce(per_class.mean(axis=-1), reduction)
+    per_example = jnp.broadcast_to(per_class.mean(axis=-1), labels.shape[:1])
+    return _reduce(per_example, reduction)
 
 
 def _features(aux: Mapping, normalize: bool) -> jax.Array:

@@ -236,8 +236,14 @@ def test_batch_dice_pools_the_batch_so_an_empty_image_is_not_scored_alone():
     pooled = losses.dice(logits=logits, labels=labels, smooth=0.0, batch=True)
     np.testing.assert_allclose(pooled, 1 / 4, rtol=1e-5)
     np.testing.assert_allclose(losses.dice(logits=logits, labels=labels, smooth=0.0), 4 / 7, rtol=1e-5)
-    per_image = losses.dice(logits=logits, labels=labels, smooth=0.0, batch=True, reduction=False)
-    np.testing.assert_allclose(per_image, [1 / 7, 1.0], rtol=1e-5)
+    per_example = losses.dice(logits=logits, labels=labels, smooth=0.0, batch=True, reduction=False)
+    np.testing.assert_allclose(
+        per_example, [1 / 4, 1 / 4], rtol=1e-5
+    )  # Any weighted mean is the pooled loss.
+    padded = losses.dice(logits=logits, labels=labels, smooth=0.0, batch=True, weights=np.array([1.0, 0.0]))
+    np.testing.assert_allclose(padded, 1 / 7, rtol=1e-5)  # Weight 0 (padding) leaves image 1 out.
+    composite = losses.make_loss_fn({"dice": {"weight": 1.0, "batch": True, "smooth": 0.0}})
+    np.testing.assert_allclose(composite(logits, labels, None)[0], 1 / 4, rtol=1e-5)
 
 
 def test_composite_loss_warmup_and_state():

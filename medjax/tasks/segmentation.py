@@ -233,12 +233,10 @@ def report_lines(report: dict) -> list[str]:
         "Dice/IoU/HD95 are means over units where defined; pixel metrics pool every valid pixel.",
     ]
     for role, split in report["splits"].items():
-        lines += [
-            "",
-            f"## {role} (`{split['split']}`, {split['num_examples']} images, {split['num_units']} "
-            f"{split['unit']}s; HD95 in {split['distance_unit']})",
-            "",
-        ]
+        units = f"{split['num_examples']} images"
+        if split["unit"] != "image":  # Volumes: their slices are the images.
+            units += f" of {split['num_units']} {split['unit']}s"
+        lines += ["", f"## {role} (`{split['split']}`, {units}; HD95 in {split['distance_unit']})", ""]
         rows = [
             [name, fmt(m["value"]), f"{fmt(m['low'])} to {fmt(m['high'])}", m["skipped"]]
             for name, m in split["metrics"].items()
