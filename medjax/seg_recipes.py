@@ -74,6 +74,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str, model: str) -
         use_synthetic_segmentation(config, image_size=64)
         config.train.num_epochs = 3.0
         config.train.eval_every_epochs = 1.0
+        config.optim.learning_rate = 6e-3  # Chosen on validation: 2e-3 had not left Dice 0 by step 300.
         config.optim.warmup_epochs = 0.5
     elif variant == "smoke":
         make_smoke(config, model)
