@@ -73,7 +73,15 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
         image_shape=(args.size, args.size, 3),
         num_classes=args.num_classes,
     )
-    result = _timed_train(step.run, args)
+    result = {
+        **_timed_train(step.run, args),
+        "params": sum(x.size for x in jax.tree.leaves(step.state.params)),
+        "gflops_per_step": step.gflops(),
+        "planned_mb": step.planned_mb(),
+        "compile_s": step.compile_s,
+    }
+    if args.train_only:
+        return result
     variables = step.state.variables
     eval_batch = {**step.batch, "mask": jnp.ones((args.batch,), bool)}
     one = {k: v[:1] for k, v in eval_batch.items()}
@@ -81,10 +89,6 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     jax.block_until_ready(step.evaluate(variables, eval_batch, {}))
     return {
         **result,
-        "params": sum(x.size for x in jax.tree.leaves(variables["params"])),
-        "gflops_per_step": step.gflops(),
-        "planned_mb": step.planned_mb(),
-        "compile_s": step.compile_s,
         "infer_b1_times_s": timing.timed(
             lambda: jax.block_until_ready(step.evaluate(variables, one, {})),
             steps=max(args.steps, 5),
@@ -144,6 +148,7 @@ def _spawn(args: argparse.Namespace, case: dict) -> dict:
     forwarded = [
         f"--{n}={getattr(args, n)}" for n in ("batch", "size", "num_classes", "steps", "warmup", "threads")
     ]
+    forwarded += ["--train_only"] if args.train_only else []
     cmd = [sys.executable, __file__, "--worker", case["case"], f"--remat={case['remat']}", *forwarded]
     load_before = timing.load_average()
     start = time.perf_counter()
@@ -159,13 +164,10 @@ def _spawn(args: argparse.Namespace, case: dict) -> dict:
         return {**record, "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
     raw = json.loads(lines[-1][len("RESULT ") :])
     med = statistics.median
-    return {
-        **record,
-        "train_images_per_s": args.batch / med(raw["train_step_times_s"]),
-        "infer_b1_ms": 1e3 * med(raw["infer_b1_times_s"]),
-        "infer_images_per_s": args.batch / med(raw["infer_batch_times_s"]),
-        **raw,
-    }
+    if "infer_b1_times_s" in raw:
+        record["infer_b1_ms"] = 1e3 * med(raw["infer_b1_times_s"])
+        record["infer_images_per_s"] = args.batch / med(raw["infer_batch_times_s"])
+    return {**record, "train_images_per_s": args.batch / med(raw["train_step_times_s"]), **raw}
 
 
 def _torch_available() -> bool:
@@ -237,15 +239,9 @@ def markdown(summary: list[dict]) -> str:
             continue
         cells += [timing.fmt(r["train_images_per_s"])]
         cells += [timing.fmt(r[k]) if k in r else "-" for k in ("vs_torch_eager", "vs_torch_compile")]
-        cells += [
-            timing.fmt(r["compile_s"], 0),
-            timing.fmt(r["infer_b1_ms"], 1),
-            timing.fmt(r["infer_images_per_s"], 1),
-        ]
-        cells += [
-            timing.fmt(r["peak_rss_mb"], 0),
-            f"{r['planned_mb']['total']:.0f}" if r.get("planned_mb") else "-",
-        ]
+        digits = {"compile_s": 0, "infer_b1_ms": 1, "infer_images_per_s": 1, "peak_rss_mb": 0}
+        cells += [timing.fmt(r[k], d) if k in r else "-" for k, d in digits.items()]
+        cells += [f"{r['planned_mb']['total']:.0f}" if r.get("planned_mb") else "-"]
         cells += [timing.fmt(r["faults_per_step"], 0)]
         loads = [x for pair in r["load"] for x in pair]
         cells += [f"{min(loads):.1f}-{max(loads):.1f}"]
@@ -276,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--allocator", action="append", choices=allocator.CHOICES, help="repeatable; default: auto"
     )
+    parser.add_argument("--train_only", action="store_true", help="no inference timing (memory runs)")
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--skip_torch_compile", action="store_true")
     parser.add_argument("--out", type=Path, help="JSON path; default results/benchmark_<UTC time>.json")
@@ -304,7 +301,8 @@ def main() -> None:
             print(
                 f"round {index + 1}/{args.rounds} {case['case']} [{case['allocator']}, "
                 f"remat {case['remat']}, {case['xla_flags'] or 'default flags'}]: {speed:.2f} img/s, "
-                f"{result['wall_s']:.0f} s, "
+                f"peak RSS {result.get('peak_rss_mb', 0):.0f} MB (XLA planned "
+                f"{result.get('planned_mb', {}).get('total', 0):.0f}), {result['wall_s']:.0f} s, "
                 f"load {result['load_before']}->{result['load_after']}",
                 flush=True,
             )
