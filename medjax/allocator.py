@@ -147,7 +147,7 @@ def describe() -> str:
     """:func:`active`, and when it is not a fast allocator, what that costs and the command that fixes it
     (the first log line of a training command)."""
     kind = active()
-    if kind in FAST:
+    if kind in FAST or not sys.platform.startswith("linux"):  # Preloading is the Linux loader's.
         return kind
     return (
         f"{kind} (no fast allocator found: training runs up to 1.3-2.2x slower than under tcmalloc or "
