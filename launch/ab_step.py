@@ -90,7 +90,13 @@ def _run_side(args: argparse.Namespace, root: Path, cache: Path) -> dict:
     forwarded = [
         f"--{n}={getattr(args, n)}" for n in ("config", "steps", "warmup", "batch", "size", "num_classes")
     ]
-    cmd = [sys.executable, __file__, "--worker", *forwarded, *(f"--set={s}" for s in args.set)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        *forwarded,
+        *(f"--set={s}" for s in args.set),
+    ]
     load_before = timing.load_average()
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
