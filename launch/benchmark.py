@@ -1,34 +1,38 @@
-"""Whole-training-step benchmark of medjax models against PyTorch peers, in one run.
+"""Whole-training-step benchmark of medjax models against PyTorch peers, interleaved in rounds.
 
 For each model (MobileNetV2 1.0, ConvNeXt-Tiny, MedNeXt-tiny) at 224x224x3, batch 32, 2 classes, AdamW:
-training images/s of the jitted ``medjax.train`` step (optimizer included, median over timed steps after
-warm-up, ``block_until_ready``), compile time, eval-mode latency at batch 1 and throughput at batch N,
-peak RSS, parameters and XLA GFLOPs per step (``cost_analysis``). When torch imports, the PyTorch peers of
-``launch/torch_reference.py`` (all three models; MedNeXt's transcribes medjax's ``mednext_plos``) are timed
-in the same run (eager and ``torch.compile``, channels_last, same thread count) and the ratios medjax/torch
-are printed.
+training images/s of the compiled ``medjax.train`` step (optimizer included, ``block_until_ready``),
+compile time, eval-mode latency at batch 1 and throughput at batch N, peak RSS next to XLA's planned
+buffers (``compiled.memory_analysis()``), page faults per step, parameters and XLA GFLOPs per step. When
+torch imports, the PyTorch peers of ``launch/torch_reference.py`` run in the same rounds (eager and
+``torch.compile``, channels_last).
 
-Every case runs in a fresh subprocess: peak RSS is then the case's own, and ``--xla_flags`` and
-``--allocator`` variants (read once per process) can be compared in one run; PyTorch peers run under each
-allocator too, so every ratio compares like with like. Example (about 25 minutes on 2 cores)::
+Like for like: every case runs in a fresh subprocess pinned to the same ``--threads`` cores (XLA sizes
+its pool to them, PyTorch gets ``set_num_threads``) under the same ``--allocator``. Every round runs every
+case once, in an order rotated from round to round (``timing.rotated``), so a busy minute on a shared
+machine hits all cases alike; each figure is the median over rounds with its min/max, each ratio the ratio
+of medians (``timing.spread``, ``timing.ratio``), and the load average before and after each case is
+kept. The JSON (default ``results/benchmark_<UTC time>.json``) also records commit, versions, allocator
+and cores. Example (about 25 minutes per round on 2 cores)::
 
-    JAX_PLATFORMS=cpu /work/venv-torch/bin/python launch/benchmark.py --depthwise_impl fast \
-        --allocator system --allocator tcmalloc --out /tmp/benchmark.json
-    # quick look: --models mobilenet_v2 --steps 3 --warmup 1 --skip_torch_compile
-    # flag A/B:   --xla_flags= --xla_flags=--xla_cpu_use_xnnpack=true --depthwise_impl fast
+    python launch/benchmark.py --allocator auto --rounds 3
+    # quick look: --models mobilenet_v2 --steps 3 --warmup 1 --rounds 2 --skip_torch_compile
+    # memory:     --models convnext --remat none --remat block --skip_torch
+    # flag A/B:   --xla_flags= --xla_flags=--xla_cpu_use_xnnpack=true
 """
 
 import argparse
+import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from timing import timed
+import timing
 
 from medjax import allocator  # Imports no jax: the parent only sets each case's environment.
 
@@ -38,77 +42,79 @@ MODEL_KWARGS = {
     "convnext": {"variant": "tiny", "drop_path_rate": 0.1},
     "mednext_plos": {"variant": "tiny"},
 }
-TORCH_PEERS = ("mobilenet_v2", "convnext", "mednext_plos")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB.
+TORCH_IMPLS = ("eager", "compile")
+# Per-case figures summarised over rounds (median, min, max).
+FIGURES = (
+    "train_images_per_s",
+    "compile_s",
+    "infer_b1_ms",
+    "infer_images_per_s",
+    "peak_rss_mb",
+    "faults_per_step",
+)
 
 
 def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     """One medjax case; jax is imported here so that the parent can set ``XLA_FLAGS`` first."""
     import jax
     import jax.numpy as jnp
+    import medjax_step
 
-    from medjax import config_lib, losses, models, optim, tasks, train
-    from medjax.evaluate import model_card as profiling
+    from medjax import config_lib, losses, models
 
-    model = models.get_model(name, num_classes=args.num_classes, **MODEL_KWARGS[name], depthwise_impl=impl)
-    loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}})
-    image_shape = (args.size, args.size, 3)
-    key = jax.random.key(0)
-    variables = train.init_variables(model, rng=key, image_shape=image_shape)
-    optim_cfg = config_lib.base_config().optim  # AdamW, lr 1e-3, weight decay 0.05, cosine.
-    tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=1000, steps_per_epoch=100)
-    state = train.create_train_state(tx, variables)
-    p_train, p_eval = train.make_steps(model, tx, loss_fn, tasks.get_task("classification"))
-
-    k_img, k_lab = jax.random.split(jax.random.key(1))
-    images = jax.random.normal(k_img, (args.batch, *image_shape), jnp.float32)
-    labels = jax.random.randint(k_lab, (args.batch,), 0, args.num_classes)
-    batch = {"image": images, "label": labels}
-
-    # AOT lower + compile: the same jitted function users call, with compilation timed on its own.
-    start = time.perf_counter()
-    compiled = p_train.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - start
-
-    def step():
-        nonlocal state
-        state, step_metrics = compiled(state, batch, key)
-        jax.block_until_ready((state, step_metrics))
-
-    train_times = timed(step, steps=args.steps, warmup=args.warmup)
-
-    variables = state.variables
-    eval_batch = {**batch, "mask": jnp.ones((args.batch,), bool)}
-    one = {k: v[:1] for k, v in eval_batch.items()}
-    start = time.perf_counter()
-    jax.block_until_ready(p_eval(variables, one, {}))
-    eval_compile_s = time.perf_counter() - start
-    jax.block_until_ready(p_eval(variables, eval_batch, {}))  # Compiles the batch-N shape outside the timing.
-    latency = timed(
-        lambda: jax.block_until_ready(p_eval(variables, one, {})), steps=max(args.steps, 5), warmup=1
+    model = models.get_model(
+        name, num_classes=args.num_classes, remat=args.remat, depthwise_impl=impl, **MODEL_KWARGS[name]
     )
-    throughput = timed(
-        lambda: jax.block_until_ready(p_eval(variables, eval_batch, {})), steps=args.steps, warmup=1
+    step = medjax_step.compile_train_step(
+        model,
+        optim_cfg=config_lib.base_config().optim,  # AdamW, lr 1e-3, weight decay 0.05, cosine.
+        loss_fn=losses.make_loss_fn({"cross_entropy": {"weight": 1.0}}),
+        batch_size=args.batch,
+        image_shape=(args.size, args.size, 3),
+        num_classes=args.num_classes,
     )
-    return {
-        "params": profiling.count_params(state.params),
-        "gflops_per_step": profiling.compiled_gflops(compiled),
-        "compile_s": compile_s,
-        "first_eval_s": eval_compile_s,
-        "train_step_times_s": train_times,
-        "infer_b1_times_s": latency,
-        "infer_batch_times_s": throughput,
+    result = {
+        **_timed_train(step.run, args),
+        "params": sum(x.size for x in jax.tree.leaves(step.state.params)),
+        "gflops_per_step": step.gflops(),
+        "planned_mb": step.planned_mb(),
+        "compile_s": step.compile_s,
     }
+    if args.train_only:
+        return result
+    variables = step.state.variables
+    eval_batch = {**step.batch, "mask": jnp.ones((args.batch,), bool)}
+    one = {k: v[:1] for k, v in eval_batch.items()}
+    jax.block_until_ready(step.evaluate(variables, one, {}))  # Compiles both shapes outside the timing.
+    jax.block_until_ready(step.evaluate(variables, eval_batch, {}))
+    return {
+        **result,
+        "infer_b1_times_s": timing.timed(
+            lambda: jax.block_until_ready(step.evaluate(variables, one, {})),
+            steps=max(args.steps, 5),
+            warmup=1,
+        ),
+        "infer_batch_times_s": timing.timed(
+            lambda: jax.block_until_ready(step.evaluate(variables, eval_batch, {})),
+            steps=args.steps,
+            warmup=1,
+        ),
+    }
+
+
+def _timed_train(step, args: argparse.Namespace) -> dict:
+    for _ in range(args.warmup):
+        step()
+    faults = timing.minor_faults()
+    times = timing.timed(step, steps=args.steps, warmup=0)
+    return {"train_step_times_s": times, "faults_per_step": (timing.minor_faults() - faults) / args.steps}
 
 
 def run_torch(args: argparse.Namespace, name: str, impl: str) -> dict:
     """One PyTorch case; ``impl`` is 'eager' or 'compile'."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch_reference
 
+    faults = timing.minor_faults()
     result = torch_reference.benchmark(
         name,
         compiled=impl == "compile",
@@ -119,44 +125,49 @@ def run_torch(args: argparse.Namespace, name: str, impl: str) -> dict:
         warmup=args.warmup,
         threads=args.threads,
     )
+    # Whole-run faults: torch_reference times its steps itself; per step they are an upper bound.
+    steps = args.steps + args.warmup + max(args.steps, 5) + 2 * args.warmup
+    result["faults_per_step"] = (timing.minor_faults() - faults) / steps
     result["compile_s"] = result["first_step_s"] - statistics.median(result["train_step_times_s"])
     return result
 
 
-def _summarise(raw: dict, batch: int) -> dict:
-    med = statistics.median
-    return {
-        "train_images_per_s": batch / med(raw["train_step_times_s"]),
-        "step_s_min_max": [min(raw["train_step_times_s"]), max(raw["train_step_times_s"])],
-        "infer_b1_ms": 1e3 * med(raw["infer_b1_times_s"]),
-        "infer_images_per_s": batch / med(raw["infer_batch_times_s"]),
-        **raw,
-    }
-
-
 def _worker(args: argparse.Namespace) -> None:
     framework, name, impl = args.worker.split(":")
+    # Before any framework starts its thread pool: both sides run on the same cores.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     raw = (run_medjax if framework == "medjax" else run_torch)(args, name, impl)
-    raw["peak_rss_mb"] = _peak_rss_mb()
+    raw.update(peak_rss_mb=timing.peak_rss_mb(), allocator_active=allocator.active())
     print("RESULT " + json.dumps(raw), flush=True)
 
 
-def _spawn(args: argparse.Namespace, case: str, xla_flags: str, memory_allocator: str) -> dict:
-    """Runs ``case`` in a fresh interpreter under ``memory_allocator`` with ``xla_flags`` in ``XLA_FLAGS``."""
-    env = allocator.environment(memory_allocator, dict(os.environ, JAX_PLATFORMS="cpu"))
-    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
-    cmd = [sys.executable, __file__, "--worker", case, *_forwarded(args)]
+def _spawn(args: argparse.Namespace, case: dict) -> dict:
+    """Runs ``case`` in a fresh interpreter under its allocator, with its flags in ``XLA_FLAGS``."""
+    env = allocator.environment(case["allocator"], dict(os.environ, JAX_PLATFORMS="cpu"))
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {case['xla_flags']}".strip()
+    forwarded = [
+        f"--{n}={getattr(args, n)}" for n in ("batch", "size", "num_classes", "steps", "warmup", "threads")
+    ]
+    forwarded += ["--train_only"] if args.train_only else []
+    cmd = [sys.executable, __file__, "--worker", case["case"], f"--remat={case['remat']}", *forwarded]
+    load_before = timing.load_average()
+    start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    record = {
+        "wall_s": time.perf_counter() - start,
+        "load_before": load_before,
+        "load_after": timing.load_average(),
+    }
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr[-3000:])
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
-    return _summarise(json.loads(lines[-1][len("RESULT ") :]), args.batch)
-
-
-def _forwarded(args: argparse.Namespace) -> list[str]:
-    names = ("batch", "size", "num_classes", "steps", "warmup", "threads")
-    return [item for n in names for item in (f"--{n}", str(getattr(args, n)))]
+        return {**record, "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+    raw = json.loads(lines[-1][len("RESULT ") :])
+    med = statistics.median
+    if "infer_b1_times_s" in raw:
+        record["infer_b1_ms"] = 1e3 * med(raw["infer_b1_times_s"])
+        record["infer_images_per_s"] = args.batch / med(raw["infer_batch_times_s"])
+    return {**record, "train_images_per_s": args.batch / med(raw["train_step_times_s"]), **raw}
 
 
 def _torch_available() -> bool:
@@ -167,97 +178,141 @@ def _torch_available() -> bool:
     return True
 
 
-def _cases(args: argparse.Namespace) -> list[tuple[str, str, str]]:
-    """(case, xla_flags, allocator) in run order: per allocator and model, medjax cases, then PyTorch peers.
-
-    The peers run under the same allocator as the medjax cases they are compared with.
-    """
-    impls = ("fast", "xla") if args.depthwise_impl == "both" else (args.depthwise_impl,)
-    torch_impls = [] if args.skip_torch or not _torch_available() else ["eager"]
-    if torch_impls and not args.skip_torch_compile:
-        torch_impls.append("compile")
+def make_cases(args: argparse.Namespace, with_torch: bool) -> list[dict]:
+    """Every case of one round; PyTorch peers once per allocator (they have no XLA flags nor remat)."""
+    torch_impls = TORCH_IMPLS[:1] if args.skip_torch_compile else TORCH_IMPLS
     cases = []
-    for alloc in args.allocator:
-        for name in args.models.split(","):
-            cases += [(f"medjax:{name}:{impl}", flags, alloc) for impl in impls for flags in args.xla_flags]
-            if name in TORCH_PEERS:
-                cases += [(f"torch:{name}:{impl}", "", alloc) for impl in torch_impls]
+    for alloc, name in itertools.product(args.allocator, args.models.split(",")):
+        for flags, remat in itertools.product(args.xla_flags, args.remat):
+            cases.append({"case": f"medjax:{name}:{args.depthwise_impl}", "xla_flags": flags, "remat": remat})
+            cases[-1]["allocator"] = alloc
+        if with_torch:
+            cases += [
+                {"case": f"torch:{name}:{impl}", "xla_flags": "", "remat": "none", "allocator": alloc}
+                for impl in torch_impls
+            ]
     return cases
 
 
-def _markdown(results: list[dict]) -> str:
+def _key(case: dict) -> tuple:
+    return case["case"], case["xla_flags"], case["remat"], case["allocator"]
+
+
+def summarise(cases: list[dict], rounds: list[list[dict]]) -> list[dict]:
+    """Per case: :func:`timing.spread` of each figure over the rounds it succeeded in, its errors, the
+    load averages it ran under, and the ratios to the PyTorch peers under the same allocator."""
+    summary = []
+    for case in cases:
+        runs = [r for rnd in rounds for r in rnd if _key(r) == _key(case)]
+        ok = [r for r in runs if "error" not in r]
+        row = {**case, "rounds_ok": len(ok), "errors": [r["error"] for r in runs if "error" in r]}
+        row["load"] = [[r["load_before"], r["load_after"]] for r in runs]
+        if ok:
+            row.update({f: timing.spread([r[f] for r in ok]) for f in FIGURES if f in ok[0]})
+            first = ok[0]
+            for k in ("params", "gflops_per_step", "planned_mb", "allocator_active"):
+                if k in first:
+                    row[k] = first[k]
+        summary.append(row)
+    by_case = {(r["case"], r["allocator"]): r for r in summary if "train_images_per_s" in r}
+    for row in summary:
+        _, name, _ = row["case"].split(":")
+        for impl in TORCH_IMPLS:
+            peer = by_case.get((f"torch:{name}:{impl}", row["allocator"]))
+            if row["case"].startswith("medjax:") and peer and "train_images_per_s" in row:
+                row[f"vs_torch_{impl}"] = timing.ratio(row["train_images_per_s"], peer["train_images_per_s"])
+    return summary
+
+
+def markdown(summary: list[dict]) -> str:
+    """The summary as a table: each figure ``median [min-max]`` over the rounds."""
     head = (
-        "| case | allocator | XLA flags | train img/s | vs torch eager | vs torch compile | compile s "
-        "| infer b1 ms | infer img/s | peak RSS MB | params M | GFLOPs/step |"
+        "| case | allocator | remat | XLA flags | train img/s | vs torch eager | vs torch compile "
+        "| compile s | infer b1 ms | infer img/s | peak RSS MB | XLA planned MB | faults/step | load |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    peers = {
-        (r["case"], r["allocator"]): r for r in results if r["case"].startswith("torch:") and "error" not in r
-    }
-    for r in results:
-        if "error" in r:
-            rows.append(f"| {r['case']} | {r['allocator']} | {r['xla_flags']} | error: {r['error']} |")
+    for r in summary:
+        cells = [r["case"], r["allocator_active"] if "allocator_active" in r else r["allocator"]]
+        cells += [r["remat"], r["xla_flags"] or "-"]
+        if "train_images_per_s" not in r:
+            rows.append("| " + " | ".join([*cells, f"error: {r['errors'][-1:]}"]) + " |")
             continue
-        name = r["case"].split(":")[1]
-        ratios = []
-        for peer in ("eager", "compile"):
-            p = peers.get((f"torch:{name}:{peer}", r["allocator"]))
-            ratios.append(f"{r['train_images_per_s'] / p['train_images_per_s']:.2f}" if p else "-")
-        gflops = f"{r['gflops_per_step']:.1f}" if "gflops_per_step" in r else "-"
-        rows.append(
-            f"| {r['case']} | {r['allocator']} | {r['xla_flags'] or '-'} | {r['train_images_per_s']:.2f} | "
-            f"{ratios[0]} | {ratios[1]} | {r['compile_s']:.1f} | {r['infer_b1_ms']:.1f} | "
-            f"{r['infer_images_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['params'] / 1e6:.2f} | {gflops} |"
-        )
+        cells += [timing.fmt(r["train_images_per_s"])]
+        cells += [timing.fmt(r[k]) if k in r else "-" for k in ("vs_torch_eager", "vs_torch_compile")]
+        digits = {"compile_s": 0, "infer_b1_ms": 1, "infer_images_per_s": 1, "peak_rss_mb": 0}
+        cells += [timing.fmt(r[k], d) if k in r else "-" for k, d in digits.items()]
+        cells += [f"{r['planned_mb']['total']:.0f}" if r.get("planned_mb") else "-"]
+        cells += [timing.fmt(r["faults_per_step"], 0)]
+        loads = [x for pair in r["load"] for x in pair]
+        cells += [f"{min(loads):.1f}-{max(loads):.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + str(MODELS))
-    parser.add_argument("--depthwise_impl", choices=("fast", "xla", "both"), default="both")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
+    parser.add_argument("--depthwise_impl", choices=("fast", "xla"), default="fast")
+    parser.add_argument("--rounds", type=int, default=3, help="every case once per round, order rotated")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per case and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--num_classes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; XLA uses every core")
     parser.add_argument(
-        "--xla_flags",
-        action="append",
-        help="repeatable, one medjax case each: --xla_flags= (none) --xla_flags=--xla_cpu_use_xnnpack=true",
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="cores of every case (both frameworks)",
+    )
+    parser.add_argument("--xla_flags", action="append", help="repeatable, one medjax case each; default none")
+    parser.add_argument(
+        "--remat", action="append", help="repeatable train.remat value, one medjax case each; default none"
     )
     parser.add_argument(
-        "--allocator",
-        action="append",
-        choices=allocator.CHOICES,
-        help="repeatable, every case once per allocator (medjax/allocator.py); default: system",
+        "--allocator", action="append", choices=allocator.CHOICES, help="repeatable; default: auto"
     )
+    parser.add_argument("--train_only", action="store_true", help="no inference timing (memory runs)")
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--skip_torch_compile", action="store_true")
-    parser.add_argument("--out", type=Path, help="write all results as JSON here")
+    parser.add_argument("--out", type=Path, help="JSON path; default results/benchmark_<UTC time>.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # framework:model:impl, set by the parent.
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.xla_flags = args.xla_flags or [""]
-    args.allocator = [allocator.resolve(a) for a in args.allocator or ["system"]]
+    args.remat = args.remat or ["none"]
+    args.allocator = [allocator.resolve(a) for a in args.allocator or ["auto"]]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
+        args.remat = args.remat[0]
         _worker(args)
         return
-
-    results = []
-    for case, flags, alloc in _cases(args):
-        start = time.perf_counter()
-        result = {"case": case, "xla_flags": flags, "allocator": alloc, **_spawn(args, case, flags, alloc)}
-        result["wall_s"] = time.perf_counter() - start
-        results.append(result)
-        speed = result.get("train_images_per_s", float("nan"))
-        label = f"{case} [{alloc}, {flags or 'default flags'}]"
-        print(f"{label}: {speed:.2f} img/s ({result['wall_s']:.0f} s)", flush=True)
-    table = _markdown(results)
-    print(f"\nbatch {args.batch}, {args.size}x{args.size}, load average {os.getloadavg()}\n{table}")
-    if args.out:
-        meta = {"argv": sys.argv, "loadavg_end": os.getloadavg(), "cores": len(os.sched_getaffinity(0))}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    cases = make_cases(args, with_torch=not args.skip_torch and _torch_available())
+    rounds = []
+    for index in range(args.rounds):
+        rounds.append([])
+        for case in timing.rotated(cases, index):
+            result = {**case, "round": index, **_spawn(args, case)}
+            rounds[-1].append(result)
+            speed = result.get("train_images_per_s", float("nan"))
+            print(
+                f"round {index + 1}/{args.rounds} {case['case']} [{case['allocator']}, "
+                f"remat {case['remat']}, {case['xla_flags'] or 'default flags'}]: {speed:.2f} img/s, "
+                f"peak RSS {result.get('peak_rss_mb', 0):.0f} MB (XLA planned "
+                f"{result.get('planned_mb', {}).get('total', 0):.0f}), {result['wall_s']:.0f} s, "
+                f"load {result['load_before']}->{result['load_after']}",
+                flush=True,
+            )
+    summary = summarise(cases, rounds)
+    print(f"\nbatch {args.batch}, {args.size}x{args.size}, {args.threads} threads, {args.rounds} rounds\n")
+    print(markdown(summary))
+    out = args.out or timing.REPO / "results" / f"benchmark_{datetime.now(UTC):%Y-%m-%dT%H%M}.json"
+    meta = timing.run_record(threads=args.threads, rounds=args.rounds)
+    out.write_text(json.dumps({"meta": meta, "summary": summary, "rounds": rounds}, indent=1))
+    print(f"\nwritten: {out}")
 
 
 if __name__ == "__main__":

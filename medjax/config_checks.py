@@ -95,6 +95,12 @@ def _tasks() -> list[str]:
     return tasks.available_tasks()
 
 
+def _remat_policies() -> list[str]:
+    from medjax.models import layers
+
+    return list(layers.REMAT_POLICIES)
+
+
 def _datasets() -> list[str]:
     from medjax.data import builders
 
@@ -142,6 +148,7 @@ RULES: dict[str, Range | Choice] = {
     "train.early_stopping.patience": NON_NEGATIVE_INT,
     "train.early_stopping.min_delta": NON_NEGATIVE,
     "train.ema_decay": UNIT_OPEN_HIGH,
+    "train.remat": Choice(_remat_policies),
     "eval.bootstrap_samples": NON_NEGATIVE_INT,
     "eval.target_sensitivity": Range(0, 1, open_low=True),
     "eval.calibration_bins": POSITIVE_INT,

@@ -26,6 +26,7 @@ from medjax.errors import ConfigError
 RESUMABLE_WITH_CHANGES = (
     "train.progress_bar",
     "train.log_every_steps",
+    "train.remat",  # Same parameters and gradients (to rounding), only the memory/time trade differs.
     "data.num_workers",
     "eval",
     "cpu_cores",
@@ -187,6 +188,11 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # 0.999) it spans about the last tenth of the steps taken, and only then the fixed ~1 / (1 - d).
     # 0 disables it.
     c.train.ema_decay = 0.0
+    # Rematerialisation of the model's blocks (medjax/models/layers.py::REMAT_POLICIES): 'block' keeps
+    # only each block's input for the backward pass and recomputes the rest, 'block_save_matmuls' also
+    # keeps the matmul outputs; 'none' keeps everything (fastest). Parameters and checkpoints are the same
+    # either way. README ("--config.train.remat") gives what it saves on XLA CPU as measured.
+    c.train.remat = "none"
 
     # `python -m medjax.evaluate`: how a trained run is judged (none of this changes training).
     c.eval = ml_collections.ConfigDict()

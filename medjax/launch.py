@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     cores.limit(_CONFIG.value.get("cpu_cores"))  # Before JAX starts (train_and_evaluate checks again).
     distributed.initialize_from_flags(_DISTRIBUTED)  # Also before JAX starts its backends.
     print(
-        f"medjax: config {spec}, workdir {workdir}, allocator {allocator.active()}, "
+        f"medjax: config {spec}, workdir {workdir}, allocator {allocator.describe()}, "
         f"{len(cores.available())} CPU cores, {distributed.describe()}",
         flush=True,
     )

@@ -303,7 +303,13 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     total_steps = max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
 
     model = sliding_window.wrap(
-        models.get_model(config.model_name, num_classes=meta.num_classes, **config.model), config
+        models.get_model(
+            config.model_name,
+            num_classes=meta.num_classes,
+            remat=config.train.get("remat", "none"),
+            **config.model,
+        ),
+        config,
     )
     loss_fn = losses.make_loss_fn(
         config.loss, class_counts=meta.label_counts[data_cfg.train_split], extra_terms=extra_loss_terms

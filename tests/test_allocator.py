@@ -12,10 +12,13 @@ from medjax import allocator
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_auto_prefers_tcmalloc_and_falls_back_to_hugepages(monkeypatch):
+def test_auto_prefers_tcmalloc_then_mimalloc_and_falls_back_to_hugepages(monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/opt/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "find_mimalloc", lambda: "/venv/cmeel.prefix/lib/libmimalloc.so")
     assert allocator.resolve("auto") == "tcmalloc"
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    assert allocator.resolve("auto") == "mimalloc"
+    monkeypatch.setattr(allocator, "find_mimalloc", lambda: None)
     assert allocator.resolve("auto") == "hugepages"
     assert allocator.resolve("system") == "system"
     with pytest.raises(ValueError, match="allocator must be one of"):
@@ -35,6 +38,27 @@ def test_tcmalloc_asked_for_but_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
     with pytest.raises(FileNotFoundError, match="apt install libtcmalloc-minimal4.*--allocator=hugepages"):
         allocator.environment("tcmalloc", {})
+
+
+def test_mimalloc_asked_for_but_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(allocator, "find_mimalloc", lambda: None)
+    with pytest.raises(FileNotFoundError, match="pip install cmeel-mimalloc==3.4.3.*--allocator=hugepages"):
+        allocator.environment("mimalloc", {})
+
+
+def test_mimalloc_comes_from_requirements_with_the_pin_the_advice_names():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    assert any(line.startswith(allocator.FIX_COMMAND.removeprefix("pip install ") + ";") for line in lines)
+    assert allocator.find_mimalloc() is not None, "pip install -r requirements.txt brings libmimalloc.so"
+
+
+def test_first_log_line_says_what_speed_is_left_and_the_fix(monkeypatch):
+    monkeypatch.setattr(allocator, "active", lambda: "hugepages")
+    line = allocator.describe()
+    assert line.startswith("hugepages (no fast allocator found") and "1.3-2.2x slower" in line
+    assert "pip install cmeel-mimalloc==3.4.3" in line and "apt-get install libtcmalloc-minimal4" in line
+    monkeypatch.setattr(allocator, "active", lambda: "mimalloc")
+    assert allocator.describe() == "mimalloc"
 
 
 def _run_reexec(choice: str, **env) -> str:
@@ -61,3 +85,8 @@ def test_reexec_runs_the_same_command_once_under_the_allocator():
 def test_reexec_preloads_tcmalloc():
     assert _run_reexec("tcmalloc") == "tcmalloc"
     assert _run_reexec("auto") == "tcmalloc"
+
+
+def test_reexec_preloads_mimalloc_from_its_wheel():
+    assert _run_reexec("mimalloc") == "mimalloc"
+    assert _run_reexec("auto") == ("tcmalloc" if allocator.find_tcmalloc() else "mimalloc")

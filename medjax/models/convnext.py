@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, SEVector, gelu
+from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, SEVector, gelu, remat
 
 # name -> (depths, widths), from the official repository.
 VARIANTS = {
@@ -63,7 +63,7 @@ class Block(nn.Module):
     depthwise_impl: str = "fast"
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
         y = DepthwiseConv(7, padding=3, impl=self.depthwise_impl, kernel_init=_init, name="dwconv")(x)
         y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm")(y)
@@ -91,6 +91,8 @@ class Model(nn.Module):
       head_zero_init: zero the classifier kernel and bias (big_vision); False uses trunc_normal(0.02).
       depthwise_impl: :class:`DepthwiseConv` implementation, 'fast' or 'xla' (the reference); 'xla' also
         computes the dense convolutions with XLA's (:class:`Conv`).
+      remat: rematerialisation of each block (:data:`medjax.models.layers.REMAT_POLICIES`, from
+        ``train.remat``): less memory for a longer backward pass, same parameters.
 
     ``aux['features']`` is the vector the classifier reads (after head LayerNorm and SEVector);
     ``aux['feature_map']`` is the last stage's output (Grad-CAM's target layer).
@@ -107,6 +109,7 @@ class Model(nn.Module):
     sevector_ratio: int | None = None
     head_zero_init: bool = True
     depthwise_impl: str = "fast"
+    remat: str = "none"
 
     def stage_config(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Resolved ``(depths, widths)``: the variant's, with explicit overrides applied."""
@@ -134,6 +137,7 @@ class Model(nn.Module):
             name="stem_conv",
         )(x)
         x = nn.LayerNorm(epsilon=LN_EPSILON, name="stem_norm")(x)
+        block = remat(Block, self.remat)
         index = 0
         for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             if stage > 0:
@@ -148,12 +152,12 @@ class Model(nn.Module):
                     name=f"downsample_{stage}_conv",
                 )(x)
             for b in range(depth):
-                x = Block(
+                x = block(
                     drop_path_rate=rates[index],
                     layer_scale_init=self.layer_scale_init,
                     depthwise_impl=self.depthwise_impl,
                     name=f"stage_{stage}_block_{b}",
-                )(x, train=train)
+                )(x, train)
                 index += 1
         feature_map = x if self.is_initializing() else self.perturb("feature_map", x)
 

@@ -25,7 +25,33 @@ __all__ = [
     "GlobalPool",
     "SEVector",
     "gelu",
+    "remat",
 ]
+
+# ``train.remat``: what a rematerialised block keeps from its forward pass for the backward pass. The
+# block's input is always kept; 'block' recomputes everything inside it (least memory, one more forward
+# pass of the block per step), 'block_save_matmuls' keeps the matrix products' outputs and recomputes the
+# cheap element-wise work between them (norms, activations, depthwise convolutions' outputs).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "block_save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
+    """``block`` rematerialised under ``policy`` (a :data:`REMAT_POLICIES` key), or itself for 'none'.
+
+    The block is called as ``block(...)(x, train)`` with ``train`` positional, so that it stays a Python
+    bool (static) inside ``jax.checkpoint``. Parameter names and shapes are unchanged as long as the caller
+    names the block (``name=``), so checkpoints load with or without rematerialisation.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+    if policy == "none":
+        return block
+    # static_argnums counts ``self``: 2 is ``train``.
+    return nn.remat(block, policy=REMAT_POLICIES[policy], static_argnums=(2,))
 
 
 def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:

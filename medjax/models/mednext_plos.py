@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, gelu
+from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, gelu, remat
 
 VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
     "tiny": {"widths": (48, 96, 192, 384), "depths": (2, 2, 6, 2)},
@@ -181,7 +181,7 @@ class Block(nn.Module):
         raise ValueError(f"ffn entries are '+'-joined 'la' / 'smooth', got {kind!r}")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         mixers = [SpatialEncoding(branches=self.sem_branches, impl=self.impl, name="sem")]
         mixers += [self._ffn(kind, f"ffn{i}") for i, kind in enumerate(self.ffn.split("+"))]
         for i, mixer in enumerate(mixers):
@@ -210,6 +210,8 @@ class Encoder(nn.Module):
       layer_scale_init: initial gamma (0 disables layer scale).
       drop_path_rate: stochastic depth of the last block (linear from 0).
       depthwise_impl: passed to every DepthwiseConv and Conv ('fast' or 'xla').
+      remat: rematerialisation of each block (:data:`medjax.models.layers.REMAT_POLICIES`, from
+        ``train.remat``): less memory for a longer backward pass, same parameters.
     """
 
     variant: str = "tiny"
@@ -225,6 +227,7 @@ class Encoder(nn.Module):
     layer_scale_init: float = 1e-6
     drop_path_rate: float = 0.1
     depthwise_impl: str = "fast"
+    remat: str = "none"
 
     def stage_config(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Resolved (widths, depths)."""
@@ -234,8 +237,9 @@ class Encoder(nn.Module):
         return tuple(self.widths or base["widths"]), tuple(self.depths or base["depths"])
 
     def block(self, ffn: str, drop_path: float, name: str) -> Block:
-        """A :class:`Block` with this network's module settings (the segmentation decoder builds its own)."""
-        return Block(
+        """A :class:`Block` with this network's module settings (the segmentation decoder builds its own),
+        called as ``block(x, train)``."""
+        return remat(Block, self.remat)(
             ffn=ffn,
             sem_branches=self.sem_branches,
             la_ratio=self.la_ratio,
@@ -266,7 +270,7 @@ class Encoder(nn.Module):
                     x
                 )
             for b in range(depth):
-                x = self.block(self.ffn[s], rates.pop(0), f"stage{s + 1}_block{b}")(x, train=train)
+                x = self.block(self.ffn[s], rates.pop(0), f"stage{s + 1}_block{b}")(x, train)
             stages.append(x)
         return stages
 

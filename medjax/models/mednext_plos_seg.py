@@ -120,7 +120,7 @@ class Model(Encoder, kw_only=True):
             else:
                 y = Dense(width, name=f"fuse{s}")(jnp.concatenate([y, skip], axis=-1))
             for b in range(depth):
-                y = self.block(ffn, 0.0, f"decoder{s}_block{b}")(y, train=train)
+                y = self.block(ffn, 0.0, f"decoder{s}_block{b}")(y, train)
             decoded.append(y)
 
         feature_map = y if self.is_initializing() else self.perturb("feature_map", y)

@@ -26,7 +26,7 @@ depthwise/project layers sit one index earlier (``features.1.conv.0.{0,1}``, ``f
 import flax.linen as nn
 import jax
 
-from medjax.models.layers import BatchNorm, Conv, DepthwiseConv, GlobalPool
+from medjax.models.layers import BatchNorm, Conv, DepthwiseConv, GlobalPool, remat
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper / torchvision.
 INVERTED_RESIDUAL_SETTINGS = (
@@ -89,7 +89,7 @@ class InvertedResidual(nn.Module):
     depthwise_impl: str = "fast"
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
 
         def bn(name: str) -> nn.Module:
@@ -151,6 +151,8 @@ class Model(nn.Module):
       pooling, fusion: the global pooling of :class:`medjax.models.layers.GlobalPool`; 'avg' is the
         canonical head, 'avg+max' study A's dual pooling (max pooling keeps small, local findings such
         as a lesion from being averaged away).
+      remat: rematerialisation of each inverted residual (:data:`medjax.models.layers.REMAT_POLICIES`,
+        from ``train.remat``): less memory for a longer backward pass, same parameters.
 
     ``aux['features']`` is the pooled 1280-vector (2560 with 'avg+max' concat; before dropout),
     ``aux['feature_map']`` the map after the last 1x1 convolution (Grad-CAM's target layer).
@@ -166,6 +168,7 @@ class Model(nn.Module):
     depthwise_impl: str = "fast"
     pooling: str = "avg"
     fusion: str = "concat"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -187,10 +190,11 @@ class Model(nn.Module):
         )(x)
         x = jax.nn.relu6((BatchNorm if train else nn.BatchNorm)(**bn_kwargs, name="stem_bn")(x))
 
+        block = remat(InvertedResidual, self.remat)
         index = 0
         for expansion, channels, repeats, stride in INVERTED_RESIDUAL_SETTINGS:
             for r in range(repeats):
-                x = InvertedResidual(
+                x = block(
                     out_channels=make_divisible(channels * width),
                     expansion=expansion,
                     stride=stride if r == 0 else 1,
@@ -199,7 +203,7 @@ class Model(nn.Module):
                     bn_epsilon=self.bn_epsilon,
                     depthwise_impl=self.depthwise_impl,
                     name=f"block_{index}",
-                )(x, train=train)
+                )(x, train)
                 index += 1
 
         last_channels = make_divisible(LAST_CHANNELS * max(1.0, width))

@@ -1,0 +1,76 @@
+"""One compiled ``medjax.train`` step on a random batch: what ``benchmark.py`` and ``ab_step.py`` time.
+
+Uses only ``medjax``'s training API (``train.make_steps``, ``optim.make_optimizer``, ...), so it also
+times older checkouts of medjax put first on ``sys.path`` (``ab_step.py``).
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from medjax import optim, tasks, train
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """A compiled training step and the state and batch it runs on."""
+
+    compiled: Callable
+    evaluate: Callable  # The jitted evaluation step, ``evaluate(variables, batch, {})``.
+    state: object
+    batch: dict
+    key: jax.Array
+    compile_s: float
+
+    def run(self) -> None:
+        """One step, blocking until it is done; the state advances as in training."""
+        self.state, metrics = self.compiled(self.state, self.batch, self.key)
+        jax.block_until_ready((self.state, metrics))
+
+    def planned_mb(self) -> dict[str, float]:
+        """XLA's planned buffers (arguments, outputs, temporaries, their total), MB."""
+        return _planned_mb(self.compiled)
+
+    def gflops(self) -> float | None:
+        """XLA's floating-point operation count of one step, in GFLOP."""
+        cost = self.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return cost.get("flops", 0.0) / 1e9 if cost else None
+
+
+def _planned_mb(compiled) -> dict[str, float]:
+    """XLA's planned buffers of ``compiled``: arguments, outputs and temporaries, and their total."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # Not every backend plans ahead.
+        return {}
+    mb = {
+        "arguments": analysis.argument_size_in_bytes / 2**20,
+        "outputs": analysis.output_size_in_bytes / 2**20,
+        "temporaries": analysis.temp_size_in_bytes / 2**20,
+        "aliased": analysis.alias_size_in_bytes / 2**20,
+    }
+    mb["total"] = mb["arguments"] + mb["outputs"] + mb["temporaries"] - mb["aliased"]
+    return mb
+
+
+def compile_train_step(
+    model, *, optim_cfg, loss_fn, batch_size: int, image_shape, num_classes: int
+) -> TrainStep:
+    """Compiles ``model``'s training step (``optim_cfg``'s optimizer, ``loss_fn`` from
+    ``losses.make_loss_fn``) for a random batch of ``num_classes`` labels."""
+    key = jax.random.key(0)
+    variables = train.init_variables(model, rng=key, image_shape=tuple(image_shape))
+    tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=1000, steps_per_epoch=100)
+    state = train.create_train_state(tx, variables)
+    p_train, p_eval = train.make_steps(model, tx, loss_fn, tasks.get_task("classification"))
+    k_img, k_lab = jax.random.split(jax.random.key(1))
+    batch = {
+        "image": jax.random.normal(k_img, (batch_size, *image_shape), jnp.float32),
+        "label": jax.random.randint(k_lab, (batch_size,), 0, num_classes),
+    }
+    start = time.perf_counter()
+    compiled = p_train.lower(state, batch, key).compile()
+    return TrainStep(compiled, p_eval, state, batch, key, time.perf_counter() - start)
