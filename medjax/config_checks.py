@@ -34,6 +34,7 @@ VALIDATION_METRICS = {
         "sensitivity",
         "specificity",
     ),
+    "pretrain": ("loss", "feature_std"),
 }
 METRIC_KEYS = ("train.early_stopping.monitor", "train.select_best_on")
 
@@ -145,6 +146,9 @@ RULES: dict[str, Range | Choice] = {
     "train.early_stopping.patience": NON_NEGATIVE_INT,
     "train.early_stopping.min_delta": NON_NEGATIVE,
     "train.ema_decay": UNIT_OPEN_HIGH,
+    "data.views": POSITIVE_INT,
+    "pretrain.projection_dim": POSITIVE_INT,
+    "pretrain.hidden_dim": POSITIVE_INT,
     "eval.bootstrap_samples": NON_NEGATIVE_INT,
     "eval.target_sensitivity": Range(0, 1, open_low=True),
     "eval.calibration_bins": POSITIVE_INT,

@@ -87,6 +87,22 @@ def imagenet_mobilenet_v2(
     )
 
 
+# Reduced models of the three studies' families for 64x64 grey inputs, sized to train in minutes on 2 CPU
+# cores (configs/chest_xray.py:scratch, configs/pretrain.py): study A's ConvNeXt head (avg+max pooling,
+# SEVector) on depths 2-2-2-2 and widths 32-256, MedNeXt-PLOS at widths 24-192.
+CPU_MODELS = {
+    "mobilenet_v2": {"width_multiplier": 1.4, "dropout_rate": 0.2},
+    "convnext": {
+        "depths": (2, 2, 2, 2),
+        "widths": (32, 64, 128, 256),
+        "pooling": "avg+max",
+        "sevector_ratio": 16,
+        "drop_path_rate": 0.1,
+    },
+    "mednext_plos": {"widths": (24, 48, 96, 192), "depths": (1, 1, 2, 1)},
+}
+
+
 def from_scratch(config: ml_collections.ConfigDict) -> None:
     """Undoes the pretrained start (for ``:synthetic`` and ``:smoke`` variants, which have no weights):
     no weights file, no schedule."""
