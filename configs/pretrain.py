@@ -11,15 +11,21 @@ Arguments (``--config=configs/pretrain.py:method=distillation,model=mednext_plos
   variant    ``real`` (default): Kermany chest X-ray train images (labels ignored; the builder's
              patient-grouped validation carve-out is the validation split; test is never read) under
              ``data.manual_dir``; ``folder``: any folder of images, sub-folders of any name, no classes
-             (``image_folder`` with ``unlabelled=True``, 90/10 train/validation); ``smoke``: seconds on
-             tiny synthetic slices (32 px), for the tests.
+             (``image_folder`` with ``unlabelled=True``, 90/10 train/validation); ``synthetic``: the
+             offline demo on generated ``synthetic_ct`` slices (not medical data); ``smoke``: seconds
+             on tiny synthetic slices (32 px), for the tests.
   method     ``distillation`` (default): match the ImageNet MobileNetV2's pooled 1280-d embedding of each
              augmented view (teacher file: ``loss.distillation.teacher``); ``simsiam``: two views, no
              teacher.
   model      ``convnext`` (study A's head on the reduced ConvNeXt of ``configs/brain_mri.py:cpu`` and
              ``configs/chest_xray.py:scratch``) or ``mednext_plos`` (widths 24-192): the students
              of :data:`medjax.recipes.CPU_MODELS`.
-  size       image side in pixels (64; grey, one channel like the scratch/cpu classification configs).
+  student    ``cpu`` (default, the reduced models above, for 64 px grey) or ``study``: the studies' full
+             models (:data:`medjax.recipes.STUDY_MODELS`: ConvNeXt-Tiny with study A's head as in
+             ``configs/brain_mri.py``, MedNeXt-PLOS tiny as in ``configs/covid_ct.py:model=mednext_plos``).
+  size       image side in pixels (64).
+  channels   1 (grey, like the scratch/cpu classification configs) or 3 for a fine-tuning config that
+             reads RGB (the stem convolution's shape depends on it).
 
 Wall time and the downstream effect are NOT yet measured; see README "Pretrain on your own unlabelled
 images".
@@ -43,33 +49,47 @@ MOBILENET_V2_FEATURES = 1280
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, variant="real", method="distillation", model="convnext", size=64)
-    if args.model not in recipes.CPU_MODELS or args.model == "mobilenet_v2":
-        raise ValueError(f"model={args.model!r}: pretrain students are convnext or mednext_plos.")
+    args = config_lib.parse_arg(
+        arg, variant="real", method="distillation", model="convnext", student="cpu", size=64, channels=1
+    )
+    students = {"cpu": recipes.CPU_MODELS, "study": recipes.STUDY_MODELS}
+    if args.model not in recipes.STUDY_MODELS or args.student not in students:
+        raise ValueError(
+            f"model={args.model!r}, student={args.student!r}: pretrain students are model=convnext or "
+            "mednext_plos, student=cpu or study."
+        )
     config = config_lib.base_config(task="pretrain")
     config.name = f"pretrain_{args.method}_{args.model}"
     config.model_name = args.model
-    config.model = config_lib.model_config(args.model, **recipes.CPU_MODELS[args.model])
+    config.model = config_lib.model_config(args.model, **students[args.student][args.model])
 
-    if args.variant in ("real", "smoke"):
+    if args.variant == "real":
         config.data.name = "chest_xray"
         config.data.manual_dir = "~/medjax_data/chest_xray"
         # Kermany's own builder settings (configs/chest_xray.py:scratch), so the validation split carved
         # by patient is the one the fine-tuning runs validate on: pretraining never reads it for training.
         config.data.builder_kwargs = ml_collections.ConfigDict(
-            {"image_size": args.size, "channels": 1, "validation_fraction": 0.2, "seed": 0}
+            {"image_size": args.size, "channels": args.channels, "validation_fraction": 0.2, "seed": 0}
         )
     elif args.variant == "folder":
         config.data.name = "image_folder"
         config.data.manual_dir = "~/medjax_data/unlabelled"
         config.data.builder_kwargs = ml_collections.ConfigDict(
-            {"unlabelled": True, "split_fractions": (0.9, 0.1, 0.0), "image_size": args.size, "channels": 1}
+            {
+                "unlabelled": True,
+                "split_fractions": (0.9, 0.1, 0.0),
+                "image_size": args.size,
+                "channels": args.channels,
+            }
         )
-    else:
-        raise ValueError(f"Unknown variant {args.variant!r} of pretrain; use real, folder or smoke.")
+    elif args.variant not in ("synthetic", "smoke"):
+        raise ValueError(f"Unknown variant {args.variant!r}; use real, folder, synthetic or smoke.")
     config.data.image_size = args.size
-    config.data.channels = 1
+    config.data.channels = args.channels
     config.data.normalize = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})
+    if args.variant == "synthetic":
+        config_lib.use_synthetic_data(config, image_size=args.size)
+        config.data.channels = args.channels  # The generated slices are grey; the pipeline repeats them.
     config.data.batch_size = 32
 
     if args.method == "simsiam":
