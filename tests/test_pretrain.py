@@ -100,7 +100,7 @@ def pretrain_run(tfds_data_dir, smoke_run, tmp_path_factory):
 
 def test_pretraining_run_trains_without_touching_the_teacher(pretrain_run):
     config, workdir, report = pretrain_run
-    assert "test" not in report and 0.0 < report["validation"]["feature_std"] <= 1.5
+    assert "test" not in report and 0.0 < report["validation"]["feature_std"] <= 1.0 + 1e-9  # At most 1.
     lines = run_dir.RunDir(workdir).metrics_file.read_text()
     assert "loss_simsiam" in lines and "loss_distillation" in lines
     # The latest checkpoint's teacher (the distillation term's state) is the teacher as loaded.

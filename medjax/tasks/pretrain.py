@@ -11,8 +11,8 @@ What this task owns (the interface is in :mod:`medjax.tasks`; the objectives in
   teacher), read from any classification dataset's images;
 * validation: the objective's loss on the validation split (SimSiam's views are augmented with a fixed
   seed, so every evaluation compares the same pairs) and ``feature_std``, the per-dimension standard
-  deviation of the L2-normalised student features times ``sqrt(F)``: about 1 when they spread over the
-  sphere, 0 when they collapse to one point (SimSiam's failure mode);
+  deviation of the L2-normalised student features times ``sqrt(F)``: at most 1 (features spread evenly
+  over the sphere), 0 when they collapse to one point (SimSiam's failure mode);
 * nothing for ``python -m medjax.evaluate``: a pretraining run is judged by fine-tuning from it.
 """
 
