@@ -17,13 +17,22 @@ Variants (``--config=configs/brain_mri.py:<variant>``):
              with the cpu variant's reduced ConvNeXt so the demo runs in minutes.
   smoke      seconds on a tiny synthetic set; used by the tests.
 
+Pretrained start: no ImageNet ConvNeXt exists offline, but a pretraining run on unlabelled images
+(``configs/pretrain.py``, README "Pretrain on your own unlabelled images") starts this config through
+``init_from.path``: its backbone, pooling and SEVector are copied and the classifier starts fresh. The
+student must be this config's model at this config's input: ``student=cpu,size=64`` (the default) for
+the ``cpu`` and ``synthetic`` variants, ``student=study,size=224`` for the full ConvNeXt-Tiny.
+
 Example:
   python -m medjax.launch --config=configs/brain_mri.py:synthetic
+  python -m medjax.launch --config=configs/pretrain.py:variant=folder,method=distillation \
+      --config.data.manual_dir=~/mri_unlabelled --workdir=runs/pretrain_mri
+  python -m medjax.launch --config=configs/brain_mri.py:cpu --config.init_from.path=runs/pretrain_mri
 """
 
 import ml_collections
 
-from medjax import config_lib
+from medjax import config_lib, recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,9 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "brain_mri"
 
     config.model_name = "convnext"
-    config.model = config_lib.model_config(
-        "convnext", variant="tiny", pooling="avg+max", fusion="concat", sevector_ratio=16, drop_path_rate=0.1
-    )
+    config.model = config_lib.model_config("convnext", **recipes.STUDY_MODELS["convnext"])
     config.loss = ml_collections.ConfigDict(
         {
             "cross_entropy": {"weight": 1.0, "label_smoothing": 0.0},

@@ -38,19 +38,6 @@ import ml_collections
 
 from medjax import config_lib, recipes
 
-# Reduced models of the ``scratch`` variant (64x64 grey), sized to train in minutes on 2 CPU cores.
-SCRATCH_MODELS = {
-    "mobilenet_v2": {"width_multiplier": 1.4, "dropout_rate": 0.2},
-    "convnext": {
-        "depths": (2, 2, 2, 2),
-        "widths": (32, 64, 128, 256),
-        "pooling": "avg+max",
-        "sevector_ratio": 16,
-        "drop_path_rate": 0.1,
-    },
-    "mednext_plos": {"widths": (24, 48, 96, 192), "depths": (1, 1, 2, 1)},
-}
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, variant="real", model="mobilenet_v2")
@@ -86,11 +73,12 @@ def _from_scratch(config: ml_collections.ConfigDict, args: ml_collections.Config
     config.model = config_lib.model_config("mobilenet_v2", width_multiplier=1.0, dropout_rate=0.2)
     config.data.augment.rotation_degrees = 15.0
     if args.variant == "scratch":
-        if args.model not in SCRATCH_MODELS:
-            raise ValueError(f"model={args.model!r}: the scratch variant has {', '.join(SCRATCH_MODELS)}.")
+        if args.model not in recipes.CPU_MODELS:
+            known = ", ".join(recipes.CPU_MODELS)
+            raise ValueError(f"model={args.model!r}: the scratch variant has {known}.")
         config.name = f"chest_xray_{args.model}"
         config.model_name = args.model
-        config.model = config_lib.model_config(args.model, **SCRATCH_MODELS[args.model])
+        config.model = config_lib.model_config(args.model, **recipes.CPU_MODELS[args.model])
         config.data.builder_kwargs.update({"image_size": 64, "channels": 1})
         config.data.image_size = 64
         config.data.channels = 1

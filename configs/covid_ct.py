@@ -26,9 +26,16 @@ Variants (``--config=configs/covid_ct.py:<variant>``):
              with a reduced MedNeXt (widths 24-192, depths 1-1-2-1) so it runs in minutes on 2 CPU cores.
   smoke      seconds on a tiny synthetic set; used by the tests.
 
+Pretrained start for ``model=mednext_plos`` (no ImageNet MedNeXt exists offline): a pretraining run
+(``configs/pretrain.py``, README "Pretrain on your own unlabelled images") with the same student, here
+``configs/pretrain.py:model=mednext_plos,student=study,size=224,channels=3`` (this config reads RGB),
+starts it through ``--config.init_from.path=<that run>``; the backbone is copied, the classifier fresh.
+
 Example:
   python -m medjax.launch --config=configs/covid_ct.py:synthetic
   python -m medjax.launch --config=configs/covid_ct.py:cpu --config.data.manual_dir=~/data/sars_cov2_ct
+  python -m medjax.launch --config=configs/covid_ct.py:model=mednext_plos \
+      --config.data.manual_dir=~/data/sars_cov2_ct --config.init_from.path=runs/pretrain_mednext
 """
 
 import ml_collections

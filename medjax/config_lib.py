@@ -83,7 +83,8 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
       task: a module of :mod:`medjax.tasks`; it sets ``config.task`` and the default ``config.loss``.
     """
     c = ml_collections.ConfigDict()
-    # What the model predicts and how it is judged (medjax.tasks): 'classification'.
+    # What the model predicts and how it is judged (medjax.tasks): 'classification', 'segmentation' or
+    # 'pretrain' (a backbone from unlabelled images, for init_from).
     c.task = task
     c.seed = 0  # Parameter init, data order and augmentation all derive from this.
     # PRNG behind the seed: 'rbg' compiles parameter initialisation about 1.7x faster than 'threefry2x32'
@@ -201,7 +202,24 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.eval.calibration_bins = 15  # Equal-width confidence bins of the expected calibration error.
     if task == "segmentation":
         _add_segmentation_defaults(c)
+    if task == "pretrain":
+        _add_pretrain_defaults(c)
     return c
+
+
+def _add_pretrain_defaults(c: ml_collections.ConfigDict) -> None:
+    """The keys pretraining adds (medjax.tasks.pretrain, medjax.pretraining)."""
+    # Augmented views of each image per batch, stacked as (B, V, H, W, C): SimSiam compares 2.
+    c.data.views = 2
+    c.data.test_split = ""  # A pretraining run never looks at a test split.
+    c.pretrain = ml_collections.ConfigDict(
+        {
+            # Output width of the heads: SimSiam's projection, or the teacher's feature width (1280 for
+            # the ImageNet MobileNetV2) for distillation.
+            "projection_dim": 256,
+            "hidden_dim": 1024,  # Hidden width of the projector and distillation MLPs.
+        }
+    )
 
 
 def _add_segmentation_defaults(c: ml_collections.ConfigDict) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from medjax import run_dir
+from medjax import pretraining, run_dir
 from medjax.data import pipeline
 from medjax.errors import ConfigError, MedjaxError
 from medjax.models import convert
@@ -107,7 +107,8 @@ def from_run(
     The run must have the same architecture (``model_name`` and model config) up to its class count. Its
     output layer (the parameters whose shapes depend on the class count) keeps the fresh values of
     ``target_variables`` when ``reinit_head`` is True, or when None and the class counts differ; with
-    False it is copied like every other array.
+    False it is copied like every other array. A pretraining run (:mod:`medjax.tasks.pretrain`) gives
+    its student's weights, and the output layer always starts fresh (it never trained).
 
     Raises:
       MedjaxError: naming the run and listing every missing, unexpected and mis-shaped array.
@@ -119,8 +120,15 @@ def from_run(
             f"{model_name!r}. Use the run's model_name and model settings (its config.json), or another run."
         )
     heads = output_layers(model, image_shape)
-    fresh_head = reinit_head or (reinit_head is None and len(source.class_names) != model.num_classes)
-    found = traverse_util.flatten_dict(source.variables)
+    source_variables = source.variables
+    pretrained = source.config.task == "pretrain"
+    if pretrained:
+        # Its backbone learnt from images alone; its classifier never trained, so it always starts fresh.
+        source_variables = pretraining.student_variables(source_variables)
+    fresh_head = (
+        reinit_head or pretrained or (reinit_head is None and len(source.class_names) != model.num_classes)
+    )
+    found = traverse_util.flatten_dict(source_variables)
     out, problems = {}, []
     for path, value in traverse_util.flatten_dict(target_variables).items():
         array = found.pop(path, None)
@@ -142,8 +150,9 @@ def from_run(
             "init_from.reinit_head=True for another class count."
         )
     kept = f"; output layer {sorted(heads)} re-initialised" if fresh_head else ""
+    what = "pretraining run" if pretrained else "run"
     print(
-        f"Initialised {model_name} from run {workdir} (best checkpoint, step {source.step}, classes "
+        f"Initialised {model_name} from {what} {workdir} (best checkpoint, step {source.step}, classes "
         f"{list(source.class_names)}){kept}.",
         flush=True,
     )

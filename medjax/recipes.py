@@ -87,6 +87,35 @@ def imagenet_mobilenet_v2(
     )
 
 
+# Reduced models of the three studies' families for 64x64 grey inputs, sized to train in minutes on 2 CPU
+# cores (configs/chest_xray.py:scratch, configs/pretrain.py): study A's ConvNeXt head (avg+max pooling,
+# SEVector) on depths 2-2-2-2 and widths 32-256, MedNeXt-PLOS at widths 24-192.
+CPU_MODELS = {
+    "mobilenet_v2": {"width_multiplier": 1.4, "dropout_rate": 0.2},
+    "convnext": {
+        "depths": (2, 2, 2, 2),
+        "widths": (32, 64, 128, 256),
+        "pooling": "avg+max",
+        "sevector_ratio": 16,
+        "drop_path_rate": 0.1,
+    },
+    "mednext_plos": {"widths": (24, 48, 96, 192), "depths": (1, 1, 2, 1)},
+}
+
+# The studies' own models at full size: study A's improved ConvNeXt-Tiny (configs/brain_mri.py) and study
+# B's MedNeXt-PLOS tiny (mednext_plos_scratch), e.g. as students of configs/pretrain.py:student=study.
+STUDY_MODELS = {
+    "convnext": {
+        "variant": "tiny",
+        "pooling": "avg+max",
+        "fusion": "concat",
+        "sevector_ratio": 16,
+        "drop_path_rate": 0.1,
+    },
+    "mednext_plos": {"variant": "tiny", "drop_path_rate": 0.1},
+}
+
+
 def from_scratch(config: ml_collections.ConfigDict) -> None:
     """Undoes the pretrained start (for ``:synthetic`` and ``:smoke`` variants, which have no weights):
     no weights file, no schedule."""
@@ -118,7 +147,7 @@ def mednext_plos_scratch(config: ml_collections.ConfigDict, *, image_size: int =
     """Study B's model (``mednext_plos`` tiny) trained from scratch: AdamW 2e-3, weight decay 0.05, one
     warm-up epoch, cosine, drop path 0.1, flips and 10 degree rotations; 30 epochs, patience 5."""
     config.model_name = "mednext_plos"
-    config.model = config_lib.model_config("mednext_plos", variant="tiny", drop_path_rate=0.1)
+    config.model = config_lib.model_config("mednext_plos", **STUDY_MODELS["mednext_plos"])
     from_scratch(config)
     config.data.image_size = image_size
     config.data.channels = 3

@@ -248,6 +248,7 @@ def load_run(workdir: str | Path) -> TrainedModel:
     model = sliding_window.wrap(
         models.get_model(config.model_name, num_classes=len(class_names), **config.model), config
     )
+    model = tasks.training_model(tasks.get_task(config.task), model, config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     ckpt = run.checkpointer(config)
     try:

@@ -285,11 +285,11 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
     meta = pipeline.dataset_metadata(data_cfg) if sharding.is_primary() else None
     sharding.barrier("dataset prepared")
     meta = meta or pipeline.dataset_metadata(data_cfg)
-    if meta.task != config.task:
+    if meta.task != tasks.dataset_task(task):
         raise ConfigError(
-            f"config.task={config.task!r} but dataset {data_cfg.name!r} is a {meta.task} dataset: start the "
-            f"config from medjax.config_lib.base_config(task={meta.task!r}) (or pick a {config.task} "
-            "dataset)."
+            f"config.task={config.task!r} reads {tasks.dataset_task(task)} datasets but {data_cfg.name!r} is "
+            f"a {meta.task} dataset: start the config from medjax.config_lib.base_config(task={meta.task!r}) "
+            f"(or pick a {tasks.dataset_task(task)} dataset)."
         )
     mesh = sharding.make_mesh(config.mesh.param_shards)
     sharding.check_batch_size(data_cfg.batch_size, mesh)
@@ -311,8 +311,11 @@ def _build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None) 
         ),
         config,
     )
+    model = tasks.training_model(task, model, config)
     loss_fn = losses.make_loss_fn(
-        config.loss, class_counts=meta.label_counts[data_cfg.train_split], extra_terms=extra_loss_terms
+        config.loss,
+        class_counts=meta.label_counts[data_cfg.train_split],
+        extra_terms={**tasks.loss_terms(task), **(extra_loss_terms or {})},
     )
     seed_key = jax.random.key(config.seed, impl=config.rng_impl)
     image_shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)

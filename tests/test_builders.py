@@ -234,6 +234,31 @@ def test_image_folder_discovers_sorted_classes_under_root(tmp_path):
     assert all(e["label"] == _text(e["id"]).startswith("ant") for e in read(ordered)["train"])
 
 
+def test_image_folder_unlabelled_reads_every_image_below_root_as_one_class(tmp_path):
+    root = tmp_path / "manual" / "scans"
+    write_images(root, 4, prefix="top")
+    write_images(root / "patient_1" / "series_a", 8, prefix="a")  # Any folder names, any depth.
+    write_images(root / "patient_2", 8, prefix="b", mode="L")
+    (root / "notes.txt").write_text("not an image")
+    builder = prepare(
+        image_folder,
+        tmp_path / "manual",
+        tmp_path / "data",
+        root="scans",
+        unlabelled=True,
+        split_fractions=(0.75, 0.25, 0.0),
+        skip_corrupt=True,
+    )
+    assert builder.info.features["label"].names == ["image"]
+    examples = read(builder)
+    assert {s: len(r) for s, r in examples.items()} == {"train": 15, "validation": 5}
+    report = builder.info.metadata["preparation"]
+    assert [e["id"] for e in report["skipped_corrupt"]] == ["notes.txt"]
+    assert report["ignored"] == []  # Sub-folders are read, not ignored.
+    with pytest.raises(ValueError, match="unlabelled"):
+        image_folder.Builder.make_config(unlabelled=True, classes=("a",))
+
+
 def write_npz(path, *, sizes=(6, 2, 3), image_shape=(28, 28), label_shape=lambda n: (n, 1), classes=2):
     arrays = {}
     for split, n in zip(("train", "val", "test"), sizes, strict=True):

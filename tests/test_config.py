@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medjax import config_lib, losses, models
+from medjax import config_lib, losses, models, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
@@ -19,7 +19,7 @@ def test_every_config_loads_and_validates(path, variant):
     config = config_lib.load_config_file(f"{path}:{variant}" if variant else str(path))
     config_lib.validate(config)
     assert config.model_name in models.available_models()
-    assert set(config.loss) <= set(losses.TERMS)
+    assert set(config.loss) <= set(losses.TERMS) | set(tasks.loss_terms(tasks.get_task(config.task)))
     assert config.data.channels in (1, 3)
     assert config.data.batch_size % 1 == 0 and config.data.eval_batch_size > 0
     if variant:

@@ -17,6 +17,9 @@ example exactly once.
 ``augment``, ``normalize``, ``interpolation`` (see :mod:`medjax.data.transforms`), ``read_threads`` and
 ``prefetch_batches`` (documented in :func:`medjax.config_lib.base_config`).
 
+``data_cfg.views`` > 1 (self-supervised pretraining) stacks that many augmented views of each image
+into ``image`` ``(B, V, H, W, C)``, in training and evaluation batches alike (:class:`transforms.Views`).
+
 Segmentation datasets (those whose builder wrote ``metadata['segmentation']``, see
 :mod:`medjax.data.builders._segmentation`) take the same path with the joint transforms of
 :mod:`medjax.data.seg_transforms`: batches carry ``label`` as an int32 (B, H, W) class map and ``valid``
@@ -48,6 +51,10 @@ from absl import flags
 
 from medjax.data import builders, seg_transforms, transforms
 from medjax.data.builders import _segmentation
+
+# Seed of the augmented views of evaluation batches (``data.views`` > 1): the same pairs at every
+# evaluation, so validation losses compare like with like. Plain evaluation draws nothing.
+_EVAL_VIEWS_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +189,12 @@ def _task_steps(
 ) -> tuple[grain.transforms.Map, list[grain.transforms.Transformation]]:
     """(record map, transforms) of the dataset's task: classification or segmentation."""
     seg_meta = _segmentation.read_metadata(info)
+    views = data_cfg.get("views", 1)
+    if seg_meta is None and views > 1:
+        # Evaluation views are augmented too (with a fixed seed, see _EVAL_VIEWS_SEED): a comparison of
+        # identical views would measure nothing.
+        steps = tuple(transforms.build_train_transforms(data_cfg))
+        return _ImageAndLabel(), [transforms.Views(steps, views)]
     if seg_meta is None:
         build = transforms.build_train_transforms if train else transforms.build_eval_transforms
         return _ImageAndLabel(), build(data_cfg)
@@ -196,9 +209,11 @@ def _task_steps(
     return seg_transforms.SegRecord(extras), seg_transforms.build_eval_transforms(data_cfg, shape=shape)
 
 
-def _apply(ds: grain.MapDataset, steps: Sequence[grain.transforms.Transformation]) -> grain.MapDataset:
+def _apply(
+    ds: grain.MapDataset, steps: Sequence[grain.transforms.Transformation], seed: int | None = None
+) -> grain.MapDataset:
     for step in steps:
-        ds = ds.random_map(step) if isinstance(step, grain.transforms.RandomMap) else ds.map(step)
+        ds = ds.random_map(step, seed=seed) if isinstance(step, grain.transforms.RandomMap) else ds.map(step)
     return ds
 
 
@@ -286,7 +301,7 @@ def iterate_eval(
     rows = _process_rows(batch, shard_count, "data.eval_batch_size")
     padded = -(-num_examples // batch) * batch
     ds = grain.MapDataset.source(source).repeat(-(-padded // num_examples))[:padded]
-    ds = _apply(ds.map_with_index(_EvalRecord(num_examples, record)), steps)
+    ds = _apply(ds.map_with_index(_EvalRecord(num_examples, record)), steps, seed=_EVAL_VIEWS_SEED)
     ds = ds.batch(rows, drop_remainder=True)[shard_index::shard_count]
     return _closing(iter(_to_iter_dataset(ds, data_cfg)))
 

@@ -232,6 +232,28 @@ def build_train_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.tr
     return [*transforms, ToChannels(data_cfg.channels), normalizer(data_cfg)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Views(grain.transforms.RandomMap):
+    """``count`` independently augmented copies of the image, stacked: ``(count, H, W, C)``.
+
+    Each copy runs ``transforms`` in order on the element, drawing from the one generator Grain passes
+    in (so the copies differ, and the result is still a function of the seed and the record's position).
+    Self-supervised objectives compare the views of an image (:mod:`medjax.pretraining`).
+    """
+
+    transforms: tuple[grain.transforms.Transformation, ...]
+    count: int = 2
+
+    def random_map(self, element: Element, rng: np.random.Generator) -> Element:
+        views = []
+        for _ in range(self.count):
+            view = element
+            for t in self.transforms:
+                view = t.random_map(view, rng) if isinstance(t, grain.transforms.RandomMap) else t.map(view)
+            views.append(view["image"])
+        return {**element, "image": np.stack(views)}
+
+
 def build_eval_transforms(data_cfg: ml_collections.ConfigDict) -> list[grain.transforms.Transformation]:
     """Decoded record -> normalised float32 image, deterministic (channels, resize, normalise only)."""
     return [

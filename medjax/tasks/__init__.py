@@ -22,12 +22,25 @@ owns the rest. Each task module provides:
 ``judge(predictions, *, out, class_names, settings)`` and ``markdown(report)``
     what ``python -m medjax.evaluate`` computes, draws and writes for a split set.
 
+Optional, for a task that trains differently from what it reads (pretraining):
+
+``DATASET_TASK``
+    the kind of dataset it reads (default: its own name), e.g. ``'classification'``.
+``LOSS_TERMS``
+    loss terms by name beyond :data:`medjax.losses.TERMS`.
+``training_model(model, config)``
+    the module that trains, wrapping the config's model (default: the model itself); a run directory
+    stores its variables, and :func:`medjax.run_dir.load_run` rebuilds it the same way.
+
 Tasks are modules rather than classes, loaded by name like models (:mod:`medjax.models`).
 """
 
 import importlib
 import pkgutil
 from types import ModuleType
+
+import ml_collections
+from flax import linen as nn
 
 from medjax.errors import ConfigError
 
@@ -47,3 +60,19 @@ def get_task(name: str) -> ModuleType:
     if name not in names:
         raise ConfigError(f"Unknown task {name!r} (config.task); available: {', '.join(names)}.")
     return importlib.import_module(f"medjax.tasks.{name}")
+
+
+def dataset_task(task: ModuleType) -> str:
+    """The kind of dataset ``task`` reads (its ``DATASET_TASK``, else its own name)."""
+    return getattr(task, "DATASET_TASK", task.__name__.rsplit(".", 1)[-1])
+
+
+def loss_terms(task: ModuleType) -> dict:
+    """The loss terms ``task`` adds to :data:`medjax.losses.TERMS` (``{}`` for most tasks)."""
+    return dict(getattr(task, "LOSS_TERMS", {}))
+
+
+def training_model(task: ModuleType, model: nn.Module, config: ml_collections.ConfigDict) -> nn.Module:
+    """The module a run of ``task`` trains: ``model`` wrapped by the task's ``training_model``, if any."""
+    wrap = getattr(task, "training_model", None)
+    return model if wrap is None else wrap(model, config)

@@ -441,16 +441,10 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
             raise self._layout_error(f"missing class folder(s) {missing or 'all'} in {parent}")
         return {n: found[n] for n in expected}
 
-    def _collect(self, manual_dir: Path, store) -> tuple[list, list, dict]:
-        self._scan_root, self._skipped_links = manual_dir.resolve(), []
+    def _locate(self, manual_dir: Path) -> tuple[Path, dict, dict[str | None, dict[str, Path]]]:
+        """``(root, split folders, class folders per split)``: split None when the archive has no
+        official split; the class folders of each split in label order."""
         root, has_splits = self._find_root(self.search_root(manual_dir))
-        config = self.builder_config
-        report: dict = {
-            "root": images.printable(os.path.relpath(root, manual_dir)),
-            "group_pattern": config.group_pattern,
-            "ignored": [],
-            "skipped_corrupt": [],
-        }
         tops = self._subdirs(root)
         if has_splits:
             split_dirs = {
@@ -465,9 +459,22 @@ class FolderBuilder(MedicalImageBuilder, skip_registration=True):
         names = self.class_names()
         if names is None:
             names = sorted({n for d in split_dirs.values() for n in self._match_classes(self._subdirs(d))})
-        class_dirs = {split: self._class_dirs(d, names) for split, d in split_dirs.items()}
-        used = {p for dirs in class_dirs.values() for p in dirs.values()} | set(split_dirs.values())
-        for parent in {root, *split_dirs.values()}:
+        return root, split_dirs, {split: self._class_dirs(d, names) for split, d in split_dirs.items()}
+
+    def _collect(self, manual_dir: Path, store) -> tuple[list, list, dict]:
+        self._scan_root, self._skipped_links = manual_dir.resolve(), []
+        root, split_dirs, class_dirs = self._locate(manual_dir)
+        names = list(next(iter(class_dirs.values())))
+        config = self.builder_config
+        report: dict = {
+            "root": images.printable(os.path.relpath(root, manual_dir)),
+            "group_pattern": config.group_pattern,
+            "ignored": [],
+            "skipped_corrupt": [],
+        }
+        class_folders = {p for dirs in class_dirs.values() for p in dirs.values()}
+        used = class_folders | set(split_dirs.values())
+        for parent in {root, *split_dirs.values()} - class_folders:  # A class folder's files are all read.
             report["ignored"] += [_rel(p, root) for p in sorted(parent.iterdir()) if p not in used]
         jobs = []
         for split, dirs in class_dirs.items():

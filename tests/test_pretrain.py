@@ -1,0 +1,130 @@
+"""Pretraining (medjax/tasks/pretrain.py, medjax/pretraining.py): the objectives on hand-computed cases,
+two-view batches, and a smoke pretraining run whose run directory starts a classification run."""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from medjax import config_lib, init_from, models, pretraining, run_dir, tasks, train
+from medjax.data import transforms
+from medjax.errors import ConfigError
+from tests.conftest import ROOT, smoke_config
+
+PRETRAIN_SMOKE = f"{ROOT}/configs/pretrain.py:smoke,method=simsiam"
+
+
+def test_simsiam_loss_hand_computed_and_targets_get_no_gradient():
+    # One image: p1 = (1, 0), p2 = (0, 2); z1 = (1, 1), z2 = (3, 0).
+    p = jnp.asarray([[[1.0, 0.0], [0.0, 2.0]]])
+    z = jnp.asarray([[[1.0, 1.0], [3.0, 0.0]]])
+    # cos(p1, z2) = 1, cos(p2, z1) = 1/sqrt(2): loss = -(1 + 0.7071) / 2.
+    expected = -(1.0 + 1.0 / np.sqrt(2.0)) / 2.0
+
+    def loss(p, z):
+        return pretraining.simsiam(logits={"simsiam": p}, labels=jnp.zeros(1), aux={"projection": z})
+
+    np.testing.assert_allclose(loss(p, z), expected, rtol=1e-6)
+    grad_p, grad_z = jax.grad(loss, argnums=(0, 1))(p, z)
+    np.testing.assert_array_equal(grad_z, 0.0)  # Stop-gradient: the target branch learns nothing.
+    # d/dp2 of -cos(p2, z1)/2 at p2 = (0, 2), z1/|z1| = (1, 1)/sqrt(2): -(u - cos * p2/|p2|) / (2 |p2|).
+    u = np.array([1.0, 1.0]) / np.sqrt(2.0)
+    np.testing.assert_allclose(grad_p[0, 1], -(u - u[1] * np.array([0.0, 1.0])) / 4.0, atol=1e-6)
+    with pytest.raises(ConfigError, match="data.views=2"):
+        loss(p[:, :1], z[:, :1])
+
+
+def test_feature_distances_hand_computed_and_safe_at_zero():
+    q = jnp.asarray([[3.0, 4.0], [0.0, 0.0]])
+    t = jnp.asarray([[4.0, 3.0], [1.0, 0.0]])
+    # cosine: 1 - 24/25; a zero projection has cosine 0 (distance 1) and a finite gradient.
+    np.testing.assert_allclose(
+        pretraining.feature_distance(q, t, "cosine"), [1.0 - 24.0 / 25.0, 1.0], rtol=1e-5
+    )
+    np.testing.assert_allclose(pretraining.feature_distance(q, t, "mse"), [1.0, 0.5])
+    grad = jax.grad(lambda q: pretraining.feature_distance(q, t, "cosine").sum())(q)
+    assert np.all(np.isfinite(grad))
+    with pytest.raises(ConfigError, match="distance"):
+        pretraining.feature_distance(q, t, "l1")
+
+
+def test_views_stacks_independent_augmentations_reproducibly():
+    steps = (transforms.RandomHorizontalFlip(), transforms.RandomBrightnessContrast(0.4, 0.4))
+    views = transforms.Views(steps, count=2)
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 1), dtype=np.uint8)
+    out = views.random_map({"image": image, "label": 1}, np.random.default_rng(3))
+    assert out["image"].shape == (2, 8, 8, 1) and out["label"] == 1
+    assert not np.array_equal(out["image"][0], out["image"][1])
+    again = views.random_map({"image": image, "label": 1}, np.random.default_rng(3))
+    np.testing.assert_array_equal(out["image"], again["image"])
+    assert isinstance(views, grain.transforms.RandomMap)
+
+
+def test_students_variables_are_the_classifiers():
+    """For both students the wrapper's ``student`` subtree is exactly the classification model's tree,
+    so every backbone array transfers (shapes only: nothing is computed)."""
+    for model_name in ("convnext", "mednext_plos"):
+        config = config_lib.load_config_file(
+            f"{PRETRAIN_SMOKE.replace('convnext', model_name)},model={model_name}"
+        )
+        classifier = models.get_model(model_name, num_classes=4, **config.model)
+        wrapper = tasks.training_model(tasks.get_task("pretrain"), classifier, config)
+        wrapped = run_dir.abstract_variables(wrapper, (2, 32, 32, 1))  # Two views of 32x32 grey.
+        plain = run_dir.abstract_variables(classifier, (32, 32, 1))
+        student = pretraining.student_variables(wrapped)
+        assert jax.tree.map(lambda x: x.shape, student) == jax.tree.map(lambda x: x.shape, plain)
+
+
+def test_config_without_objective_is_refused():
+    config = config_lib.load_config_file(PRETRAIN_SMOKE)
+    config.loss = config_lib.base_config().loss  # Cross-entropy: no pretraining objective.
+    classifier = models.get_model(config.model_name, num_classes=2, **config.model)
+    with pytest.raises(ConfigError, match="loss.simsiam and/or loss.distillation"):
+        tasks.training_model(tasks.get_task("pretrain"), classifier, config)
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tfds_data_dir, smoke_run, tmp_path_factory):
+    """SimSiam and distillation together (one compiled step for both objectives), the session's smoke
+    MobileNetV2 run as the teacher."""
+    config = smoke_config(tfds_data_dir, PRETRAIN_SMOKE)
+    with config.unlocked():
+        config.loss.distillation = {"weight": 1.0, "teacher": str(smoke_run), "distance": "cosine"}
+    config.pretrain.projection_dim = 1280  # The teacher's feature width.
+    workdir = tmp_path_factory.mktemp("pretrain_run")
+    report = train.train_and_evaluate(config, workdir)
+    return config, workdir, report
+
+
+def test_pretraining_run_trains_without_touching_the_teacher(pretrain_run):
+    config, workdir, report = pretrain_run
+    assert "test" not in report and 0.0 < report["validation"]["feature_std"] <= 1.0 + 1e-9  # At most 1.
+    lines = run_dir.RunDir(workdir).metrics_file.read_text()
+    assert "loss_simsiam" in lines and "loss_distillation" in lines
+    # The latest checkpoint's teacher (the distillation term's state) is the teacher as loaded.
+    exp = train._build(config, None)
+    ckpt = run_dir.RunDir(workdir).checkpointer(config)
+    step, state, _ = ckpt.restore_latest(abstract_state=exp.state)
+    ckpt.close()
+    assert step == report["steps"]
+    teacher = pretraining.load_teacher(config.loss.distillation.teacher).variables
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.loss_state["distillation"]), teacher)
+
+
+def test_pretraining_run_starts_study_a_classifier(pretrain_run, tfds_data_dir):
+    _, workdir, _ = pretrain_run
+    config = smoke_config(tfds_data_dir, f"{ROOT}/configs/brain_mri.py:smoke")
+    config.init_from.path = str(workdir)
+    model = models.get_model(config.model_name, num_classes=2, **config.model)
+    image_shape = (32, 32, 1)
+    fresh = train.init_variables(model, rng=jax.random.key(5), image_shape=image_shape)
+    started = traverse_util.flatten_dict(init_from.initial_variables(config, model, fresh, image_shape))
+    source = traverse_util.flatten_dict(pretraining.student_variables(run_dir.load_run(workdir).variables))
+    fresh = traverse_util.flatten_dict(fresh)
+    assert started.keys() == fresh.keys()
+    for path, value in started.items():
+        expected = fresh[path] if path[1] == "classifier" else source[path]
+        np.testing.assert_array_equal(value, expected, err_msg="/".join(path))
+    assert any(path[1] == "sevector" for path in started)  # Study A's head transfers with the backbone.
