@@ -507,7 +507,7 @@ def model_config(model_name: str, **overrides: Any) -> ml_collections.ConfigDict
         f.name: f.default
         for f in dataclasses.fields(module.Model)
         if f.init
-        and f.name not in ("num_classes", "parent", "name")
+        and f.name not in ("num_classes", "parent", "name", "remat")  # remat: train.remat sets it.
         and isinstance(f.default, bool | int | float | str | tuple | type(None))
     }
     unknown = sorted(set(overrides) - set(fields))
