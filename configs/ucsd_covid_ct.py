@@ -3,10 +3,10 @@ set on which the CT recipe of ``configs/covid_ct.py`` is chosen (study B's SARS-
 same kind). Published baseline on this split (He et al. 2020, Self-Trans, DenseNet-169 with ImageNet
 transfer and contrastive self-supervision): F1 0.85, AUC 0.94, accuracy about 0.86.
 
-The default is study C's fine-tuning recipe for CT slices (:func:`medjax.recipes.imagenet_ct`):
-ImageNet MobileNetV2 1.0 at 224x224 RGB, rotations, flips, crops and intensity jitter, Adam with cosine
-annealing, the new classifier alone for 3 epochs, then the last blocks for 3, then all, early stopping
-on validation loss (patience 5), the best checkpoint on validation loss. Validation is the official
+The default is the ImageNet MobileNetV2 recipe for CT slices chosen on this split's validation
+(:func:`medjax.recipes.imagenet_ct`): MobileNetV2 1.0 at 224x224 RGB in [-1, 1], rotations, flips, crops
+and intensity jitter, Adam at 1e-4 with cosine annealing, every layer trained from the first step, early
+stopping and the best checkpoint on validation AUC (patience 5). Validation is the official
 ``val`` split (118 slices); test is reported once, never used to choose. The selection protocol, its
 commands and its status: ``results/ucsd_covid_ct.md``.
 
@@ -19,8 +19,7 @@ copy in ../shared/data: ``--config.data.manual_dir=../shared/data/ucsd_covid_ct`
 Variants (``--config=configs/ucsd_covid_ct.py:<variant>``):
   (none)     the recipe above; ``model=mednext_plos`` for study B's model from scratch (AdamW, 30
              epochs) for comparison, e.g. ``--config=configs/ucsd_covid_ct.py:model=mednext_plos``.
-  cpu        the ImageNet recipe at 160x160, 15 epochs (the head alone for 2, the last blocks for 2):
-             minutes on 2 CPU cores.
+  cpu        the ImageNet recipe at 160x160, 15 epochs: about 8 minutes on 2 CPU cores.
   synthetic  the ImageNet-free path on generated ``synthetic_ct`` slices (not medical data), 64x64,
              MobileNetV2 width 0.35 from scratch.
   smoke      seconds on a tiny synthetic set; used by the tests.
@@ -58,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.variant == "cpu":
         config.name = "ucsd_covid_ct_cpu"
         config.data.builder_kwargs.image_size = 160
-        recipes.imagenet_ct(config, image_size=160, head_epochs=2.0)
+        recipes.imagenet_ct(config, image_size=160)
         config.train.num_epochs = 15.0
     elif args.variant in ("synthetic", "smoke"):
         recipes.from_scratch(config)

@@ -165,7 +165,7 @@ def test_imagenet_recipe_schedule_matches_mobilenet_v2_parameters():
 
     from medjax import optim, train, unfreeze
 
-    config = config_lib.load_config_file(f"{ROOT}/configs/ucsd_covid_ct.py")
+    config = config_lib.load_config_file(f"{ROOT}/configs/chest_xray.py")
     model = models.get_model("mobilenet_v2", num_classes=2, **config.model)
     shapes = jax.eval_shape(
         lambda: train.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
