@@ -1,4 +1,5 @@
-"""Shared fixtures: one prepared synthetic dataset directory for the whole test session."""
+"""Shared fixtures and settings: fast-compiling XLA, and one prepared dataset directory, compilation cache
+and pair of smoke runs for the whole test session (shared by its xdist workers)."""
 
 import os
 import subprocess
