@@ -65,7 +65,7 @@ def _launch(workdir: Path, data_dir: Path, cache: str, *, devices: int = 1, proc
         ]
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONUNBUFFERED": "1",
     }

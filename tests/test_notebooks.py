@@ -32,12 +32,15 @@ def test_notebooks_are_stored_without_outputs():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path, monkeypatch):
+def test_notebook_executes(path, tmp_path, monkeypatch, compilation_cache):
     # The kernel is a subprocess: it inherits the environment, not pytest's sys.path.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MEDJAX_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("MEDJAX_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))  # Removed with tmp_path.
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    # The session's compilation cache: a notebook that trains one model several times (only the loss
+    # changing) compiles its initialisation and inference once.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", compilation_cache)
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
