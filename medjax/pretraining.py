@@ -169,7 +169,7 @@ def load_teacher(path: str) -> Teacher:
 
     location = Path(path).expanduser()
     if location.is_dir() and run_dir.RunDir(location).is_run():
-        run = run_dir.load_run(location)
+        run = run_dir.load_run(location, predicts=False)
         normalize = run.config.data.normalize
         return Teacher(
             model=run.model,

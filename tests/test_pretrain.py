@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from medjax import config_lib, init_from, models, pretraining, run_dir, tasks, train
+from medjax import config_lib, export, gradcam, init_from, models, pretraining, run_dir, tasks, train
 from medjax.data import transforms
-from medjax.errors import ConfigError
+from medjax.errors import ConfigError, MedjaxError
+from medjax.evaluate.command import evaluate_run
 from tests.conftest import ROOT, smoke_config
 
 PRETRAIN_SMOKE = f"{ROOT}/configs/pretrain.py:smoke,method=simsiam"
@@ -121,10 +122,40 @@ def test_pretraining_run_starts_study_a_classifier(pretrain_run, tfds_data_dir):
     image_shape = (32, 32, 1)
     fresh = train.init_variables(model, rng=jax.random.key(5), image_shape=image_shape)
     started = traverse_util.flatten_dict(init_from.initial_variables(config, model, fresh, image_shape))
-    source = traverse_util.flatten_dict(pretraining.student_variables(run_dir.load_run(workdir).variables))
+    source = run_dir.load_run(workdir, predicts=False).variables
+    source = traverse_util.flatten_dict(pretraining.student_variables(source))
     fresh = traverse_util.flatten_dict(fresh)
     assert started.keys() == fresh.keys()
     for path, value in started.items():
         expected = fresh[path] if path[1] == "classifier" else source[path]
         np.testing.assert_array_equal(value, expected, err_msg="/".join(path))
     assert any(path[1] == "sevector" for path in started)  # Study A's head transfers with the backbone.
+
+
+def test_after_training_commands_refuse_a_pretraining_run_naming_the_fix(tmp_path):
+    """predict (which calls load_run), Grad-CAM, export and evaluate stop at the run's config.json,
+    before reading anything else (this run directory holds nothing more), and say what the run is and
+    how to fine-tune from it."""
+    config = config_lib.load_config_file(f"{ROOT}/configs/pretrain.py:smoke")  # Distillation.
+    workdir = tmp_path / "pretrain_run"
+    run_dir.RunDir(workdir).write_config(config)
+    commands = {
+        "load_run": run_dir.load_run,
+        "gradcam": gradcam.run,
+        "export": export.export_run,
+        "evaluate": lambda w: evaluate_run(w, out=tmp_path / "evaluation"),
+    }
+    teacher = config.loss.distillation.teacher
+    for name, command in commands.items():
+        with pytest.raises(MedjaxError) as raised:
+            command(workdir)
+        message = str(raised.value)
+        assert message.startswith(
+            f"{workdir} is a pretraining run (task 'pretrain', distillation from {teacher}): its checkpoint "
+            "holds a convnext backbone"
+        ), name
+        assert (
+            "python -m medjax.launch --config=configs/chest_xray.py:variant=scratch,model=convnext "
+            f"--config.data.manual_dir=<labelled images> --config.init_from.path={workdir}" in message
+        ), name
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "pretrain_run"]  # Nothing written.
