@@ -7,14 +7,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from PIL import Image
 
-from medjax import config_lib, export, gradcam, init_from, models, pretraining, run_dir, tasks, train
+from medjax import (
+    config_lib,
+    export,
+    gradcam,
+    init_from,
+    models,
+    pretraining,
+    recipes,
+    run_dir,
+    tasks,
+    train,
+)
 from medjax.data import transforms
 from medjax.errors import ConfigError, MedjaxError
 from medjax.evaluate.command import evaluate_run
-from tests.conftest import ROOT, smoke_config
+from tests.conftest import ROOT, shared_weights_dir, smoke_config
 
 PRETRAIN_SMOKE = f"{ROOT}/configs/pretrain.py:smoke,method=simsiam"
+TFLITE_TEACHER = shared_weights_dir() / recipes.IMAGENET_MOBILENET_V2_FILE
 
 
 def test_simsiam_loss_hand_computed_and_targets_get_no_gradient():
@@ -159,3 +172,29 @@ def test_after_training_commands_refuse_a_pretraining_run_naming_the_fix(tmp_pat
             f"--config.data.manual_dir=<labelled images> --config.init_from.path={workdir}" in message
         ), name
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "pretrain_run"]  # Nothing written.
+
+
+@pytest.mark.skipif(not TFLITE_TEACHER.is_file(), reason=f"no ImageNet MobileNetV2 at {TFLITE_TEACHER}")
+def test_distillation_from_the_imagenet_tflite_teacher(tfds_data_dir, tmp_path):
+    """configs/pretrain.py's default objective with the real .tflite teacher, two steps on 32 px grey
+    views (the teacher at the student's size), and the teacher fed as the file wants: the cat picture
+    in [0, 1], through :meth:`Teacher.features` and the file's own classifier, is its documented
+    'Egyptian cat' (../shared/data/README.md), which a wrong range, channel count or order breaks."""
+    config = smoke_config(
+        tfds_data_dir, f"{ROOT}/configs/pretrain.py:smoke", num_epochs=2 / 8, eval_every_epochs=2 / 8
+    )
+    config.loss.distillation.teacher = str(TFLITE_TEACHER)
+    report = train.train_and_evaluate(config, tmp_path / "run")
+    assert report["steps"] == 2 and 0.0 < report["validation"]["feature_std"] <= 1.0 + 1e-9
+    # 1 - cos of a projection and a ReLU6 embedding: finite, and in [0, 2].
+    assert 0.0 < report["validation"]["loss"] < 2.0
+    assert "loss_distillation" in run_dir.RunDir(tmp_path / "run").metrics_file.read_text()
+
+    teacher = pretraining.load_teacher(str(TFLITE_TEACHER))
+    folder = TFLITE_TEACHER.parent
+    cat = Image.open(folder / "cat.bmp").convert("RGB").resize((224, 224), Image.BILINEAR)
+    pixels = jnp.asarray(np.asarray(cat, np.float32)[None] / 255.0)
+    features = jax.jit(lambda v, x: teacher.features(v, x, None))(teacher.variables, pixels)
+    head = teacher.variables["params"]["classifier"]
+    labels = (folder / "imagenet_labels.txt").read_text().splitlines()
+    assert labels[int(jnp.argmax(features @ head["kernel"] + head["bias"]))] == "Egyptian cat"
