@@ -164,7 +164,7 @@ def load_teacher(path: str) -> Teacher:
     Raises:
       ConfigError: for a path that does not exist or is neither, naming what is accepted.
     """
-    from medjax import models, recipes, train  # Late: they import the tasks, which import this module.
+    from medjax import models, recipes, train_step  # Late: they import the tasks, which import this module.
     from medjax.models import convert
 
     location = Path(path).expanduser()
@@ -187,7 +187,7 @@ def load_teacher(path: str) -> Teacher:
             f"teacher=../shared/weights/{file}) or the --workdir of a finished run."
         )
     model = models.get_model("mobilenet_v2", **TFLITE_TEACHER)
-    fresh = train.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
+    fresh = train_step.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
     variables = convert.load_pretrained(
         str(location), model_name="mobilenet_v2", target_variables=fresh, reinit_head=False, model=model
     )

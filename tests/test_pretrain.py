@@ -20,6 +20,7 @@ from medjax import (
     run_dir,
     tasks,
     train,
+    train_step,
 )
 from medjax.data import transforms
 from medjax.errors import ConfigError, MedjaxError
@@ -118,7 +119,7 @@ def test_pretraining_run_trains_without_touching_the_teacher(pretrain_run):
     lines = run_dir.RunDir(workdir).metrics_file.read_text()
     assert "loss_simsiam" in lines and "loss_distillation" in lines
     # The latest checkpoint's teacher (the distillation term's state) is the teacher as loaded.
-    exp = train._build(config, None)
+    exp = train_step.build(config)
     ckpt = run_dir.RunDir(workdir).checkpointer(config)
     step, state, _ = ckpt.restore_latest(abstract_state=exp.state)
     ckpt.close()
@@ -133,7 +134,7 @@ def test_pretraining_run_starts_study_a_classifier(pretrain_run, tfds_data_dir):
     config.init_from.path = str(workdir)
     model = models.get_model(config.model_name, num_classes=2, **config.model)
     image_shape = (32, 32, 1)
-    fresh = train.init_variables(model, rng=jax.random.key(5), image_shape=image_shape)
+    fresh = train_step.init_variables(model, rng=jax.random.key(5), image_shape=image_shape)
     started = traverse_util.flatten_dict(init_from.initial_variables(config, model, fresh, image_shape))
     source = run_dir.load_run(workdir, predicts=False).variables
     source = traverse_util.flatten_dict(pretraining.student_variables(source))

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import allocator, config_lib, init_from, models, run_dir, train
+from medjax import allocator, config_lib, init_from, models, run_dir, train, train_step
 from medjax.errors import ConfigError, MedjaxError, NonFiniteLossError
 
 from .conftest import ROOT, launch_smoke, smoke_config
@@ -28,7 +28,7 @@ def _same_results(a: dict, b: dict) -> None:
 
 
 def test_smoke_run_writes_outputs_compiles_once_and_resumes(tmp_path, tfds_data_dir, monkeypatch):
-    monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
+    monkeypatch.setattr(train_step, "train_step", chex.assert_max_traces(train_step.train_step, n=1))
     workdir = tmp_path / "run"
     config = smoke_config(tfds_data_dir, num_epochs=3 / 8, eval_every_epochs=3 / 8, log_every_steps=1)
     config.cpu_cores = 1  # A process setting: applied by entry points, never by the library function.
@@ -99,14 +99,14 @@ def test_workdir_of_another_config_is_refused(tmp_path, tfds_data_dir):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
     tmp_path, tfds_data_dir, monkeypatch
 ):
-    original = train.train_step
+    original = train_step.train_step
 
     def poisoned(state, batch, seed_key, **kwargs):
         new_state, metrics = original(state, batch, seed_key, **kwargs)
         metrics["loss"] = jnp.where(state.step >= 5, jnp.nan, metrics["loss"])
         return new_state, metrics
 
-    monkeypatch.setattr(train, "train_step", poisoned)
+    monkeypatch.setattr(train_step, "train_step", poisoned)
     workdir = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"step 6.*last good checkpoint \(step 4\)"):
         train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)
@@ -164,7 +164,7 @@ def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
     model = models.get_model(config.model_name, num_classes=2, **config.model)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     key = jax.random.key(7)
-    fresh = train.init_variables(model, rng=key, image_shape=shape)
+    fresh = train_step.init_variables(model, rng=key, image_shape=shape)
     started = init_from.initial_variables(config, model, fresh, shape)
     assert "output layer ['classifier'] re-initialised" in capsys.readouterr().out
     chex.assert_trees_all_equal(started["params"].pop("classifier"), fresh["params"]["classifier"])
@@ -179,7 +179,7 @@ def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
         r"run \(8,\), model \(16,\).*\.\.\. and 177 more\n",
     ):
         init_from.initial_variables(
-            config, wider, train.init_variables(wider, rng=key, image_shape=shape), shape
+            config, wider, train_step.init_variables(wider, rng=key, image_shape=shape), shape
         )
     config.init_from.path = str(tmp_path / "absent")
     with pytest.raises(ConfigError, match="absent does not exist"):

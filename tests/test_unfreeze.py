@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from medjax import checkpointing, losses, optim, train, unfreeze
+from medjax import checkpointing, losses, optim, train, train_step, unfreeze
 from medjax.errors import ConfigError
 from medjax.run_dir import RunDir
 from medjax.tasks import classification
@@ -27,16 +27,16 @@ def _batch(rng):
 
 def test_frozen_until_its_phase_then_trains_with_fresh_adam_in_one_compilation():
     model = TinyNet()
-    variables = train.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
+    variables = train_step.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
     cfg = optim_config(name="adam", learning_rate=LR, schedule="constant", unfreeze=SCHEDULE)
     tx, _ = optim.make_optimizer(cfg, variables["params"], total_steps=4, steps_per_epoch=2)
     tables = optim.trainable_tables(variables["params"], unfreeze.parse(SCHEDULE))
     frozen_stats = optim.frozen_statistics_tables(tables, variables["batch_stats"])
     assert frozen_stats["stem_bn"]["mean"].tolist() == [True, False]
-    state = train.create_train_state(tx, variables)
+    state = train_step.create_train_state(tx, variables)
     step = jax.jit(
         chex.assert_max_traces(
-            lambda s, b, p: train.train_step(
+            lambda s, b, p: train_step.train_step(
                 s,
                 b,
                 jax.random.key(1),
@@ -150,7 +150,7 @@ class _Interrupted(Exception):
 def test_run_interrupted_mid_schedule_resumes_in_its_phase(tmp_path, tfds_data_dir, monkeypatch):
     """Two phase switches over 4 steps (eval and checkpoint after each), killed after step 2: the resumed
     run takes steps 3 and 4 in phases 1 and 2, and every run traces its train step once."""
-    monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
+    monkeypatch.setattr(train_step, "train_step", chex.assert_max_traces(train_step.train_step, n=1))
     config = smoke_config(tfds_data_dir, num_epochs=4 / 8, eval_every_epochs=1 / 8, log_every_steps=1)
     config.optim.unfreeze = (
         {"epoch": 0, "trainable": ("classifier/.*",)},
