@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -180,14 +179,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
     window: list[dict] = []
     try:
         while step < exp.total_steps and not stopped:
-            phase_arg = ()
+            phase_arg = {}
             if phases is not None:
                 if phases.at_step(step):
                     stopper.bad_evals = 0  # Each phase gets the full early-stopping patience.
                     progress.message(f"step {step}: {phases.describe()}")
-                phase_arg = (jnp.asarray(phases.phase, jnp.int32),)
+                phase_arg = {"phase": phases.phase}  # Static: one compiled step per phase.
             state, step_metrics = exp.p_train(
-                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key, *phase_arg
+                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key, **phase_arg
             )
             step += 1
             step_metrics = jax.device_get(step_metrics)

@@ -60,13 +60,14 @@ def train_step(
     state: TrainState,
     batch: dict,
     seed_key: jax.Array,
-    phase: jax.Array | None = None,
+    phase: int | jax.Array | None = None,
     *,
     model,
     tx,
     loss_fn,
     task: ModuleType,
     frozen_stats=None,
+    trainable=None,
     ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch``; returns the new state and a flat dict of scalar metrics (the
@@ -74,14 +75,27 @@ def train_step(
 
     ``frozen_stats`` (a pytree of Python bools over ``batch_stats``, see
     :func:`medjax.optim.frozen_statistics_mask`) keeps the running statistics of frozen BatchNorms.
-    With an unfreezing schedule, ``phase`` is its current phase (an int32 scalar, traced, so the step
-    compiles once for all phases), ``tx.update`` receives it, and ``frozen_stats`` holds bool arrays
-    indexed by it (:func:`medjax.optim.frozen_statistics_tables`).
+    ``trainable`` (Python bools over ``params``, :func:`medjax.optim.trainable_mask`) puts the frozen
+    parameters behind ``jax.lax.stop_gradient``, so the backward pass computes neither their gradients
+    (they are zeros, and so is their part of the logged ``grad_norm``) nor anything below the first
+    trainable layer; the trainable parameters' gradients are those of the full backward pass (to float32
+    rounding: XLA compiles the smaller program's arithmetic in its own order).
+    With an unfreezing schedule, ``phase`` is its current phase, ``tx.update`` receives it, and
+    ``frozen_stats`` and ``trainable`` hold bool arrays indexed by it
+    (:func:`medjax.optim.frozen_statistics_tables`, :func:`medjax.optim.trainable_tables`): with
+    ``trainable``, ``phase`` must be a Python int (static: one compilation per phase, see
+    :func:`make_steps`); without it, it may be a traced int32 scalar.
     ``ema_decay`` > 0 updates ``state.ema`` (see :func:`ema_update`).
     """
     rng = jax.random.fold_in(seed_key, state.step)
 
     def compute_loss(params):
+        if trainable is not None:
+            params = jax.tree.map(
+                lambda p, t: p if (t if phase is None else t[phase]) else jax.lax.stop_gradient(p),
+                params,
+                trainable,
+            )
         (logits, aux), updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
@@ -148,9 +162,11 @@ def eval_step(variables: dict, batch: dict, loss_state: dict, *, model, loss_fn,
 
 
 def make_steps(
-    model, tx, loss_fn, task: ModuleType, *, frozen_stats=None, ema_decay: float = 0.0
+    model, tx, loss_fn, task: ModuleType, *, frozen_stats=None, trainable=None, ema_decay: float = 0.0
 ) -> tuple[Callable, Callable]:
-    """Jitted ``(train_step, eval_step)``; the train state (argument 0) is donated."""
+    """Jitted ``(train_step, eval_step)``; the train state (argument 0) is donated, and an unfreezing
+    schedule's ``phase`` (a Python int) is static: the step compiles once per phase, each without the
+    backward pass of what that phase freezes (see :func:`train_step`)."""
     step = functools.partial(
         train_step,
         model=model,
@@ -158,9 +174,10 @@ def make_steps(
         loss_fn=loss_fn,
         task=task,
         frozen_stats=frozen_stats,
+        trainable=trainable,
         ema_decay=ema_decay,
     )
-    p_train = jax.jit(step, donate_argnums=0)
+    p_train = jax.jit(step, donate_argnums=0, static_argnames="phase")
     p_eval = jax.jit(functools.partial(eval_step, model=model, loss_fn=loss_fn, task=task))
     return p_train, p_eval
 
@@ -274,15 +291,18 @@ def build(config: ml_collections.ConfigDict, extra_loss_terms: Mapping | None = 
     fresh = init_variables(model, rng=init_key, image_shape=image_shape)
     initial = init_from.initial_variables(config, model, fresh, image_shape)
     state = sharding.place_state(create_train_state(tx, initial, loss_state, with_ema=ema_decay > 0), mesh)
-    frozen_stats = None
+    trainable = frozen_stats = None
     phases = unfreeze.parse(config.optim.unfreeze)
-    if phases is not None and config.optim.freeze_batch_stats:
-        tables = optim.trainable_tables(abstract_params, phases)
-        frozen_stats = optim.frozen_statistics_tables(tables, state.batch_stats)
-    elif config.optim.trainable is not None and config.optim.freeze_batch_stats:
+    if phases is not None:
+        trainable = optim.trainable_tables(abstract_params, phases)
+    elif config.optim.trainable is not None:
         trainable = optim.trainable_mask(abstract_params, list(config.optim.trainable))
-        frozen_stats = optim.frozen_statistics_mask(trainable, state.batch_stats)
-    p_train, p_eval = make_steps(model, tx, loss_fn, task, frozen_stats=frozen_stats, ema_decay=ema_decay)
+    if trainable is not None and config.optim.freeze_batch_stats:
+        frozen = optim.frozen_statistics_mask if phases is None else optim.frozen_statistics_tables
+        frozen_stats = frozen(trainable, state.batch_stats)
+    p_train, p_eval = make_steps(
+        model, tx, loss_fn, task, frozen_stats=frozen_stats, trainable=trainable, ema_decay=ema_decay
+    )
     return Experiment(
         meta=meta,
         task=task,
