@@ -27,8 +27,8 @@ Arguments (``--config=configs/pretrain.py:method=distillation,model=mednext_plos
   channels   1 (grey, like the scratch/cpu classification configs) or 3 for a fine-tuning config that
              reads RGB (the stem convolution's shape depends on it).
 
-Wall time and the downstream effect are NOT yet measured; see README "Pretrain on your own unlabelled
-images".
+Wall time and the downstream effect are NOT yet measured (only a smoke-sized run with the real teacher
+on real images); see README "Pretrain on your own unlabelled images".
 
 Examples:
   python -m medjax.launch --config=configs/pretrain.py --workdir=runs/pretrain_distill \\

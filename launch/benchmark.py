@@ -1,7 +1,7 @@
 """Whole-training-step benchmark of medjax models against PyTorch peers, interleaved in rounds.
 
 For each model (MobileNetV2 1.0, ConvNeXt-Tiny, MedNeXt-tiny) at 224x224x3, batch 32, 2 classes, AdamW:
-training images/s of the compiled ``medjax.train`` step (optimizer included, ``block_until_ready``),
+training images/s of the compiled ``medjax.train_step`` step (optimizer included, ``block_until_ready``),
 compile time, eval-mode latency at batch 1 and throughput at batch N, peak RSS next to XLA's planned
 buffers (``compiled.memory_analysis()``), page faults per step, parameters and XLA GFLOPs per step. When
 torch imports, the PyTorch peers of ``launch/torch_reference.py`` run in the same rounds (eager and

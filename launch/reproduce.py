@@ -327,8 +327,8 @@ def markdown(
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; runs finished earlier are read back from "
         "their workdirs.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
-        f"jax {jax.__version__}. This invocation ran under the {allocator.active()} memory allocator "
-        "(medjax/allocator.py); each wall time names the allocator of its own run. "
+        f"jax {jax.__version__}. This invocation's memory allocator (medjax/allocator.py): "
+        f"{allocator.describe()}; each wall time names the allocator of its own run. "
         "Every model is trained with a fixed seed (0, or one run per seed 0, 1, ... where the row is an "
         "ensemble, whose prediction is the mean of its runs' probabilities) from scratch, or, where its "
         "recipe says so, from the best checkpoint of an experiment above (no downloaded weights); "

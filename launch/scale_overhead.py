@@ -37,12 +37,12 @@ def _worker(args: argparse.Namespace) -> None:
         )
     import jax
 
-    from medjax import config_lib, sharding, train
+    from medjax import config_lib, sharding, train_step
     from medjax.data import pipeline
 
     config = config_lib.load_config_file(args.config)
     config.data.batch_size = args.batch_size
-    exp = train._build(config, None)  # The run's own model, optimizer, state and jitted step.
+    exp = train_step.build(config)  # The run's own model, optimizer, state and jitted step.
     loader = iter(pipeline.make_train_loader(config.data, seed=config.seed, **sharding.process_shard()))
     batches = [next(loader) for _ in range(args.steps + args.warmup)]
     state, times = exp.state, []

@@ -1,6 +1,6 @@
 """Training-step time of the segmentation models at a small resolution on CPU.
 
-Times the jitted ``medjax.train`` step (AdamW, cross-entropy + Dice, BatchNorm statistics updated) on a
+Times the jitted ``medjax.train_step`` step (AdamW, cross-entropy + Dice, BatchNorm statistics updated) on a
 random batch: median seconds per step after warm-up, plus compile time and parameter count. The
 classification task's step metrics are used (pixel accuracy is what they compute on label maps), since
 only the step's cost is measured. Example (a few minutes on 2 cores)::
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from timing import timed
 
-from medjax import losses, train
+from medjax import losses, train_step
 from medjax.evaluate.model_card import count_params
 from medjax.models import get_model
 from medjax.tasks import get_task
@@ -29,11 +29,11 @@ def measure(
     name: str, *, size: int, batch: int, channels: int, classes: int, steps: int, warmup: int
 ) -> dict:
     model = get_model(name, num_classes=classes)
-    variables = train.init_variables(model, rng=jax.random.key(0), image_shape=(size, size, channels))
+    variables = train_step.init_variables(model, rng=jax.random.key(0), image_shape=(size, size, channels))
     tx = optax.adamw(1e-3, weight_decay=0.05)
     loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}, "dice": {"weight": 1.0}})
-    step, _ = train.make_steps(model, tx, loss_fn, get_task("classification"))
-    state = train.create_train_state(tx, variables)
+    step, _ = train_step.make_steps(model, tx, loss_fn, get_task("classification"))
+    state = train_step.create_train_state(tx, variables)
     keys = jax.random.split(jax.random.key(1), 2)
     batch = {
         "image": jax.random.normal(keys[0], (batch, size, size, channels)),

@@ -12,7 +12,7 @@ Two series cannot be renamed together, though: at an evaluation the best step is
 latest one, and a kill in between leaves ``best/N`` without ``latest/N``. The resumed run replays from an
 earlier step and would reach N again, where Orbax refuses to save a step twice. So
 :meth:`RunCheckpointer.restore_latest` repairs the workdir first: best steps newer than the step it
-resumes from are deleted, and the replay (bit-exact, see :mod:`medjax.train`) saves them again. This is
+resumes from are deleted, and the replay (bit-exact, see :mod:`medjax.train_step`) saves them again. This is
 also why deleting a ``best/N`` loses nothing: it was the best of every evaluation up to N, all of which
 the replay redoes or has already compared against.
 

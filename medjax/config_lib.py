@@ -167,7 +167,8 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # Selective unfreezing as a schedule (medjax/unfreeze.py): phases, each with 'trainable' patterns
     # (None: all) and a start, 'epoch': E or 'plateau': N evaluations without improvement, e.g.
     # ({'epoch': 0, 'trainable': ('classifier/.*',)}, {'epoch': 2, 'trainable': None}). The train step
-    # compiles once for all phases; exclusive with optim.trainable. None: no schedule.
+    # compiles once per phase, without the backward pass of what the phase freezes; exclusive with
+    # optim.trainable. None: no schedule.
     c.optim.unfreeze = ml_collections.FieldReference(None, field_type=tuple)
     c.optim.freeze_batch_stats = True  # Frozen BatchNorms keep their running statistics.
 

@@ -113,7 +113,7 @@ def from_run(
     Raises:
       MedjaxError: naming the run and listing every missing, unexpected and mis-shaped array.
     """
-    source = run_dir.load_run(workdir)
+    source = run_dir.load_run(workdir, predicts=False)
     if source.config.model_name != model_name:
         raise MedjaxError(
             f"init_from.path {workdir} is a run of {source.config.model_name!r}, but this config trains "

@@ -5,7 +5,7 @@ Selective unfreezing (study C) is expressed as regular expressions over paramete
 get zero updates through ``optax.multi_transform``, so frozen weights stay bit-identical and need no
 optimizer state. As a schedule (``optim.unfreeze``, :mod:`medjax.unfreeze`): parameters are grouped by
 the phases they train in, and each group's optimizer (Adam moments, momentum, weight decay) is gated by
-``optax.transforms.conditionally_mask`` on the phase, an int32 passed to ``tx.update(..., phase=p)``.
+``optax.transforms.conditionally_mask`` on the phase, passed to ``tx.update(..., phase=p)``.
 A gated group's state does not move while it is frozen, so its Adam moments stay zero and its bias
 correction starts afresh when it is unfrozen (with one shared step count, a group unfrozen at step 1000
 would take its first hundreds of steps at 3-6x the learning rate). The learning rate itself follows the
@@ -162,7 +162,8 @@ def _phased(optim_cfg: Mapping, params, schedule: optax.Schedule, phases) -> opt
 def make_optimizer(optim_cfg: Mapping, params, *, total_steps: int, steps_per_epoch: int):
     """The full gradient transformation and its schedule.
 
-    With ``optim.unfreeze`` set, ``tx.update`` takes the current phase as ``phase=`` (an int32 scalar).
+    With ``optim.unfreeze`` set, ``tx.update`` takes the current phase as ``phase=`` (an int, or an int32
+    scalar).
 
     Returns:
       ``(tx, schedule)``; ``schedule(step)`` is logged as the learning rate.

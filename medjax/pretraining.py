@@ -162,14 +162,14 @@ def load_teacher(path: str) -> Teacher:
     run directory (its best checkpoint and its own input normalisation).
 
     Raises:
-      ConfigError: for a path that is neither, naming what is accepted.
+      ConfigError: for a path that does not exist or is neither, naming what is accepted.
     """
-    from medjax import models, train  # Late: train imports the tasks, which import this module.
+    from medjax import models, recipes, train_step  # Late: they import the tasks, which import this module.
     from medjax.models import convert
 
     location = Path(path).expanduser()
     if location.is_dir() and run_dir.RunDir(location).is_run():
-        run = run_dir.load_run(location)
+        run = run_dir.load_run(location, predicts=False)
         normalize = run.config.data.normalize
         return Teacher(
             model=run.model,
@@ -179,13 +179,15 @@ def load_teacher(path: str) -> Teacher:
             channels=run.config.data.channels,
         )
     if location.suffix.lower() != ".tflite" or not location.is_file():
+        problem = "is neither a .tflite file nor a medjax run directory"
+        file = recipes.IMAGENET_MOBILENET_V2_FILE
         raise ConfigError(
-            f"loss.distillation.teacher={path!r} is neither a .tflite file nor a medjax run directory. Give "
-            "the ImageNet MobileNetV2 (imagenet_mobilenet_v2/tf2_mobilenet_v2_1.0_224_ptq.tflite under the "
-            "weights folder) or the --workdir of a finished run."
+            f"loss.distillation.teacher={path!r} {problem if location.exists() else 'does not exist'}. Give "
+            f"the ImageNet MobileNetV2 ({file} under the weights folder, e.g. --config.loss.distillation."
+            f"teacher=../shared/weights/{file}) or the --workdir of a finished run."
         )
     model = models.get_model("mobilenet_v2", **TFLITE_TEACHER)
-    fresh = train.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
+    fresh = train_step.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
     variables = convert.load_pretrained(
         str(location), model_name="mobilenet_v2", target_variables=fresh, reinit_head=False, model=model
     )

@@ -236,19 +236,27 @@ def abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
     return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
 
 
-def load_run(workdir: str | Path) -> TrainedModel:
+def load_run(workdir: str | Path, *, predicts: bool = True) -> TrainedModel:
     """Restores the best-on-validation checkpoint of a run directory.
 
+    ``predicts`` says the caller uses the model's predictions (predict, Grad-CAM, export, evaluate): a
+    run of a task that predicts nothing (pretraining) is then refused before anything is loaded. Readers
+    of its weights or features (``init_from``, a distillation teacher) pass False.
+
     Raises:
-      MedjaxError: naming the missing file or checkpoint and what produces it.
+      MedjaxError: naming the missing file or checkpoint and what produces it, or, with ``predicts``,
+        saying that the run predicts nothing and what to do with it (:func:`medjax.tasks.check_predicts`).
     """
     run = RunDir(workdir)
     config = run.read_config()
+    task = tasks.get_task(config.task)
+    if predicts:
+        tasks.check_predicts(task, run.path, config)
     class_names = tuple(run.read_dataset_info()["class_names"])
     model = sliding_window.wrap(
         models.get_model(config.model_name, num_classes=len(class_names), **config.model), config
     )
-    model = tasks.training_model(tasks.get_task(config.task), model, config)
+    model = tasks.training_model(task, model, config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     ckpt = run.checkpointer(config)
     try:

@@ -8,11 +8,12 @@ phase starts.
 * ``{'plateau': 2, 'trainable': (...)}``: once the previous phase has gone that many evaluations
   without improving the early-stopping metric (``train.early_stopping.monitor`` and ``min_delta``).
 
-Phases start in order. Nothing here is traced anew per phase: the phase is an int32 argument of the
-jitted train step, and each parameter (and BatchNorm statistic) carries a small constant table "trains
-in phase p", indexed by it. So the step compiles once, whatever the schedule
-(:func:`medjax.optim.trainable_tables` builds the tables, :func:`medjax.optim.make_optimizer` the
-gated optimizer).
+Phases start in order. Each parameter (and BatchNorm statistic) carries a small constant table "trains
+in phase p" (:func:`medjax.optim.trainable_tables`), and the optimizer is gated on the phase
+(:func:`medjax.optim.make_optimizer`). The phase is a static argument of the jitted train step, so the
+step compiles once per phase, and each phase's step puts what it freezes behind ``stop_gradient``
+(:func:`medjax.train_step.train_step`): a head-only phase does not pay for the backward pass through the
+frozen backbone.
 The loop's phase and plateau counter go into the run's checkpoint (:meth:`PhaseTracker.state`), so a
 run resumed mid-schedule continues in the phase it was in.
 """

@@ -163,12 +163,12 @@ def test_real_data_variants_load(spec):
 def test_imagenet_recipe_schedule_matches_mobilenet_v2_parameters():
     import jax
 
-    from medjax import optim, train, unfreeze
+    from medjax import optim, train_step, unfreeze
 
     config = config_lib.load_config_file(f"{ROOT}/configs/chest_xray.py")
     model = models.get_model("mobilenet_v2", num_classes=2, **config.model)
     shapes = jax.eval_shape(
-        lambda: train.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
+        lambda: train_step.init_variables(model, rng=jax.random.key(0), image_shape=(32, 32, 3))
     )
     tables = optim.trainable_tables(shapes["params"], unfreeze.parse(config.optim.unfreeze))
     leaves = jax.tree.leaves(tables)

@@ -7,13 +7,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from PIL import Image
 
-from medjax import config_lib, init_from, models, pretraining, run_dir, tasks, train
+from medjax import (
+    config_lib,
+    export,
+    gradcam,
+    init_from,
+    models,
+    pretraining,
+    recipes,
+    run_dir,
+    tasks,
+    train,
+    train_step,
+)
 from medjax.data import transforms
-from medjax.errors import ConfigError
-from tests.conftest import ROOT, smoke_config
+from medjax.errors import ConfigError, MedjaxError
+from medjax.evaluate.command import evaluate_run
+from tests.conftest import ROOT, shared_weights_dir, smoke_config
 
 PRETRAIN_SMOKE = f"{ROOT}/configs/pretrain.py:smoke,method=simsiam"
+TFLITE_TEACHER = shared_weights_dir() / recipes.IMAGENET_MOBILENET_V2_FILE
 
 
 def test_simsiam_loss_hand_computed_and_targets_get_no_gradient():
@@ -104,7 +119,7 @@ def test_pretraining_run_trains_without_touching_the_teacher(pretrain_run):
     lines = run_dir.RunDir(workdir).metrics_file.read_text()
     assert "loss_simsiam" in lines and "loss_distillation" in lines
     # The latest checkpoint's teacher (the distillation term's state) is the teacher as loaded.
-    exp = train._build(config, None)
+    exp = train_step.build(config)
     ckpt = run_dir.RunDir(workdir).checkpointer(config)
     step, state, _ = ckpt.restore_latest(abstract_state=exp.state)
     ckpt.close()
@@ -119,12 +134,68 @@ def test_pretraining_run_starts_study_a_classifier(pretrain_run, tfds_data_dir):
     config.init_from.path = str(workdir)
     model = models.get_model(config.model_name, num_classes=2, **config.model)
     image_shape = (32, 32, 1)
-    fresh = train.init_variables(model, rng=jax.random.key(5), image_shape=image_shape)
+    fresh = train_step.init_variables(model, rng=jax.random.key(5), image_shape=image_shape)
     started = traverse_util.flatten_dict(init_from.initial_variables(config, model, fresh, image_shape))
-    source = traverse_util.flatten_dict(pretraining.student_variables(run_dir.load_run(workdir).variables))
+    source = run_dir.load_run(workdir, predicts=False).variables
+    source = traverse_util.flatten_dict(pretraining.student_variables(source))
     fresh = traverse_util.flatten_dict(fresh)
     assert started.keys() == fresh.keys()
     for path, value in started.items():
         expected = fresh[path] if path[1] == "classifier" else source[path]
         np.testing.assert_array_equal(value, expected, err_msg="/".join(path))
     assert any(path[1] == "sevector" for path in started)  # Study A's head transfers with the backbone.
+
+
+def test_after_training_commands_refuse_a_pretraining_run_naming_the_fix(tmp_path):
+    """predict (which calls load_run), Grad-CAM, export and evaluate stop at the run's config.json,
+    before reading anything else (this run directory holds nothing more), and say what the run is and
+    how to fine-tune from it."""
+    config = config_lib.load_config_file(f"{ROOT}/configs/pretrain.py:smoke")  # Distillation.
+    workdir = tmp_path / "pretrain_run"
+    run_dir.RunDir(workdir).write_config(config)
+    commands = {
+        "load_run": run_dir.load_run,
+        "gradcam": gradcam.run,
+        "export": export.export_run,
+        "evaluate": lambda w: evaluate_run(w, out=tmp_path / "evaluation"),
+    }
+    teacher = config.loss.distillation.teacher
+    for name, command in commands.items():
+        with pytest.raises(MedjaxError) as raised:
+            command(workdir)
+        message = str(raised.value)
+        assert message.startswith(
+            f"{workdir} is a pretraining run (task 'pretrain', distillation from {teacher}): its checkpoint "
+            "holds a convnext backbone"
+        ), name
+        assert (
+            "python -m medjax.launch --config=configs/chest_xray.py:variant=scratch,model=convnext "
+            f"--config.data.manual_dir=<labelled images> --config.init_from.path={workdir}" in message
+        ), name
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "pretrain_run"]  # Nothing written.
+
+
+@pytest.mark.skipif(not TFLITE_TEACHER.is_file(), reason=f"no ImageNet MobileNetV2 at {TFLITE_TEACHER}")
+def test_distillation_from_the_imagenet_tflite_teacher(tfds_data_dir, tmp_path):
+    """configs/pretrain.py's default objective with the real .tflite teacher, two steps on 32 px grey
+    views (the teacher at the student's size), and the teacher fed as the file wants: the cat picture
+    in [0, 1], through :meth:`Teacher.features` and the file's own classifier, is its documented
+    'Egyptian cat' (../shared/data/README.md), which a wrong range, channel count or order breaks."""
+    config = smoke_config(
+        tfds_data_dir, f"{ROOT}/configs/pretrain.py:smoke", num_epochs=2 / 8, eval_every_epochs=2 / 8
+    )
+    config.loss.distillation.teacher = str(TFLITE_TEACHER)
+    report = train.train_and_evaluate(config, tmp_path / "run")
+    assert report["steps"] == 2 and 0.0 < report["validation"]["feature_std"] <= 1.0 + 1e-9
+    # 1 - cos of a projection and a ReLU6 embedding: finite, and in [0, 2].
+    assert 0.0 < report["validation"]["loss"] < 2.0
+    assert "loss_distillation" in run_dir.RunDir(tmp_path / "run").metrics_file.read_text()
+
+    teacher = pretraining.load_teacher(str(TFLITE_TEACHER))
+    folder = TFLITE_TEACHER.parent
+    cat = Image.open(folder / "cat.bmp").convert("RGB").resize((224, 224), Image.BILINEAR)
+    pixels = jnp.asarray(np.asarray(cat, np.float32)[None] / 255.0)
+    features = jax.jit(lambda v, x: teacher.features(v, x, None))(teacher.variables, pixels)
+    head = teacher.variables["params"]["classifier"]
+    labels = (folder / "imagenet_labels.txt").read_text().splitlines()
+    assert labels[int(jnp.argmax(features @ head["kernel"] + head["bias"]))] == "Egyptian cat"

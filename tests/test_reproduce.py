@@ -60,8 +60,9 @@ def test_target_text_shows_the_digits_that_decide_it():
     assert reproduce.target_text(exp, test) == "auc 0.91995 < 0.92 ✗; accuracy 0.950 ≥ 0.9 ✓"
 
 
-def test_markdown_row_and_recipe_of_an_ensemble(ensemble):
+def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch):
     workdirs, _, result = ensemble
+    monkeypatch.setattr(reproduce.allocator, "active", lambda: "system")  # What describe() explains.
     text = reproduce.markdown(
         {"smoke_pair": result},
         skipped={"kermany": "no data at `x`"},
@@ -83,6 +84,8 @@ def test_markdown_row_and_recipe_of_an_ensemble(ensemble):
     assert f"| {params / 1e6:.2f} M |" in row  # The members' parameters, summed.
     assert any(line.startswith("| kermany | skipped: no data at `x` |") for line in lines)
     assert f"({BOOTSTRAP} stratified resamples of the test set)" in text
+    # The header gives the allocator as a training command's first log line does, with its cost and fix.
+    assert "This invocation's memory allocator (medjax/allocator.py): system (no fast allocator found" in text
     assert "Note: A test." in lines
     for seed, train in zip((0, 1), result["train"], strict=True):
         val = train["validation"]

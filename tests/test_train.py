@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medjax import allocator, config_lib, init_from, models, run_dir, train
+from medjax import allocator, config_lib, init_from, models, run_dir, train, train_step
 from medjax.errors import ConfigError, MedjaxError, NonFiniteLossError
 
 from .conftest import ROOT, launch_smoke, smoke_config
@@ -30,7 +30,7 @@ def _same_results(a: dict, b: dict) -> None:
 def test_smoke_run_writes_outputs_compiles_once_and_resumes(smoke_run, tmp_path, tfds_data_dir, monkeypatch):
     """The session's smoke run again (its compiled steps come from the compilation cache), logging every
     step: it writes every output, traces its step once, repeats the first run's numbers and resumes."""
-    monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
+    monkeypatch.setattr(train_step, "train_step", chex.assert_max_traces(train_step.train_step, n=1))
     workdir = tmp_path / "run"
     config = smoke_config(tfds_data_dir, log_every_steps=1)
     config.cpu_cores = 1  # A process setting: applied by entry points, never by the library function.
@@ -117,20 +117,20 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
 ):
     """The smoke config's own compiled step (from the compilation cache), whose loss turns NaN at step 6
     on its way to the loop."""
-    original = train.make_steps
+    original = train_step.make_steps
 
     def poisoned_steps(*args, **kwargs):
         p_train, p_eval = original(*args, **kwargs)
 
-        def p_train_poisoned(state, *batch_args):
-            new_state, metrics = p_train(state, *batch_args)
+        def p_train_poisoned(state, *batch_args, **kwargs):
+            new_state, metrics = p_train(state, *batch_args, **kwargs)
             if int(new_state.step) >= 6:
                 metrics = {**metrics, "loss": jnp.full_like(metrics["loss"], jnp.nan)}
             return new_state, metrics
 
         return p_train_poisoned, p_eval
 
-    monkeypatch.setattr(train, "make_steps", poisoned_steps)
+    monkeypatch.setattr(train_step, "make_steps", poisoned_steps)
     workdir = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"step 6.*last good checkpoint \(step 4\)"):
         train.train_and_evaluate(smoke_config(tfds_data_dir), workdir)
@@ -188,7 +188,7 @@ def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
     model = models.get_model(config.model_name, num_classes=2, **config.model)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     key = jax.random.key(7)
-    fresh = train.init_variables(model, rng=key, image_shape=shape)
+    fresh = train_step.init_variables(model, rng=key, image_shape=shape)
     started = init_from.initial_variables(config, model, fresh, shape)
     assert "output layer ['classifier'] re-initialised" in capsys.readouterr().out
     chex.assert_trees_all_equal(started["params"].pop("classifier"), fresh["params"]["classifier"])
@@ -203,7 +203,7 @@ def test_init_from_a_run_directory_fine_tunes_its_best_checkpoint(
         r"run \(8,\), model \(16,\).*\.\.\. and 177 more\n",
     ):
         init_from.initial_variables(
-            config, wider, train.init_variables(wider, rng=key, image_shape=shape), shape
+            config, wider, train_step.init_variables(wider, rng=key, image_shape=shape), shape
         )
     config.init_from.path = str(tmp_path / "absent")
     with pytest.raises(ConfigError, match="absent does not exist"):

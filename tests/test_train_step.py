@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import losses, optim, train
+from medjax import losses, optim, train_step
 from medjax.tasks import classification
 from tests.conftest import optim_config
 
@@ -29,20 +29,20 @@ def test_frozen_parameters_and_their_batchnorm_statistics_do_not_change():
     optim_cfg = optim_config(
         name="adam", learning_rate=0.1, schedule="constant", trainable=("body.*", "classifier/.*")
     )
-    variables = train.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
+    variables = train_step.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
     tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=3, steps_per_epoch=3)
     trainable = optim.trainable_mask(variables["params"], optim_cfg["trainable"])
     frozen_stats = optim.frozen_statistics_mask(trainable, variables["batch_stats"])
     assert frozen_stats == {"stem_bn": {"mean": True, "var": True}, "body_bn": {"mean": False, "var": False}}
 
-    state = train.TrainState(
+    state = train_step.TrainState(
         step=jnp.asarray(0),
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
     )
     step = jax.jit(
-        lambda s, b, k: train.train_step(
+        lambda s, b, k: train_step.train_step(
             s,
             b,
             k,
@@ -72,13 +72,13 @@ def test_frozen_parameters_and_their_batchnorm_statistics_do_not_change():
 
 def test_weight_average_follows_the_warmed_up_decay():
     model = TinyNet()
-    variables = train.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
+    variables = train_step.init_variables(model, rng=jax.random.key(0), image_shape=(8, 8, 1))
     optim_cfg = optim_config(name="adam", learning_rate=0.1, schedule="constant")
     tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=3, steps_per_epoch=3)
-    state = train.create_train_state(tx, variables, with_ema=True)
+    state = train_step.create_train_state(tx, variables, with_ema=True)
     loss_fn = losses.make_loss_fn({"cross_entropy": {"weight": 1.0}})
     step = jax.jit(
-        lambda s, b: train.train_step(
+        lambda s, b: train_step.train_step(
             s, b, jax.random.key(1), model=model, tx=tx, loss_fn=loss_fn, task=classification, ema_decay=0.9
         )
     )
@@ -93,4 +93,4 @@ def test_weight_average_follows_the_warmed_up_decay():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.ema, expected)
     assert state.eval_variables is state.ema
     assert not np.allclose(state.ema["params"]["body"]["kernel"], state.params["body"]["kernel"])
-    assert train.create_train_state(tx, variables).eval_variables["params"] is variables["params"]
+    assert train_step.create_train_state(tx, variables).eval_variables["params"] is variables["params"]

@@ -19,7 +19,7 @@ owns the rest. Each task module provides:
     exactly these for ``train.select_best_on`` and ``train.early_stopping.monitor``.
 ``ensemble(member_predictions)``
     one prediction from several runs' predictions of the same examples.
-``judge(predictions, *, out, class_names, settings)`` and ``markdown(report)``
+``judge(predictions, *, out, class_names, settings)`` and ``report_lines(report)``
     what ``python -m medjax.evaluate`` computes, draws and writes for a split set.
 
 Optional, for a task that trains differently from what it reads (pretraining):
@@ -31,12 +31,18 @@ Optional, for a task that trains differently from what it reads (pretraining):
 ``training_model(model, config)``
     the module that trains, wrapping the config's model (default: the model itself); a run directory
     stores its variables, and :func:`medjax.run_dir.load_run` rebuilds it the same way.
+``after_training_error(workdir, config)``
+    for a task whose runs predict nothing: the :class:`~medjax.errors.MedjaxError` that the commands
+    using a run's predictions (predict, Grad-CAM, export, evaluate) raise for one of its run
+    directories, saying what to do with it instead (:func:`check_predicts`). Such a task needs no
+    ``ensemble``, ``judge`` or ``report_lines``.
 
 Tasks are modules rather than classes, loaded by name like models (:mod:`medjax.models`).
 """
 
 import importlib
 import pkgutil
+from pathlib import Path
 from types import ModuleType
 
 import ml_collections
@@ -76,3 +82,11 @@ def training_model(task: ModuleType, model: nn.Module, config: ml_collections.Co
     """The module a run of ``task`` trains: ``model`` wrapped by the task's ``training_model``, if any."""
     wrap = getattr(task, "training_model", None)
     return model if wrap is None else wrap(model, config)
+
+
+def check_predicts(task: ModuleType, workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Raises ``task``'s ``after_training_error`` for the run in ``workdir``, if it has one: the one
+    check between a run that predicts nothing (pretraining) and the commands that use predictions."""
+    refuse = getattr(task, "after_training_error", None)
+    if refuse is not None:
+        raise refuse(workdir, config)

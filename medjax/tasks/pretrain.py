@@ -13,7 +13,9 @@ What this task owns (the interface is in :mod:`medjax.tasks`; the objectives in
   seed, so every evaluation compares the same pairs) and ``feature_std``, the per-dimension standard
   deviation of the L2-normalised student features times ``sqrt(F)``: at most 1 (features spread evenly
   over the sphere), 0 when they collapse to one point (SimSiam's failure mode);
-* nothing for ``python -m medjax.evaluate``: a pretraining run is judged by fine-tuning from it.
+* nothing for the commands that use a run's predictions (predict, Grad-CAM, export, evaluate): they
+  refuse its run directory (:func:`after_training_error`); a pretraining run is judged by fine-tuning
+  from it.
 """
 
 from collections.abc import Sequence
@@ -87,20 +89,21 @@ def headline(m: dict) -> str:
     return f"feature_std {m['feature_std']:.4f}"
 
 
-def _not_evaluated(*args, **kwargs):
-    raise MedjaxError(
-        "A pretraining run has no predictions to evaluate: fine-tune a classifier from it "
-        "(--config.init_from.path=<this run>) and evaluate that run."
+def after_training_error(workdir: Path, config: ml_collections.ConfigDict) -> MedjaxError:
+    """What the commands that use a run's predictions say about a pretraining run: it holds a backbone
+    and the objectives' heads, no trained classifier, and what to do with it is fine-tune from it."""
+    methods = [
+        f"distillation from {config.loss.distillation.teacher}" if name == "distillation" else name
+        for name in pretraining.OBJECTIVES
+        if name in config.loss
+    ]
+    return MedjaxError(
+        f"{workdir} is a pretraining run (task 'pretrain', {' + '.join(methods) or 'no objective'}): its "
+        f"checkpoint holds a {config.model_name} backbone trained on images alone and no trained "
+        "classifier, so there is nothing to predict, explain, export or evaluate. Fine-tune a classifier "
+        f"from it with --config.init_from.path={workdir} in a classification config that builds the same "
+        f"model ({config.model_name} with the run's model settings, {config.data.channels} channel(s)), "
+        "then use that run; e.g. for a reduced CPU student at 64 px grey (configs/pretrain.py's default):\n"
+        f"  python -m medjax.launch --config=configs/chest_xray.py:variant=scratch,model={config.model_name} "
+        f"--config.data.manual_dir=<labelled images> --config.init_from.path={workdir} --workdir=<new run>"
     )
-
-
-def ensemble(member_predictions: Sequence[dict]) -> dict:
-    return _not_evaluated(member_predictions)
-
-
-def judge(predictions: dict[str, dict], *, out: Path, class_names: Sequence[str], settings: dict) -> dict:
-    return _not_evaluated(predictions, out, class_names, settings)
-
-
-def report_lines(report: dict) -> list[str]:
-    return _not_evaluated(report)
