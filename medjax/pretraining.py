@@ -196,9 +196,10 @@ def load_teacher(path: str) -> Teacher:
 
 
 def init_teacher(*, num_classes: int, feature_dim: int, teacher: str, **params) -> dict:
-    """The distillation term's state: the teacher's variables."""
+    """The distillation term's state: a copy of the teacher's variables (the train step donates its state,
+    which would delete the arrays :func:`load_teacher` keeps cached for the process's next run)."""
     del num_classes, feature_dim, params
-    return jax.tree.map(jnp.asarray, load_teacher(teacher).variables)
+    return jax.tree.map(jnp.array, load_teacher(teacher).variables)
 
 
 def keep_teacher(state: dict, **kwargs) -> dict:
