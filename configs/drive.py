@@ -12,7 +12,8 @@ Variants (``--config=configs/drive.py:<variant>``; ``model=unet|mednext``, e.g. 
              ``data.manual_dir`` (default ``~/medjax_data/drive``); here:
              ``--config.data.manual_dir=../shared/data/drive``.
   synthetic  the offline demo: lesion masks of ``synthetic_ct`` (GENERATED CT-like slices, not medical
-             data), 64x64 whole images; test lesion Dice 0.88 in 4.3 min on 2 cores (RESULTS.md).
+             data), 64x64 whole images; test lesion Dice 0.88 in 4.3 min on 2 cores
+             (results/segmentation_drive.md).
   smoke      seconds on a tiny synthetic set at 32 px; used by the tests.
 
 Example:

@@ -1,17 +1,17 @@
 """The locked test protocol: recipe digests, the test ledger, and the cross-validation script's pieces."""
 
 import datetime
-import importlib.util
 import json
+import sys
 
 import pytest
 
 from medjax import config_lib, protocol
 from tests.conftest import ROOT, SMOKE
 
-_spec = importlib.util.spec_from_file_location("cross_validate", ROOT / "launch" / "cross_validate.py")
-cross_validate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cross_validate)
+sys.path.insert(0, str(ROOT / "launch"))  # The launch scripts import their siblings.
+import cross_validate
+import reproduce
 
 
 def _smoke() -> dict:
@@ -70,13 +70,9 @@ def test_a_key_medjax_gained_at_its_default_does_not_change_a_recipe():
 
 def test_the_ledger_in_the_repository_knows_the_recipes_tested_before_it():
     """results/test_ledger.json was seeded with the recipes of RESULTS.md of 2026-11-23: the MedMNIST ones
-    are still those (a change must show), Kermany's changed since, by carving validation by patient; the
-    rows tested since under the protocol are their configs as they stand."""
-    import importlib.util as util
-
-    spec = util.spec_from_file_location("reproduce_for_ledger", ROOT / "launch" / "reproduce.py")
-    reproduce = util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    are still those (a change must show), Kermany's changed since, by carving validation by patient; DRIVE's
+    with the recipe its test was evaluated for by hand (results/segmentation_drive.md), which is its config
+    as it stands; the rows tested since under the protocol are their configs as they stand."""
     ledger = protocol.TestLedger(ROOT / "results" / "test_ledger.json")
     for exp in reproduce.EXPERIMENTS:
         if ledger.current(exp.name) is None:

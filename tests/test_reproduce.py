@@ -1,22 +1,27 @@
-"""launch/reproduce.py, the script behind RESULTS.md: its table, recipes and reuse of stored evaluations.
+"""launch/reproduce.py, the script behind RESULTS.md: its tables, recipes, reuse of stored runs and
+evaluations, and the cross-validation it reads.
 
 Training real experiments takes an hour, so these tests feed its functions the session's two smoke runs
-(an ensemble of two) and their evaluation, as ``run_experiment`` would.
+(an ensemble of two) and their evaluation, as ``run_experiment`` would, and run one segmentation experiment
+end to end on the seconds-long ``configs/drive.py:smoke``.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
+import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from medjax import protocol
 from medjax.evaluate import command as evaluate
 from tests.conftest import ROOT
 
-_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "launch" / "reproduce.py")
-reproduce = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reproduce)
+sys.path.insert(0, str(ROOT / "launch"))  # reproduce.py imports its sibling results_markdown.
+import reproduce
+import results_markdown
 
 BOOTSTRAP = 20
 
@@ -57,13 +62,13 @@ def test_target_text_shows_the_digits_that_decide_it():
     exp = {"targets": {"auc": 0.92, "accuracy": 0.9}}
     test = {"auc": {"value": 0.91995}, "accuracy": {"value": 0.95}}
     # 0.91995 rounds to 0.920 and to 0.9200 (it is 0.919950000000000023 in binary), so five digits.
-    assert reproduce.target_text(exp, test) == "auc 0.91995 < 0.92 ✗; accuracy 0.950 ≥ 0.9 ✓"
+    assert results_markdown.target_text(exp, test) == "auc 0.91995 < 0.92 ✗; accuracy 0.950 ≥ 0.9 ✓"
 
 
 def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch):
     workdirs, _, result = ensemble
-    monkeypatch.setattr(reproduce.allocator, "active", lambda: "system")  # What describe() explains.
-    text = reproduce.markdown(
+    monkeypatch.setattr(results_markdown.allocator, "active", lambda: "system")  # What describe() explains.
+    text = results_markdown.markdown(
         {"smoke_pair": result},
         skipped={"kermany": "no data at `x`"},
         started="2026-11-23 04:00",
@@ -73,7 +78,8 @@ def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch):
         shared=ROOT.parent / "shared" / "data",
     )
     lines = text.splitlines()
-    table = lines[: lines.index("## Recipes and published comparisons")]
+    table = lines[lines.index("## Classification") : lines.index("## Not run")]
+    assert "## Segmentation" not in lines  # No segmentation result, no table.
     (row,) = [line for line in table if line.startswith("| smoke_pair |")]
     test = result["evaluation"]["splits"]["test"]["metrics"]
     accuracy, auc = test["accuracy"], test["auc"]
@@ -82,8 +88,8 @@ def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch):
     assert f"auc {auc['value']:.3f} ≥ 0.0 ✓; accuracy {accuracy['value']:.3f} < 1.01 ✗ |" in row
     params = result["evaluation"]["model_card"]["profile"]["params"]
     assert f"| {params / 1e6:.2f} M |" in row  # The members' parameters, summed.
-    assert any(line.startswith("| kermany | skipped: no data at `x` |") for line in lines)
-    assert f"({BOOTSTRAP} stratified resamples of the test set)" in text
+    assert lines[lines.index("## Not run") + 2] == "- kermany: no data at `x`."
+    assert f"({BOOTSTRAP} resamples of the test set)" in text
     # The header gives the allocator as a training command's first log line does, with its cost and fix.
     assert "This invocation's memory allocator (medjax/allocator.py): system (no fast allocator found" in text
     assert "Note: A test." in lines
@@ -99,10 +105,10 @@ def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch):
     (cv_row,) = [
         line for line in lines[lines.index("## Cross-validation beside test") :] if "smoke_pair" in line
     ]
-    tested = f"{auc['value']:.3f} | {accuracy['value']:.3f}"
-    assert cv_row == f"| smoke_pair | 0.910 ± 0.020 | 0.800 ± 0.030 | 5 | {tested} | yes |"
+    tested = f"accuracy {accuracy['value']:.3f}, AUC {auc['value']:.3f}"
+    assert cv_row == f"| smoke_pair | accuracy 0.800 ± 0.030, AUC 0.910 ± 0.020 | 5 | {tested} | yes |"
     assert "--config.data.manual_dir=../shared/data/synthetic`" in text  # As typed from the repository.
-    folder = reproduce._shown(workdirs[0].parent)  # Relative to the repository, as the reader types it.
+    folder = results_markdown.shown(workdirs[0].parent)  # Relative to the repository, as the reader types it.
     assert f"workdirs `{folder}/seed_<k>`, evaluated together by" in text
     assert "- Published: nothing published." in lines
 
@@ -141,5 +147,163 @@ def test_a_recipe_changed_after_its_test_was_seen_is_refused_before_training(tmp
     assert reproduce._cannot_run(reproduce.Experiment("x", "configs/nope.py", "d", "", {}), tmp_path) == (
         "no config yet (`configs/nope.py`)"
     )
-    drive = next(e for e in reproduce.EXPERIMENTS if e.name == "drive")
-    assert reproduce._cannot_run(drive, tmp_path).startswith("the table is classification-only")
+
+
+SEG_SMOKE = reproduce.Experiment(
+    "seg_smoke",
+    "configs/drive.py:smoke",
+    "synthetic",
+    "nothing published",
+    {"pixel_dice_lesion": 0.9, "pixel_auc": 0.1},  # Neither near what 8 steps reach.
+    budget_s=600.0,
+    chosen="by a test",
+    details="results/segmentation_drive.md",
+)
+
+
+def _plain(value):
+    """``value`` as JSON holds it (tuples as lists, numpy scalars as floats), as results.json stores it."""
+    return json.loads(json.dumps(value, default=float))
+
+
+@pytest.fixture(scope="module")
+def segmentation(tfds_data_dir, tmp_path_factory):
+    """(run_experiment's keyword arguments, ledger, result) of the segmentation smoke experiment: trained,
+    evaluated on validation and test, recorded in a fresh ledger."""
+    tmp = tmp_path_factory.mktemp("reproduce_segmentation")
+    (tmp / "shared" / "synthetic").mkdir(parents=True)
+    kwargs = {
+        "shared": tmp / "shared",
+        "root": tmp / "runs",
+        "data_dir": str(tfds_data_dir),
+        "bootstrap_samples": BOOTSTRAP,
+    }
+    ledger = protocol.TestLedger(tmp / "ledger.json")
+    return kwargs, ledger, reproduce.run_experiment(SEG_SMOKE, ledger=ledger, **kwargs)
+
+
+def test_a_segmentation_experiment_is_evaluated_on_test_once_and_read_back(segmentation):
+    from medjax.run_dir import RunDir
+
+    kwargs, ledger, result = segmentation
+    (train,) = result["train"]
+    assert train["steps"] == train["total_steps"] == 8  # 64 images, batch 8, one epoch.
+    assert "test" not in train  # Training never evaluated test; the evaluation below did.
+    splits = result["evaluation"]["splits"]
+    assert {role: s["num_examples"] for role, s in splits.items()} == {"validation": 24, "test": 24}
+    assert {"pixel_dice_lesion", "pixel_auc", "mean_hd95"} <= set(splits["test"]["metrics"])
+    entry = ledger.current("seg_smoke")
+    assert (entry["recipe"], entry["evaluations"], entry["commit"]) == (
+        result["protocol"]["recipe"],
+        1,
+        protocol.last_commit("configs/drive.py", repo=ROOT),
+    )
+    assert result["protocol"]["history"] == [entry] and result["protocol"]["cv"] is None
+    report = RunDir(result["workdirs"][0]).report_file
+    finished = report.stat().st_mtime_ns
+    again = reproduce.run_experiment(SEG_SMOKE, ledger=ledger, **kwargs)  # Read back, not redone.
+    assert report.stat().st_mtime_ns == finished
+    assert _plain(again["evaluation"]) == _plain(result["evaluation"])
+    assert protocol.TestLedger(ledger.path).current("seg_smoke")["evaluations"] == 1
+
+
+def test_markdown_of_a_segmentation_row_its_human_level_and_cross_validation(segmentation, monkeypatch):
+    _, _, result = segmentation
+    result = _plain(result)
+    split = result["evaluation"]["splits"]["test"]
+    test = split["metrics"]
+    # A test split with a second rater (DRIVE's) carries its point metrics as the task's judge writes them.
+    human = {
+        "pixel_dice_lesion": 0.7891,
+        "pixel_accuracy": 0.9473,
+        "sensitivity": 0.7746,
+        "specificity": 0.9725,
+    }
+    split["human"] = {"second_observer": human}
+    result["protocol"]["cv"] = {
+        "recipe": "0123456789ab",
+        "folds": 3,
+        "summary": {"mean_dice": {"mean": 0.5, "sd": 0.125}, "pixel_auc": {"mean": 0.9, "sd": 0.05}},
+    }
+    monkeypatch.setattr(results_markdown.allocator, "active", lambda: "system")
+    text = results_markdown.markdown(
+        {"seg_smoke": result},
+        skipped={},
+        started="2026-12-02 10:15",
+        command="python launch/reproduce.py",
+        note=None,
+        bootstrap_samples=BOOTSTRAP,
+        shared=ROOT.parent / "shared" / "data",
+    )
+    lines = text.splitlines()
+    assert "## Classification" not in lines and "## Not run" not in lines
+    table = lines[lines.index("## Segmentation") : lines.index("## Recipes and published comparisons")]
+    assert table[4] == "| " + " | ".join(results_markdown._SEGMENTATION_COLUMNS) + " |"
+    (row,) = [line for line in table if line.startswith("| seg_smoke |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+
+    def interval(key):
+        m = test[key]
+        return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+    minutes = result["train"][0]["wall_time_s"] / 60
+    entry = result["protocol"]["history"][-1]
+    params = result["evaluation"]["model_card"]["profile"]["params"]
+    dice, auc = test["pixel_dice_lesion"]["value"], test["pixel_auc"]["value"]
+    assert cells == [
+        "seg_smoke",
+        "unet",
+        "32x32x1 patches, whole images at evaluation",
+        "8/8",
+        f"{minutes:.1f} min, glibc (≤ 10)",
+        interval("pixel_dice_lesion"),
+        interval("pixel_auc"),
+        interval("pixel_accuracy"),
+        f"{test['sensitivity']['value']:.3f}",
+        f"{test['specificity']['value']:.3f}",
+        f"{test['mean_hd95']['value']:.2f} px",
+        f"{params / 1e6:.2f} M",
+        f"{result['evaluation']['model_card']['profile']['params_mb']:.1f} MB",
+        f"pixel_dice_lesion {dice:.3f} < 0.9 ✗; pixel_auc {auc:.3f} ≥ 0.1 ✓",
+        f"{entry['recipe']} @ {entry['commit']}, test first {entry['first_test']}",
+    ]
+    assert (
+        "| seg_smoke: second observer vs the reference | human | | | | 0.789 | - | 0.947 | 0.775 | 0.973 "
+        in ("\n".join(table))
+    )
+    val = result["evaluation"]["splits"]["validation"]["metrics"]
+    assert f"- Validation: mean Dice {val['mean_dice']['value']:.3f} [" in text
+    assert "- Details (candidates, earlier runs, curves): `results/segmentation_drive.md`." in lines
+    assert "- Recipe chosen: by a test." in lines
+    (cv_row,) = [
+        line for line in lines[lines.index("## Cross-validation beside test") :] if "seg_smoke" in line
+    ]
+    tested = f"mean Dice {test['mean_dice']['value']:.3f}, pixel AUC {auc:.3f}"
+    crossed = "mean Dice 0.500 ± 0.125, pixel AUC 0.900 ± 0.050 | 3"
+    assert cv_row == f"| seg_smoke | {crossed} | {tested} | no (CV of 0123456789ab) |"
+    result["protocol"]["cv"] = None
+    assert results_markdown.cv_lines({"seg_smoke": result}, {"seg_smoke": "segmentation"})[-1] == (
+        f"| seg_smoke | none yet | | {tested} | |"
+    )
+
+
+@pytest.mark.parametrize("exp", reproduce.EXPERIMENTS, ids=lambda exp: exp.name)
+def test_cross_validating_an_experiments_config_names_its_recipe(exp, tmp_path):
+    """``launch/cross_validate.py --config=<the experiment's config> --config.data.manual_dir=<its data>
+    --out=results/cv/<experiment>`` writes where reproduce reads, under the digest reproduce compares with
+    (cross_validate takes ``protocol.recipe_digest`` of the config as absl's config flag loads it)."""
+    shared = tmp_path / "shared"
+    argv = [
+        "cross_validate.py",
+        f"--config={ROOT / exp.config}",
+        f"--config.data.manual_dir={shared / exp.data}",
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    values(argv)
+    cross_validated = protocol.recipe_digest(values["config"].value.to_dict())
+    config = reproduce.experiment_config(exp, shared=shared, root=tmp_path / "runs", data_dir=None)
+    assert cross_validated == protocol.recipe_digest(config.to_dict())
+    assert exp.cv_path() == (ROOT / "results" / "cv" / exp.name).with_suffix(
+        ".json"
+    )  # cross_validate's --out.
