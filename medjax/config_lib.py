@@ -21,9 +21,13 @@ from ml_collections import config_flags
 from medjax import tasks
 from medjax.errors import ConfigError
 
-# Keys (or whole sections) that change how a run is *watched* or judged, not what it computes; a workdir
-# may be resumed with them changed.
+# Keys (or whole sections) that change how a run is *watched* or judged, or where its files sit, not what
+# it computes; a workdir may be resumed (or read back) with them changed.
 RESUMABLE_WITH_CHANGES = (
+    # Locations: the prepared dataset is named by its builder config (its own keys under data.), so the
+    # same data moved to another folder is the same run.
+    "data.manual_dir",
+    "data.data_dir",
     "train.progress_bar",
     "train.log_every_steps",
     "train.remat",  # Same parameters and gradients (to rounding), only the memory/time trade differs.

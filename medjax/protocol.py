@@ -25,8 +25,6 @@ from medjax import config_lib
 # fold and the final run of one recipe differ only in these.
 NOT_RECIPE = (
     *config_lib.RESUMABLE_WITH_CHANGES,
-    "data.manual_dir",
-    "data.data_dir",
     "data.test_split",
     "data.builder_kwargs.cv_folds",
     "data.builder_kwargs.cv_fold",

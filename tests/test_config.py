@@ -54,6 +54,8 @@ def test_differing_keys_ignores_watch_only_keys():
     a = config_lib.base_config().to_dict()
     b = config_lib.base_config()
     b.train.progress_bar = False
+    b.data.data_dir = "/elsewhere/tfds"  # The prepared data moved: the same run.
+    b.data.manual_dir = "/elsewhere/raw"
     b.optim.learning_rate = 0.5
     b.data.image_size = 32
     assert config_lib.differing_keys(a, b.to_dict()) == ["data.image_size", "optim.learning_rate"]
