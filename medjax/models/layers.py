@@ -48,9 +48,9 @@ def _after(tree, cotangent):
     ``jax.checkpoint`` alone does not bound memory on XLA CPU: its recomputation depends only on the
     block's saved input, and the optimization barrier that is meant to keep it in the backward pass is
     removed before XLA CPU schedules, so the scheduler runs the recomputation right after the forward
-    pass's own copy and both stay live until the backward pass (measured: ConvNeXt-Tiny's plan at
-    224/batch 32 went from 8.6 to 8.3 GB). A data dependency on the cotangent is the one ordering XLA
-    cannot move.
+    pass's own copy and both stay live until the backward pass (ConvNeXt-Tiny at 224/batch 32: XLA
+    plans 8.3 GB with ``jax.checkpoint`` alone, 8.6 GB without, 2.75 GB with this tie). A data dependency
+    on the cotangent is the one ordering XLA cannot move.
     """
     anchor = jnp.ravel(jax.tree.leaves(cotangent)[0])[0] * 0
     return jax.tree.map(
