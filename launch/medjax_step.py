@@ -32,28 +32,15 @@ class TrainStep:
 
     def planned_mb(self) -> dict[str, float]:
         """XLA's planned buffers (arguments, outputs, temporaries, their total), MB."""
-        return _planned_mb(self.compiled)
+        from medjax import memory  # Here: older checkouts that ``ab_step.py`` times have no such module.
+
+        return memory.compiled_mb(self.compiled)
 
     def gflops(self) -> float | None:
         """XLA's floating-point operation count of one step, in GFLOP."""
         cost = self.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         return cost.get("flops", 0.0) / 1e9 if cost else None
-
-
-def _planned_mb(compiled) -> dict[str, float]:
-    """XLA's planned buffers of ``compiled``: arguments, outputs and temporaries, and their total."""
-    analysis = compiled.memory_analysis()
-    if analysis is None:  # Not every backend plans ahead.
-        return {}
-    mb = {
-        "arguments": analysis.argument_size_in_bytes / 2**20,
-        "outputs": analysis.output_size_in_bytes / 2**20,
-        "temporaries": analysis.temp_size_in_bytes / 2**20,
-        "aliased": analysis.alias_size_in_bytes / 2**20,
-    }
-    mb["total"] = mb["arguments"] + mb["outputs"] + mb["temporaries"] - mb["aliased"]
-    return mb
 
 
 def compile_train_step(

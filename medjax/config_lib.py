@@ -195,9 +195,9 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # 0 disables it.
     c.train.ema_decay = 0.0
     # Rematerialisation of the model's blocks (medjax/models/layers.py::REMAT_POLICIES): 'block' keeps
-    # only each block's input for the backward pass and recomputes the rest, 'block_save_matmuls' also
-    # keeps the matmul outputs; 'none' keeps everything (fastest). Parameters and checkpoints are the same
-    # either way. README ("--config.train.remat") gives what it saves on XLA CPU as measured.
+    # only each block's input for the backward pass and recomputes the rest there, 'block_save_matmuls'
+    # also keeps the matmul outputs; 'none' keeps everything (fastest). Parameters and checkpoints are the
+    # same either way. README ("--config.train.remat") gives what it saves and costs as measured.
     c.train.remat = "none"
 
     # `python -m medjax.evaluate`: how a trained run is judged (none of this changes training).

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from medjax import allocator, config_lib, cores, inference, locking, sharding, unfreeze
+from medjax import allocator, config_lib, cores, inference, locking, memory, sharding, unfreeze
 from medjax.checkpointing import RunCheckpointer, has_checkpoints
 from medjax.data import pipeline
 from medjax.early_stopping import EarlyStopping
@@ -177,6 +177,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
         total=exp.total_steps, initial=step, every=train_cfg.log_every_steps, enabled=train_cfg.progress_bar
     )
     window: list[dict] = []
+    memory_plans = {}  # XLA's buffer plan of each compiled train step (one per unfreezing phase).
     try:
         while step < exp.total_steps and not stopped:
             phase_arg = {}
@@ -185,11 +186,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
                     stopper.bad_evals = 0  # Each phase gets the full early-stopping patience.
                     progress.message(f"step {step}: {phases.describe()}")
                 phase_arg = {"phase": phases.phase}  # Static: one compiled step per phase.
-            state, step_metrics = exp.p_train(
-                state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key, **phase_arg
-            )
+            args = (state, sharding.shard_batch(next(train_iter), exp.mesh), exp.seed_key)
+            new_step = phase_arg.get("phase") not in memory_plans
+            if new_step:  # Compiled here, for the call below too: its plan costs no second compilation.
+                memory_plans[phase_arg.get("phase")] = memory.planned_mb(exp.p_train, *args, **phase_arg)
+            state, step_metrics = exp.p_train(*args, **phase_arg)
             step += 1
             step_metrics = jax.device_get(step_metrics)
+            if new_step:
+                progress.message(memory.describe(memory_plans[phase_arg.get("phase")], memory.peak_rss_mb()))
             if not all(np.isfinite(v) for v in step_metrics.values()):
                 raise NonFiniteLossError(_non_finite_message(step, step_metrics, last_saved, run))
             window.append(step_metrics)
@@ -233,6 +238,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_lo
         report["allocator"] = allocator.active()  # Wall time depends on it (medjax/allocator.py).
         report["cpu_cores"] = len(cores.available())  # So does this (medjax/cores.py).
         report["processes"], report["mesh"] = jax.process_count(), dict(exp.mesh.shape)  # And these.
+        report["memory"] = {  # The largest step's plan; the peak RSS adds what lives outside XLA's plan.
+            "xla_planned_mb": max(memory_plans.values(), key=lambda p: p.get("total", 0), default={}),
+            "peak_rss_mb": memory.peak_rss_mb(),
+        }
         if primary:
             run.write_report(report)
         name, split = (

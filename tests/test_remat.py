@@ -49,9 +49,17 @@ def test_remat_keeps_the_parameter_tree(name):
     assert jax.tree.leaves(plain) == jax.tree.leaves(rematted)
 
 
+# Largest fraction of remat='none''s planned temporaries (XLA's buffer plan of the compiled loss and
+# gradient at 4x32x32x3) that remat='block' may plan: what the recomputation in the backward pass saves.
+# Without it scheduled there, XLA CPU computes the recomputation in the forward pass and the two plans are
+# within a few percent.
+PLANNED_TEMPORARIES_RATIO = {"convnext": 0.8, "mobilenet_v2": 0.5}  # Measured: 0.76, 0.45.
+
+
 @pytest.mark.parametrize("name", ["convnext", "mobilenet_v2"])
-def test_remat_computes_the_same_gradients(name):
-    """Drop path (ConvNeXt) and BatchNorm statistics (MobileNetV2) inside rematerialised blocks."""
+def test_remat_computes_the_same_gradients_in_less_memory(name):
+    """Drop path (ConvNeXt) and BatchNorm statistics (MobileNetV2) inside rematerialised blocks; one
+    compilation per policy gives both the plan and the numbers."""
     images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     labels = jnp.array([0, 1, 1, 0])
     plain = models.get_model(name, num_classes=2, **TINY[name])
@@ -60,14 +68,15 @@ def test_remat_computes_the_same_gradients(name):
     remat_variables = jax.jit(lambda: rematted.init(jax.random.key(0), images, train=False))()
     jax.tree.map(np.testing.assert_array_equal, variables, remat_variables)
 
-    def step(model):
-        return jax.jit(lambda v: _loss_and_grads(model, v, images, labels))
+    def compiled(model):
+        return jax.jit(lambda v: _loss_and_grads(model, v, images, labels)).lower(variables).compile()
 
-    # The rematerialised gradient really recomputes: its jaxpr holds rematerialised calls.
-    assert "remat" in str(jax.make_jaxpr(step(rematted))(variables))
-    assert "remat" not in str(jax.make_jaxpr(step(plain))(variables))
-    value, grads, updates = step(plain)(variables)
-    r_value, r_grads, r_updates = step(rematted)(variables)
+    step, r_step = compiled(plain), compiled(rematted)
+    temporaries = step.memory_analysis().temp_size_in_bytes
+    r_temporaries = r_step.memory_analysis().temp_size_in_bytes
+    assert r_temporaries <= PLANNED_TEMPORARIES_RATIO[name] * temporaries, (r_temporaries, temporaries)
+    value, grads, updates = step(variables)
+    r_value, r_grads, r_updates = r_step(variables)
     np.testing.assert_allclose(r_value, value, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), r_grads, grads)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), r_updates, updates)

@@ -41,6 +41,8 @@ def test_smoke_run_writes_outputs_compiles_once_and_resumes(smoke_run, tmp_path,
     assert report["steps"] == 8 and report["total_steps"] == 8
     assert report["allocator"] == allocator.active()  # In-process: whatever pytest was started under.
     assert report["cpu_cores"] == len(affinity)  # The cores the wall time was measured on.
+    plan = report["memory"]["xla_planned_mb"]  # Read from the step's one compilation (one trace above).
+    assert 0 < plan["arguments"] < plan["total"] < report["memory"]["peak_rss_mb"]
     assert report["test"]["num_examples"] == 24  # Padded eval batches count every example once.
     for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "loss"):
         assert key in report["test"]

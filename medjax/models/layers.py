@@ -11,6 +11,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import lift
 from jax import lax
 
 from medjax.models.depthwise import DepthwiseConv
@@ -39,19 +40,57 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+def _after(tree, cotangent):
+    """``tree`` with each floating-point leaf made to depend on ``cotangent`` (it adds ``0 * c``, ``c``
+    one element of the cotangent: exact for a finite cotangent, NaN for a NaN one, whose gradient is NaN
+    anyway).
+
+    ``jax.checkpoint`` alone does not bound memory on XLA CPU: its recomputation depends only on the
+    block's saved input, and the optimization barrier that is meant to keep it in the backward pass is
+    removed before XLA CPU schedules, so the scheduler runs the recomputation right after the forward
+    pass's own copy and both stay live until the backward pass (ConvNeXt-Tiny at 224/batch 32: XLA
+    plans 8.3 GB with ``jax.checkpoint`` alone, 8.6 GB without, 2.75 GB with this tie). A data dependency
+    on the cotangent is the one ordering XLA cannot move.
+    """
+    anchor = jnp.ravel(jax.tree.leaves(cotangent)[0])[0] * 0
+    return jax.tree.map(
+        lambda x: x + anchor.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _checkpoint_in_backward(fn: Callable, policy: Callable) -> Callable:
+    """Lifted transform of a scope function ``fn(scope, x, train)``: ``jax.checkpoint`` under
+    ``policy``, its recomputation scheduled in the backward pass (:func:`_after`).
+
+    A custom VJP whose forward pass is the checkpointed block's ``vjp`` (so it keeps what ``policy``
+    saves, with the same random numbers and BatchNorm updates as without rematerialisation) and whose
+    backward pass hands those residuals, tied to the output's cotangent, to that ``vjp``.
+    """
+    checkpointed = lift.checkpoint(fn, policy=policy, static_argnums=(1,))
+
+    def forward(scope, x, train):
+        return lift.vjp(lambda s, x: checkpointed(s, x, train), scope, x)
+
+    def backward(train, pullback, cotangent):
+        del train
+        return _after(pullback, cotangent)(cotangent)
+
+    # jax.custom_vjp counts the variables first: ``train`` is argument 2.
+    return lift.custom_vjp(checkpointed, forward, backward, nondiff_argnums=(2,))
+
+
 def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
     """``block`` rematerialised under ``policy`` (a :data:`REMAT_POLICIES` key), or itself for 'none'.
 
-    The block is called as ``block(...)(x, train)`` with ``train`` positional, so that it stays a Python
-    bool (static) inside ``jax.checkpoint``. Parameter names and shapes are unchanged as long as the caller
-    names the block (``name=``), so checkpoints load with or without rematerialisation.
+    The block is called as ``block(...)(x, train)`` with ``train`` a positional Python bool (static inside
+    ``jax.checkpoint``). Parameter names and shapes are unchanged as long as the caller names the block
+    (``name=``), so checkpoints load with or without rematerialisation.
     """
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
     if policy == "none":
         return block
-    # static_argnums counts ``self``: 2 is ``train``.
-    return nn.remat(block, policy=REMAT_POLICIES[policy], static_argnums=(2,))
+    return nn.transforms.lift_transform(_checkpoint_in_backward, block, policy=REMAT_POLICIES[policy])
 
 
 def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
