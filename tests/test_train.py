@@ -130,6 +130,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
                 metrics = {**metrics, "loss": jnp.full_like(metrics["loss"], jnp.nan)}
             return new_state, metrics
 
+        p_train_poisoned.lower = p_train.lower  # The loop reads XLA's plan of the step it wraps.
         return p_train_poisoned, p_eval
 
     monkeypatch.setattr(train_step, "make_steps", poisoned_steps)
