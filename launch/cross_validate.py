@@ -4,9 +4,10 @@ chosen on.
   python launch/cross_validate.py --config=configs/breastmnist.py --folds=5 \\
       --config.data.manual_dir=../shared/data/breastmnist
 
-Fold k prepares the dataset with ``builder_kwargs.cv_folds=K, cv_fold=k`` (:mod:`medjax.data.splits`:
-train and validation pooled and re-split into K folds, stratified by class, never separating one patient,
-exact or near duplicates; test untouched) and trains the recipe with fold k as validation and
+Fold k prepares the dataset with ``builder_kwargs.cv_folds=K, cv_fold=k`` (classification,
+:mod:`medjax.data.splits`: train and validation pooled and re-split into K folds, stratified by class,
+never separating one patient, exact or near duplicates; DRIVE, :mod:`medjax.data.builders.drive`: its 20
+training images, one subject each, cut into K folds; test untouched either way) and trains the recipe with fold k as validation and
 ``data.test_split=''``, so test is never evaluated. It reports each fold's validation metrics of its best
 checkpoint, their mean and sample standard deviation, and writes them to ``--out`` (JSON and Markdown,
 default ``results/cv/<config name>.*``), with the recipe's digest and commit (:mod:`medjax.protocol`), so
@@ -19,6 +20,7 @@ A finished fold is read back, an interrupted one resumes from its checkpoint.
 """
 
 import datetime
+import fnmatch
 import json
 import statistics
 import sys
@@ -31,7 +33,12 @@ from medjax import cli  # No jax: --help stays fast.
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss")
+# Validation metrics summarised, those of classification and of segmentation (a fold report holds one
+# task's); a segmentation report's per-class pixel Dice (``pixel_dice_<class>``) follows mean Dice.
+METRICS = (
+    "auc", "accuracy", "balanced_accuracy", "f1", "mean_dice", "pixel_dice_*", "mean_iou", "pixel_auc",
+    "pixel_accuracy", "sensitivity", "specificity", "loss",
+)  # fmt: skip
 
 
 def _define_flags() -> None:
@@ -78,7 +85,8 @@ def cross_validate(config, *, folds: int, workdir: Path) -> list[dict]:
 def summarize(reports: list[dict]) -> dict:
     """``{metric: {'mean', 'sd', 'folds': [...]}}`` over the folds' validation metrics (sample sd)."""
     out = {}
-    for metric in METRICS:
+    present = list(reports[0]["validation"])
+    for metric in (m for pattern in METRICS for m in present if fnmatch.fnmatchcase(m, pattern)):
         values = [float(r["validation"][metric]) for r in reports if metric in r["validation"]]
         if len(values) == len(reports):
             out[metric] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "folds": values}
@@ -129,7 +137,7 @@ def main(argv: list[str]) -> None:
         "written": written,
         "folds": args.folds,
         "workdirs": [str(workdir / f"fold_{k}") for k in range(args.folds)],
-        "validation_examples": [r["validation"]["num_examples"] for r in reports],
+        "validation_examples": [r["validation"].get("num_examples") for r in reports],  # None: segmentation.
         "summary": summary,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

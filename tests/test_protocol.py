@@ -115,5 +115,12 @@ def test_summary_is_mean_and_sample_sd_over_folds_and_markdown_lists_them(tmp_pa
         summary, spec="configs/x.py", digest="abc", commit="1234567", workdir=tmp_path, written="now"
     )
     assert "| auc | 0.900 ± 0.100 | 0.800 | 0.900 | 1.000 |" in text.splitlines()
+    fold_reports = [
+        {"validation": {"step": 9, "mean_dice": d, "pixel_dice_vessel": d, "pixel_auc": 0.9}}
+        for d in (0.7, 0.8)
+    ]
+    seg = cross_validate.summarize(fold_reports)
+    assert list(seg) == ["mean_dice", "pixel_dice_vessel", "pixel_auc"]  # Segmentation's, in METRICS order.
+    assert seg["pixel_dice_vessel"]["mean"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="at least 2"):
         cross_validate.cross_validate(config_lib.load_config_file(SMOKE), folds=1, workdir=tmp_path)

@@ -216,6 +216,23 @@ def test_drive_layout_fov_as_valid_second_observer_and_seeded_validation(tmp_pat
         prepare("drive", tmp_path / "manual", tmp_path / "data", num_validation=3)
 
 
+def test_drive_cross_validation_folds_partition_the_training_images(tmp_path):
+    train = [str(c) for c in range(21, 41)]
+    folds = [builders.check_kwargs("drive", {"cv_folds": 5, "cv_fold": k, "seed": 1}) for k in range(5)]
+    held = [cfg.validation_cases(train) for cfg in folds]
+    assert [len(h) for h in held] == [4] * 5 and sorted(c for h in held for c in h) == train  # Once each.
+    plain = builders.check_kwargs("drive", {"num_validation": 4, "seed": 1}).validation_cases(train)
+    assert plain == held[0]  # Fold 0 of 5 is the recipe's own validation split.
+    write_drive(tmp_path / "manual")
+    builder = prepare("drive", tmp_path / "manual", tmp_path / "data", cv_folds=3, cv_fold=2, seed=1)
+    examples = read(builder)
+    assert {s: len(v) for s, v in examples.items()} == {"train": 14, "validation": 6, "test": 20}
+    three = builders.check_kwargs("drive", {"cv_folds": 3, "cv_fold": 2, "seed": 1}).validation_cases(train)
+    assert sorted(e["case_id"].decode() for e in examples["validation"]) == three
+    with pytest.raises(ValueError, match="cv_fold < cv_folds, got 3, 3"):
+        builders.check_kwargs("drive", {"cv_folds": 3, "cv_fold": 3})
+
+
 def write_nifti(path, data, affine=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.Nifti1Image(data, np.diag([0.7, 0.8, 2.5, 1.0]) if affine is None else affine).to_filename(path)

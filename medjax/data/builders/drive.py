@@ -9,7 +9,11 @@ only; other splits hold zeros, and ``metadata.json`` lists ``second_observer_spl
 
 DRIVE has no validation split: ``num_validation`` of the 20 training images (default 4) are drawn with
 ``numpy.random.default_rng(seed)`` and moved to 'validation'; ``num_validation=0`` keeps all 20 for
-training. Images stay at native resolution unless ``image_size`` resizes them (masks nearest-neighbour).
+training. For cross-validation (``launch/cross_validate.py``), ``cv_folds`` >= 2 instead cuts the same
+seeded order of the 20 training images into that many folds of near-equal size and makes fold ``cv_fold``
+the validation split (``num_validation`` is then unused; 5 folds hold 4 images each, the recipe's
+validation size). Every DRIVE image is a different subject, so folds of images are folds of patients.
+Images stay at native resolution unless ``image_size`` resizes them (masks nearest-neighbour).
 """
 
 from __future__ import annotations
@@ -38,16 +42,36 @@ LAYOUT = """\
 
 @dataclasses.dataclass(eq=False)
 class DriveConfig(tfds.core.BuilderConfig):
-    """``num_validation`` training images moved to validation (seeded); ``image_size`` 0 = native."""
+    """``num_validation`` training images moved to validation (seeded), or with ``cv_folds`` fold
+    ``cv_fold`` of the training images; ``image_size`` 0 = native."""
 
     image_size: int = 0
     num_validation: int = 4
     seed: int = 0
+    cv_folds: int = 0
+    cv_fold: int = 0
 
     def __post_init__(self):
         seg.coerce_fields(self)
-        if not 0 <= self.num_validation < 20:
-            raise ValueError(f"drive: num_validation must be in 0..19, got {self.num_validation}")
+        seg.check_options(
+            "drive",
+            [
+                (0 <= self.num_validation < 20, f"num_validation must be 0..19, not {self.num_validation}"),
+                (
+                    not self.cv_folds or (2 <= self.cv_folds <= 20 and 0 <= self.cv_fold < self.cv_folds),
+                    f"cv_folds must be 0 or 2..20 with 0 <= cv_fold < cv_folds, got {self.cv_folds}, "
+                    f"{self.cv_fold}",
+                ),
+            ],
+        )
+
+    def validation_cases(self, train: list[str]) -> list[str]:
+        """The training cases held out: the first ``num_validation`` of a seeded order, or its fold
+        ``cv_fold`` of ``cv_folds`` near-equal consecutive parts."""
+        order = [train[i] for i in np.random.default_rng(self.seed).permutation(len(train))]
+        if self.cv_folds:
+            return sorted(np.array_split(np.array(order), self.cv_folds)[self.cv_fold].tolist())
+        return sorted(order[: self.num_validation])
 
 
 class Drive(tfds.core.GeneratorBasedBuilder):
@@ -80,8 +104,7 @@ Download DRIVE (https://drive.grand-challenge.org, registration needed) and unpa
                 f"drive: expected 20 training and 20 test images under {root}, found {len(train)} and "
                 f"{len(test)}.\nExpected layout under manual_dir:\n{LAYOUT}"
             )
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        held = sorted(train[i] for i in order[: config.num_validation])
+        held = config.validation_cases(train)
         stats = seg.SegmentationStats(self.info.metadata, CLASS_NAMES, second_observer_splits=["test"])
         self.info.metadata["validation_cases"] = held
         parts = {"train": [c for c in train if c not in held], "validation": held, "test": test}
