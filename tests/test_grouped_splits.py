@@ -113,6 +113,40 @@ def test_cross_validation_folds_partition_everything_but_test():
         splits.plan_splits(labels=labels, hashes=hashes, cv_folds=3, cv_fold=3)
 
 
+def test_train_subset_is_grouped_stratified_nested_and_leaves_validation_and_test_alone():
+    n = 300
+    keys = [f"p{i // 3}" for i in range(150)] + [None] * 150  # 50 patients of 3 images, 150 singles.
+    labels = [(i // 3) % 4 == 0 for i in range(150)] + [i % 4 == 0 for i in range(150)]  # 1 in 4 positive.
+    hashes = [str(i) for i in range(n)]
+    official = ["train"] * 240 + ["test"] * 60
+    plan = {
+        size: splits.plan_splits(
+            labels=labels, hashes=hashes, keys=keys, official=official, seed=5, train_examples=size
+        )
+        for size in (0, 40, 120)
+    }
+    full = plan[0].assignment
+    for size in (40, 120):
+        a = plan[size].assignment
+        assert all(a[i] == full[i] for i in range(n) if full[i] != "train")  # Validation, test as before.
+        kept = [i for i in range(n) if a[i] == "train"]
+        assert abs(len(kept) - size) <= 2 and all(full[i] == "train" for i in kept)
+        assert sum(labels[i] for i in kept) == pytest.approx(size / 4, abs=2)  # Stratified.
+        for p in range(50):  # Whole patients in or out.
+            assert len({a[3 * p + k] for k in range(3)}) == 1
+        assert plan[size].report["train_subset"] == {
+            "requested": size,
+            "kept": len(kept),
+            "of": full.count("train"),
+        }
+        assert plan[size].report["counts"]["test"] == plan[0].report["counts"]["test"]
+    small, large = ({i for i, s in enumerate(plan[k].assignment) if s == "train"} for k in (40, 120))
+    assert small <= large  # Nested: 40 labels are a part of the 120.
+    assert "train_subset" not in plan[0].report and plan[40].report["duplicates_dropped"] == 0
+    with pytest.raises(ValueError, match="train_examples"):
+        splits.plan_splits(labels=labels, hashes=hashes, train_examples=-1)
+
+
 def _jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
@@ -171,3 +205,11 @@ def test_chest_xray_builder_keeps_patients_together_and_reports_a_near_copy_in_t
     (example,) = report["straddling_near_duplicate_examples"]
     assert example["test/NORMAL/IM-0150-0001.jpeg"] == "test"
     assert example["train/NORMAL/IM-0050-0001.png"] == where["train/NORMAL/IM-0050-0001.png"] != "test"
+    few = prepare(chest_xray, root, tmp_path / "data", channels=1, validation_fraction=0.3, train_examples=8)
+    subset = split_of(read(few))
+    held_out = {item: s for item, s in where.items() if s != "train"}
+    assert {item: s for item, s in subset.items() if s != "train"} == held_out  # Untouched.
+    assert few.info.metadata["preparation"]["train_subset"]["kept"] == list(subset.values()).count("train")
+    assert {item for item, s in subset.items() if s == "train"} < {
+        item for item, s in where.items() if s == "train"
+    }

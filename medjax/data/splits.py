@@ -19,7 +19,9 @@ Group allocation: within each class (a linked group's majority label), groups ar
 ``numpy.random.default_rng(seed)`` and laid end to end; a group goes to the split in which its midpoint
 falls, with per-class split sizes rounded by largest remainder. With no links this gives exact
 stratified counts. Cross-validation folds (``cv_folds``) are allocated the same way over everything that
-is not test.
+is not test, and so is a labelled subset of train (``train_examples``, for learning curves and pretrained
+starts judged at a few hundred labels): the groups of each class in one seeded order, cut where the
+subset's share ends, so a smaller subset is a part of every larger one and validation is unchanged.
 """
 
 from __future__ import annotations
@@ -129,6 +131,19 @@ def _assign(split: list, pool: list[int], groups: np.ndarray, labels, fractions,
             split[i] = chosen[gid]
 
 
+def _train_subset(split: list, keep: np.ndarray, groups: np.ndarray, labels, size: int, seed: int) -> dict:
+    """Leaves all but about ``size`` train items out (``keep`` False, in place); returns what was kept."""
+    pool = [i for i in range(len(split)) if keep[i] and split[i] == "train"]
+    if size < len(pool):
+        share = {"train": size / len(pool), "unused": 1.0 - size / len(pool)}
+        _assign(split, pool, groups, labels, share, np.random.default_rng(seed))
+        for i in pool:
+            if split[i] == "unused":
+                keep[i], split[i] = False, None
+    kept = sum(1 for i in pool if keep[i])
+    return {"requested": size, "kept": kept, "of": len(pool)}
+
+
 def _check_fractions(fractions: Mapping[str, float]) -> None:
     unknown = set(fractions) - set(SPLITS)
     if unknown or "train" not in fractions:
@@ -152,6 +167,7 @@ def plan_splits(
     ids: Sequence[str] | None = None,
     cv_folds: int = 0,
     cv_fold: int = 0,
+    train_examples: int = 0,
 ) -> SplitPlan:
     """Assigns items to splits.
 
@@ -176,6 +192,8 @@ def plan_splits(
       cv_folds: when >= 2, everything that is not test is re-split into this many grouped, stratified
         folds; fold ``cv_fold`` becomes validation and the others train.
       cv_fold: see ``cv_folds``.
+      train_examples: when > 0, keep about this many train items (whole linked groups, stratified by
+        class; exact when no group has several items) and leave the others out of every split.
 
     Returns:
       A :class:`SplitPlan`.
@@ -185,6 +203,8 @@ def plan_splits(
         raise ValueError("labels, hashes, official, keys and ids must have the same length")
     if cv_folds and not (cv_folds >= 2 and 0 <= cv_fold < cv_folds):
         raise ValueError(f"cv_folds must be >= 2 and 0 <= cv_fold < cv_folds, got {cv_folds}, {cv_fold}")
+    if train_examples < 0:
+        raise ValueError(f"train_examples must be >= 0 (0: all), got {train_examples}")
     exact = group_ids(hashes)
     linked = linked_groups(n, equal=[hashes, keys or [None] * n], pairs=near_pairs)
     rng = np.random.default_rng(seed)
@@ -224,8 +244,12 @@ def plan_splits(
         _assign(split, pool, linked, labels, folds, np.random.default_rng(seed))
         split = [("validation" if s == f"fold{cv_fold}" else "train") if s in folds else s for s in split]
         validation_source = f"fold {cv_fold} of {cv_folds} over everything but test (grouped, stratified)"
+    duplicates_dropped = int(n - keep.sum())
+    subset = _train_subset(split, keep, linked, labels, train_examples, seed) if train_examples else None
     assignment = tuple(split[i] if keep[i] else None for i in range(n))
-    report = _report(labels, exact, assignment, validation_source, drop_duplicates)
+    report = _report(labels, exact, assignment, validation_source, duplicates_dropped)
+    if subset is not None:
+        report["train_subset"] = subset
     report.update(_links_report(assignment, keys, near_pairs, exact, ids))
     return SplitPlan(assignment, report)
 
@@ -235,7 +259,7 @@ def _report(
     groups: np.ndarray,
     assignment: Sequence[str | None],
     validation_source: str,
-    drop_duplicates: bool,
+    duplicates_dropped: int,
 ) -> dict:
     sizes = np.bincount(groups)
     splits_of: dict[int, set] = collections.defaultdict(set)
@@ -252,7 +276,7 @@ def _report(
         "groups": len(sizes),
         "duplicate_groups": int((sizes > 1).sum()),
         "duplicate_items": int((sizes - 1).sum()),
-        "duplicates_dropped": sum(name is None for name in assignment) if drop_duplicates else 0,
+        "duplicates_dropped": duplicates_dropped,
         "label_conflict_groups": sum(len(v) > 1 for v in labels_of.values()),
         "label_conflict_items": int(sum(sizes[gid] for gid, v in labels_of.items() if len(v) > 1)),
         "straddling_groups": sum(len(v) > 1 for v in splits_of.values()),

@@ -72,7 +72,9 @@ class ImageConfig(tfds.core.BuilderConfig):
     (see :func:`medjax.data.images.resize_image`); ``drop_duplicates``: keep one copy per pixel-identical
     group instead of only keeping groups inside one split. ``cv_folds`` >= 2 re-splits everything but
     test into that many grouped, stratified folds and makes fold ``cv_fold`` the validation split
-    (``launch/cross_validate.py`` prepares one dataset per fold).
+    (``launch/cross_validate.py`` prepares one dataset per fold). ``train_examples`` > 0 keeps a grouped,
+    stratified subset of about that many training images (nested: smaller subsets are parts of larger
+    ones) and the other splits as they are, for results at a few hundred labels.
     """
 
     image_size: int = 224
@@ -81,6 +83,7 @@ class ImageConfig(tfds.core.BuilderConfig):
     drop_duplicates: bool = False
     cv_folds: int = 0
     cv_fold: int = 0
+    train_examples: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -97,6 +100,8 @@ class ImageConfig(tfds.core.BuilderConfig):
                 f"cv_folds must be 0 or >= 2 with 0 <= cv_fold < cv_folds, got {self.cv_folds}, "
                 f"{self.cv_fold}"
             )
+        if self.train_examples < 0:
+            raise ValueError(f"train_examples must be >= 0 (0: all), got {self.train_examples}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -286,6 +291,7 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             "drop_duplicates": config.drop_duplicates,
             "cv_folds": config.cv_folds,
             "cv_fold": config.cv_fold,
+            "train_examples": config.train_examples,
         }
 
     def _split_generators(self, dl_manager):
