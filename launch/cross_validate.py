@@ -7,11 +7,12 @@ chosen on.
 Fold k prepares the dataset with ``builder_kwargs.cv_folds=K, cv_fold=k`` (classification,
 :mod:`medjax.data.splits`: train and validation pooled and re-split into K folds, stratified by class,
 never separating one patient, exact or near duplicates; DRIVE, :mod:`medjax.data.builders.drive`: its 20
-training images, one subject each, cut into K folds; test untouched either way) and trains the recipe with fold k as validation and
-``data.test_split=''``, so test is never evaluated. It reports each fold's validation metrics of its best
-checkpoint, their mean and sample standard deviation, and writes them to ``--out`` (JSON and Markdown,
-default ``results/cv/<config name>.*``), with the recipe's digest and commit (:mod:`medjax.protocol`), so
-``launch/reproduce.py`` can put these numbers beside the test numbers of the same recipe.
+training images, one subject each, cut into K folds; test untouched either way) and trains the recipe
+with fold k as validation and ``data.test_split=''``, so test is never evaluated. It reports each fold's
+validation metrics of its best checkpoint, their mean and sample standard deviation, and writes them to
+``--out`` (JSON and Markdown, default ``results/cv/<config name>.*``), with the recipe's digest and commit
+(:mod:`medjax.protocol`), so ``launch/reproduce.py`` can put these numbers beside the test numbers of the
+same recipe.
 
 The K fold runs (``--workdir``, default ``runs/cv/<config name>/fold_<k>``) are also the fold ensemble:
 ``python -m medjax.evaluate --workdir=.../fold_0 ... --workdir=.../fold_<K-1> --splits=validation``

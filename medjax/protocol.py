@@ -31,6 +31,9 @@ NOT_RECIPE = (
     "init_from.path",  # Where the source run sits; which experiment it is belongs to the experiment.
     "seed",  # An experiment's seeds are part of the experiment, not of the recipe.
 )
+# Dataset options medjax gained after recipes were recorded, at the value that keeps what a recipe without
+# them did: left out of the recipe there, so recorded digests stay valid; any other value is another recipe.
+GAINED_AT_NEUTRAL = {"data.builder_kwargs.train_examples": 0}
 
 
 def recipe(config: Mapping, **extra) -> dict:
@@ -46,6 +49,7 @@ def recipe(config: Mapping, **extra) -> dict:
         data["builder_kwargs"] = {**defaults, **(data.get("builder_kwargs") or {})}
     flat = config_lib.flatten(config)
     keys = {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NOT_RECIPE)}
+    keys = {k: v for k, v in keys.items() if k not in GAINED_AT_NEUTRAL or v != GAINED_AT_NEUTRAL[k]}
     keys.update({f"experiment.{k}": json.loads(json.dumps(v, default=list)) for k, v in extra.items()})
     return dict(sorted(keys.items()))
 

@@ -66,6 +66,11 @@ def test_a_key_medjax_gained_at_its_default_does_not_change_a_recipe():
     assert protocol.changed_keys(new, old) == ["train.ema_decay"]  # A key removed is a change.
     builder_default = {k: v for k, v in new.items() if k != "data.builder_kwargs.seed"}
     assert protocol.changed_keys(builder_default, new) == ["data.builder_kwargs.seed"]  # Data may differ.
+    config = _smoke()
+    assert "data.builder_kwargs.train_examples" not in new  # Gained later, left out at its neutral value ...
+    config["data"]["builder_kwargs"]["train_examples"] = 250
+    assert protocol.recipe(config)["data.builder_kwargs.train_examples"] == 250  # ... but not when set.
+    assert protocol.recipe_digest(config) != protocol.recipe_digest(_smoke())
 
 
 def test_every_experiment_in_the_ledger_is_tested_for_its_config_as_it_stands():
