@@ -1,0 +1,248 @@
+"""Pretrained starts against from-scratch at a few hundred labels, judged on validation only.
+
+  JAX_PLATFORMS=cpu python launch/pretrained_starts.py --shared_data=../shared/data
+  JAX_PLATFORMS=cpu python launch/pretrained_starts.py --models=convnext --methods=distillation --sizes=250
+
+1. **Pretraining** (``configs/pretrain.py:method=<m>,model=<student>``) of each student, ConvNeXt with
+   study A's head and MedNeXt, by each method (distillation from the ImageNet MobileNetV2, SimSiam) on the
+   Kermany training images without their labels; the patient-grouped validation carve is never trained on.
+2. **Fine-tuning** of ``configs/chest_xray.py:variant=scratch,model=<student>`` from scratch and from each
+   pretraining run on grouped, stratified, nested subsets of the training images
+   (``builder_kwargs.train_examples``, default 250 and 1,000), and of the ImageNet MobileNetV2 recipe
+   (``configs/chest_xray.py:cpu``, 224 px RGB) as the reference. The students' fine-tunes run at least
+   ``--min_steps`` optimiser steps (epochs raised for small subsets, the same rule for every start), so no
+   start is judged on a schedule too short for the others; the reference keeps its own 5-epoch recipe.
+3. **The table** (``--out``, default ``results/pretrained_starts.{json,md}``): validation AUC of every
+   fine-tune's best checkpoint, each start's gain over scratch, and the pretraining wall times. Test is
+   never evaluated (``data.test_split=''``).
+
+Every run keeps its directory under ``--workdir_root``; a finished one is read back and an interrupted one
+resumes, so the command can be re-run after a kill and only the missing runs train.
+"""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from medjax import cli  # No jax: --help stays fast.
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENTS = ("convnext", "mednext_plos")
+METHODS = ("distillation", "simsiam")
+REFERENCE = "mobilenet_v2_imagenet"
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so tests can import this module beside other commands' flags."""
+    flags.DEFINE_string(
+        "shared_data",
+        os.environ.get("MEDJAX_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
+        "Folder holding chest_xray/ (Kermany's layout); ../weights beside it holds the ImageNet MobileNetV2.",
+    )
+    flags.DEFINE_list("models", list(STUDENTS), "Students: convnext (study A's head) and/or mednext_plos.")
+    flags.DEFINE_list("methods", list(METHODS), "Pretraining methods: distillation and/or simsiam.")
+    flags.DEFINE_list("sizes", ["250", "1000"], "Labelled training images of each fine-tune.")
+    flags.DEFINE_bool("reference", True, "Also fine-tune the ImageNet MobileNetV2 recipe at each size.")
+    flags.DEFINE_integer("min_steps", 600, "Fewest optimiser steps of a student's fine-tune.")
+    flags.DEFINE_float("pretrain_epochs", None, "Pretraining epochs (default: configs/pretrain.py's).")
+    flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "pretrained_starts"), "Run directories.")
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir for the prepared datasets (default TFDS').")
+    flags.DEFINE_string("out", str(ROOT / "results" / "pretrained_starts"), "Summary path without suffix.")
+    flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
+    cli.define_allocator_flag()
+
+
+def teacher_file(shared: Path) -> Path:
+    """The ImageNet MobileNetV2 in ``../shared/weights`` beside the data folder."""
+    from medjax import recipes
+
+    return shared.parent / "weights" / recipes.IMAGENET_MOBILENET_V2_FILE
+
+
+def pretrain_config(student: str, method: str, *, shared: Path, data_dir: str | None, epochs: float | None):
+    """``configs/pretrain.py`` for ``student`` and ``method`` on the Kermany training images in place."""
+    from medjax import config_lib
+
+    config = config_lib.load_config_file(str(ROOT / f"configs/pretrain.py:method={method},model={student}"))
+    config.data.manual_dir = str(shared / "chest_xray")
+    config.data.data_dir = data_dir
+    config.train.progress_bar = False
+    if method == "distillation":
+        config.loss.distillation.teacher = str(teacher_file(shared))
+    if epochs is not None:
+        config.train.num_epochs = float(epochs)
+    return config
+
+
+def finetune_config(
+    start: str, size: int, *, shared: Path, data_dir: str | None, min_steps: int, pretrained: Path | None
+):
+    """The fine-tune of ``start`` (``'<student>/scratch'``, ``'<student>/<method>'`` or
+    :data:`REFERENCE`) on ``size`` labelled images; ``pretrained`` is the run a student starts from."""
+    from medjax import config_lib
+
+    if start == REFERENCE:
+        config = config_lib.load_config_file(str(ROOT / "configs/chest_xray.py:cpu"))
+        config.init_from.path = str(teacher_file(shared))
+    else:
+        student = start.split("/")[0]
+        config = config_lib.load_config_file(
+            str(ROOT / f"configs/chest_xray.py:variant=scratch,model={student}")
+        )
+        config.train.num_epochs = max(
+            config.train.num_epochs, epochs_for(min_steps, size, config.data.batch_size)
+        )
+        if pretrained is not None:
+            config.init_from.path = str(pretrained)
+    config.data.builder_kwargs.train_examples = size
+    config.data.manual_dir = str(shared / "chest_xray")
+    config.data.data_dir = data_dir
+    config.data.test_split = ""  # Judged on validation; test stays for a final recipe (medjax.protocol).
+    config.train.progress_bar = False
+    return config
+
+
+def epochs_for(steps: int, examples: int, batch_size: int) -> float:
+    """Whole epochs of ``examples`` (batches of ``batch_size``, the last partial one dropped) that give
+    at least ``steps`` optimiser steps."""
+    per_epoch = max(examples // batch_size, 1)
+    return float(math.ceil(steps / per_epoch))
+
+
+def run(config, workdir: Path) -> dict:
+    """The training report of ``workdir``: read back when finished with this config, else trained."""
+    from medjax import train
+    from medjax.data import pipeline
+    from medjax.run_dir import RunDir
+
+    report = RunDir(workdir).finished_report(config)
+    if report is not None:
+        return report
+    pipeline.dataset_metadata(config.data)  # Prepares the dataset outside the timed run.
+    print(f"== {workdir}", flush=True)
+    return train.train_and_evaluate(config, workdir)
+
+
+def gains(table: dict) -> dict:
+    """``{start: {size: validation AUC gain over the same student from scratch}}`` of pretrained starts."""
+    out = {}
+    for start, by_size in table.items():
+        student, _, method = start.partition("/")
+        scratch = table.get(f"{student}/scratch", {})
+        if method and method != "scratch":
+            out[start] = {n: r["auc"] - scratch[n]["auc"] for n, r in by_size.items() if n in scratch}
+    return out
+
+
+def markdown(record: dict) -> str:
+    sizes = record["sizes"]
+    lines = [
+        "# Pretrained starts against from-scratch (validation AUC, Kermany chest X-ray)",
+        "",
+        f"Written {record['written']} by `{record['command']}`. Fine-tunes on grouped, stratified, nested "
+        "subsets of the Kermany training images (`builder_kwargs.train_examples`), judged by the validation "
+        "AUC of their best checkpoint on the patient-grouped validation carve (test never evaluated). "
+        f"Students' fine-tunes run at least {record['min_steps']} steps; the ImageNet reference keeps its "
+        "5-epoch recipe at 224 px.",
+        "",
+        "| Start | " + " | ".join(f"{n} images: AUC (gain)" for n in sizes) + " | Fine-tune wall time |",
+        "|---|" + "---|" * len(sizes) + "---|",
+    ]
+    gain = gains(record["table"])
+    for start, by_size in record["table"].items():
+        cells = []
+        for n in sizes:
+            r = by_size.get(n)
+            g = gain.get(start, {}).get(n)
+            cells.append(
+                "not run" if r is None else f"{r['auc']:.3f}" + (f" ({g:+.3f})" if g is not None else "")
+            )
+        minutes = sum(r["wall_time_s"] for r in by_size.values()) / 60
+        lines.append(f"| {start} | " + " | ".join(cells) + f" | {minutes:.1f} min |")
+    lines += [
+        "",
+        "| Pretraining run | Epochs | Wall time | Validation loss | feature std |",
+        "|---|---|---|---|---|",
+    ]
+    for name, p in record["pretraining"].items():
+        lines.append(
+            f"| {name} | {p['epochs']:g} | {p['wall_time_s'] / 60:.1f} min | {p['validation']['loss']:.4f} "
+            f"| {p['validation'].get('feature_std', float('nan')):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    import datetime
+    import sys
+
+    del argv
+    args = flags.FLAGS
+    cli.setup(compilation_cache_dir=args.compilation_cache_dir, memory_allocator=args.allocator)
+    shared, root = Path(args.shared_data), Path(args.workdir_root)
+    sizes = [int(n) for n in args.sizes]
+    pretraining, table = {}, {}
+    for student in args.models:
+        for method in args.methods:
+            name = f"{student}/{method}"
+            config = pretrain_config(
+                student, method, shared=shared, data_dir=args.data_dir, epochs=args.pretrain_epochs
+            )
+            t0 = time.perf_counter()
+            report = run(config, root / "pretrain" / f"{method}_{student}")
+            pretraining[name] = {
+                "workdir": str(root / "pretrain" / f"{method}_{student}"),
+                "epochs": config.train.num_epochs,
+                "wall_time_s": report.get("wall_time_s", time.perf_counter() - t0),
+                "validation": report["validation"],
+            }
+    starts = [REFERENCE] if args.reference else []
+    starts += [f"{s}/{m}" for s in args.models for m in ("scratch", *args.methods)]
+    for start in starts:
+        for n in sizes:
+            pretrained = (
+                None
+                if start == REFERENCE or start.endswith("/scratch")
+                else Path(pretraining[start]["workdir"])
+            )
+            config = finetune_config(
+                start,
+                n,
+                shared=shared,
+                data_dir=args.data_dir,
+                min_steps=args.min_steps,
+                pretrained=pretrained,
+            )
+            report = run(config, root / "finetune" / start.replace("/", "_") / f"n{n}")
+            table.setdefault(start, {})[n] = {
+                "auc": report["validation"]["auc"],
+                "accuracy": report["validation"]["accuracy"],
+                "train_examples": n,
+                "epochs": config.train.num_epochs,
+                "steps": report["steps"],
+                "best_step": report["best_step"],
+                "wall_time_s": report["wall_time_s"],
+            }
+    record = {
+        "written": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        "command": " ".join(["python", "launch/pretrained_starts.py", *sys.argv[1:]]),
+        "sizes": sizes,
+        "min_steps": args.min_steps,
+        "pretraining": pretraining,
+        "table": table,
+        "gains": gains(table),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record) + f"Wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}.", flush=True)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,69 @@
+"""launch/pretrained_starts.py: the configs it trains and the table it writes (its runs are measured, not
+tested: see results/)."""
+
+import sys
+
+import pytest
+
+from medjax import recipes
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "launch"))  # The launch scripts import their siblings.
+import pretrained_starts as ps
+
+
+def test_small_subsets_get_enough_epochs_for_the_same_number_of_steps():
+    assert ps.epochs_for(600, 250, 32) == 86.0  # 7 full batches an epoch.
+    assert ps.epochs_for(600, 1000, 32) == 20.0
+    assert ps.epochs_for(600, 10, 32) == 600.0  # Fewer images than a batch still steps once an epoch.
+
+
+def test_finetunes_share_pretrainings_validation_carve_and_never_test(tmp_path):
+    shared = tmp_path / "shared" / "data"
+    pre = ps.pretrain_config("convnext", "distillation", shared=shared, data_dir=None, epochs=3)
+    assert pre.loss.distillation.teacher == str(
+        shared.parent / "weights" / recipes.IMAGENET_MOBILENET_V2_FILE
+    )
+    run = tmp_path / "pretrain_run"
+    fine = ps.finetune_config(
+        "convnext/distillation", 250, shared=shared, data_dir=None, min_steps=600, pretrained=run
+    )
+    scratch = ps.finetune_config(
+        "convnext/scratch", 250, shared=shared, data_dir=None, min_steps=600, pretrained=None
+    )
+    ref = ps.finetune_config(ps.REFERENCE, 1000, shared=shared, data_dir=None, min_steps=600, pretrained=None)
+    assert (pre.train.num_epochs, fine.train.num_epochs, ref.train.num_epochs) == (3.0, 86.0, 5.0)
+    assert fine.init_from.path == str(run) and scratch.init_from.path is None
+    assert ref.init_from.path == pre.loss.distillation.teacher
+    for config in (fine, scratch, ref):
+        assert config.data.test_split == "" and config.data.manual_dir == str(shared / "chest_xray")
+    assert (fine.data.builder_kwargs.train_examples, ref.data.builder_kwargs.train_examples) == (250, 1000)
+    carve = fine.data.builder_kwargs.to_dict()
+    del carve["train_examples"]
+    assert carve == {k: v for k, v in pre.data.builder_kwargs.items() if k != "train_examples"}
+    assert (pre.data.image_size, pre.data.channels) == (fine.data.image_size, fine.data.channels)
+
+
+def test_table_gives_each_start_its_gain_over_the_same_students_scratch():
+    row = lambda auc: {"auc": auc, "wall_time_s": 60.0}  # noqa: E731
+    record = {
+        "written": "now",
+        "command": "python launch/pretrained_starts.py",
+        "sizes": [250, 1000],
+        "min_steps": 600,
+        "table": {
+            ps.REFERENCE: {250: row(0.9), 1000: row(0.95)},
+            "convnext/scratch": {250: row(0.7), 1000: row(0.8)},
+            "convnext/distillation": {250: row(0.78), 1000: row(0.82)},
+        },
+        "pretraining": {
+            "convnext/distillation": {"epochs": 10.0, "wall_time_s": 600.0, "validation": {"loss": 0.3}}
+        },
+    }
+    assert ps.gains(record["table"]) == {
+        "convnext/distillation": {250: pytest.approx(0.08), 1000: pytest.approx(0.02)}
+    }
+    lines = ps.markdown(record).splitlines()
+    assert "| convnext/distillation | 0.780 (+0.080) | 0.820 (+0.020) | 2.0 min |" in lines
+    assert f"| {ps.REFERENCE} | 0.900 | 0.950 | 2.0 min |" in lines
+    assert "| convnext/distillation | 10 | 10.0 min | 0.3000 | nan |" in lines
