@@ -10,8 +10,10 @@
    pretraining run on grouped, stratified, nested subsets of the training images
    (``builder_kwargs.train_examples``, default 250 and 1,000), and of the ImageNet MobileNetV2 recipe
    (``configs/chest_xray.py:cpu``, 224 px RGB) as the reference. The students' fine-tunes run at least
-   ``--min_steps`` optimiser steps (epochs raised for small subsets, the same rule for every start), so no
-   start is judged on a schedule too short for the others; the reference keeps its own 5-epoch recipe.
+   ``--min_steps`` optimiser steps (epochs raised for small subsets, the same rule for every start) and
+   are validated every ``--eval_steps`` steps or so (whole epochs), so that early stopping's patience (5
+   evaluations) spans as many steps as on the full set rather than a few dozen; no start is judged on a
+   schedule too short for the others. The reference keeps its own 5-epoch recipe.
 3. **The table** (``--out``, default ``results/pretrained_starts.{json,md}``): validation AUC of every
    fine-tune's best checkpoint, each start's gain over scratch, and the pretraining wall times. Test is
    never evaluated (``data.test_split=''``).
@@ -48,6 +50,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("sizes", ["250", "1000"], "Labelled training images of each fine-tune.")
     flags.DEFINE_bool("reference", True, "Also fine-tune the ImageNet MobileNetV2 recipe at each size.")
     flags.DEFINE_integer("min_steps", 600, "Fewest optimiser steps of a student's fine-tune.")
+    flags.DEFINE_integer("eval_steps", 100, "Fewest steps between a student's validations (whole epochs).")
     flags.DEFINE_float("pretrain_epochs", None, "Pretraining epochs (default: configs/pretrain.py's).")
     flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "pretrained_starts"), "Run directories.")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir for the prepared datasets (default TFDS').")
@@ -79,7 +82,14 @@ def pretrain_config(student: str, method: str, *, shared: Path, data_dir: str | 
 
 
 def finetune_config(
-    start: str, size: int, *, shared: Path, data_dir: str | None, min_steps: int, pretrained: Path | None
+    start: str,
+    size: int,
+    *,
+    shared: Path,
+    data_dir: str | None,
+    min_steps: int,
+    eval_steps: int,
+    pretrained: Path | None,
 ):
     """The fine-tune of ``start`` (``'<student>/scratch'``, ``'<student>/<method>'`` or
     :data:`REFERENCE`) on ``size`` labelled images; ``pretrained`` is the run a student starts from."""
@@ -95,6 +105,9 @@ def finetune_config(
         )
         config.train.num_epochs = max(
             config.train.num_epochs, epochs_for(min_steps, size, config.data.batch_size)
+        )
+        config.train.eval_every_epochs = max(
+            config.train.eval_every_epochs, epochs_for(eval_steps, size, config.data.batch_size)
         )
         if pretrained is not None:
             config.init_from.path = str(pretrained)
@@ -146,7 +159,8 @@ def markdown(record: dict) -> str:
         f"Written {record['written']} by `{record['command']}`. Fine-tunes on grouped, stratified, nested "
         "subsets of the Kermany training images (`builder_kwargs.train_examples`), judged by the validation "
         "AUC of their best checkpoint on the patient-grouped validation carve (test never evaluated). "
-        f"Students' fine-tunes run at least {record['min_steps']} steps; the ImageNet reference keeps its "
+        f"Students' fine-tunes run at least {record['min_steps']} steps, validated every "
+        f"{record['eval_steps']} or more; the ImageNet reference keeps its "
         "5-epoch recipe at 224 px.",
         "",
         "| Start | " + " | ".join(f"{n} images: AUC (gain)" for n in sizes) + " | Fine-tune wall time |",
@@ -215,6 +229,7 @@ def main(argv: list[str]) -> None:
                 shared=shared,
                 data_dir=args.data_dir,
                 min_steps=args.min_steps,
+                eval_steps=args.eval_steps,
                 pretrained=pretrained,
             )
             report = run(config, root / "finetune" / start.replace("/", "_") / f"n{n}")
@@ -232,6 +247,7 @@ def main(argv: list[str]) -> None:
         "command": " ".join(["python", "launch/pretrained_starts.py", *sys.argv[1:]]),
         "sizes": sizes,
         "min_steps": args.min_steps,
+        "eval_steps": args.eval_steps,
         "pretraining": pretraining,
         "table": table,
         "gains": gains(table),

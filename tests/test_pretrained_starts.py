@@ -26,13 +26,22 @@ def test_finetunes_share_pretrainings_validation_carve_and_never_test(tmp_path):
     )
     run = tmp_path / "pretrain_run"
     fine = ps.finetune_config(
-        "convnext/distillation", 250, shared=shared, data_dir=None, min_steps=600, pretrained=run
+        "convnext/distillation",
+        250,
+        shared=shared,
+        data_dir=None,
+        min_steps=600,
+        eval_steps=100,
+        pretrained=run,
     )
     scratch = ps.finetune_config(
-        "convnext/scratch", 250, shared=shared, data_dir=None, min_steps=600, pretrained=None
+        "convnext/scratch", 250, shared=shared, data_dir=None, min_steps=600, eval_steps=100, pretrained=None
     )
-    ref = ps.finetune_config(ps.REFERENCE, 1000, shared=shared, data_dir=None, min_steps=600, pretrained=None)
+    ref = ps.finetune_config(
+        ps.REFERENCE, 1000, shared=shared, data_dir=None, min_steps=600, eval_steps=100, pretrained=None
+    )
     assert (pre.train.num_epochs, fine.train.num_epochs, ref.train.num_epochs) == (3.0, 86.0, 5.0)
+    assert (fine.train.eval_every_epochs, ref.train.eval_every_epochs) == (15.0, 1.0)  # 105 steps; recipe.
     assert fine.init_from.path == str(run) and scratch.init_from.path is None
     assert ref.init_from.path == pre.loss.distillation.teacher
     for config in (fine, scratch, ref):
@@ -51,6 +60,7 @@ def test_table_gives_each_start_its_gain_over_the_same_students_scratch():
         "command": "python launch/pretrained_starts.py",
         "sizes": [250, 1000],
         "min_steps": 600,
+        "eval_steps": 100,
         "table": {
             ps.REFERENCE: {250: row(0.9), 1000: row(0.95)},
             "convnext/scratch": {250: row(0.7), 1000: row(0.8)},
