@@ -214,8 +214,8 @@ def main(argv: list[str]) -> None:
                 "wall_time_s": report.get("wall_time_s", time.perf_counter() - t0),
                 "validation": report["validation"],
             }
-    starts = [REFERENCE] if args.reference else []
-    starts += [f"{s}/{m}" for s in args.models for m in ("scratch", *args.methods)]
+    starts = [f"{s}/{m}" for s in args.models for m in ("scratch", *args.methods)]
+    starts += [REFERENCE] if args.reference else []
     for start in starts:
         for n in sizes:
             pretrained = (
