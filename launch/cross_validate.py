@@ -63,23 +63,17 @@ def fold_config(config, *, folds: int, fold: int):
     return fold_cfg
 
 
-def _train_or_read_back(config, workdir: Path) -> dict:
-    from medjax import train
-    from medjax.run_dir import RunDir
-
-    return RunDir(workdir).finished_report(config) or train.train_and_evaluate(config, workdir)
-
-
 def cross_validate(config, *, folds: int, workdir: Path) -> list[dict]:
     """Trains (or reads back) every fold; returns their training reports, fold 0 first."""
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
+    from medjax import train
+
     reports = []
     for fold in range(folds):
         print(f"== fold {fold} of {folds} -> {workdir / f'fold_{fold}'}", flush=True)
-        reports.append(
-            _train_or_read_back(fold_config(config, folds=folds, fold=fold), workdir / f"fold_{fold}")
-        )
+        fold_cfg = fold_config(config, folds=folds, fold=fold)
+        reports.append(train.train_or_read_back(fold_cfg, workdir / f"fold_{fold}"))
     return reports
 
 

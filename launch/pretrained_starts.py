@@ -126,20 +126,6 @@ def epochs_for(steps: int, examples: int, batch_size: int) -> float:
     return float(math.ceil(steps / per_epoch))
 
 
-def run(config, workdir: Path) -> dict:
-    """The training report of ``workdir``: read back when finished with this config, else trained."""
-    from medjax import train
-    from medjax.data import pipeline
-    from medjax.run_dir import RunDir
-
-    report = RunDir(workdir).finished_report(config)
-    if report is not None:
-        return report
-    pipeline.dataset_metadata(config.data)  # Prepares the dataset outside the timed run.
-    print(f"== {workdir}", flush=True)
-    return train.train_and_evaluate(config, workdir)
-
-
 def gains(table: dict) -> dict:
     """``{start: {size: validation AUC gain over the same student from scratch}}`` of pretrained starts."""
     out = {}
@@ -197,6 +183,8 @@ def main(argv: list[str]) -> None:
     del argv
     args = flags.FLAGS
     cli.setup(compilation_cache_dir=args.compilation_cache_dir, memory_allocator=args.allocator)
+    from medjax import train  # After the allocator re-execution, like every jax import here.
+
     shared, root = Path(args.shared_data), Path(args.workdir_root)
     sizes = [int(n) for n in args.sizes]
     pretraining, table = {}, {}
@@ -207,7 +195,9 @@ def main(argv: list[str]) -> None:
                 student, method, shared=shared, data_dir=args.data_dir, epochs=args.pretrain_epochs
             )
             t0 = time.perf_counter()
-            report = run(config, root / "pretrain" / f"{method}_{student}")
+            report = train.train_or_read_back(
+                config, root / "pretrain" / f"{method}_{student}", announce=f"== {name}"
+            )
             pretraining[name] = {
                 "workdir": str(root / "pretrain" / f"{method}_{student}"),
                 "epochs": config.train.num_epochs,
@@ -232,7 +222,11 @@ def main(argv: list[str]) -> None:
                 eval_steps=args.eval_steps,
                 pretrained=pretrained,
             )
-            report = run(config, root / "finetune" / start.replace("/", "_") / f"n{n}")
+            report = train.train_or_read_back(
+                config,
+                root / "finetune" / start.replace("/", "_") / f"n{n}",
+                announce=f"== {start}, {n} images",
+            )
             table.setdefault(start, {})[n] = {
                 "auc": report["validation"]["auc"],
                 "accuracy": report["validation"]["accuracy"],

@@ -195,7 +195,7 @@ def run_experiment(
       medjax.protocol.RecipeChangedError: test was evaluated for another recipe of this experiment and
         ``allow_recipe_change`` is False (nothing is evaluated).
     """
-    from medjax import protocol
+    from medjax import protocol, train
     from medjax.evaluate import command as evaluate
     from medjax.run_dir import RunDir, report_paths
 
@@ -208,7 +208,8 @@ def run_experiment(
     train_reports = []
     for seed, workdir in zip(exp.seeds, workdirs, strict=True):
         config.seed = seed
-        train_reports.append(_train_or_read_back(exp, config, workdir))
+        announce = f"== {exp.name}: {exp.config} (seed {seed}) -> {workdir}"
+        train_reports.append(train.train_or_read_back(config, workdir, announce=announce))
     out = RunDir(root / exp.name).evaluation_dir
     evaluation = reusable_evaluation(report_paths(out)[0], workdirs, bootstrap_samples=bootstrap_samples)
     if evaluation is None:
@@ -291,21 +292,6 @@ def reusable_evaluation(path: Path, workdirs: list[Path], *, bootstrap_samples: 
 def _source_run(exp: Experiment, root: Path) -> Path:
     """The run ``exp`` fine-tunes: the first run of its ``init_from`` experiment."""
     return next(e for e in EXPERIMENTS if e.name == exp.init_from).workdirs(root)[0]
-
-
-def _train_or_read_back(exp: Experiment, config, workdir: Path) -> dict:
-    """The training report of ``workdir``: read back when the run finished with this config, else trained
-    (or resumed)."""
-    from medjax import train
-    from medjax.data import pipeline
-    from medjax.run_dir import RunDir
-
-    report = RunDir(workdir).finished_report(config)  # An older recipe's run is refused, not reported.
-    if report is not None:
-        return report
-    pipeline.dataset_metadata(config.data)  # Prepares the dataset outside the timed run.
-    print(f"== {exp.name}: {exp.config} (seed {config.seed}) -> {workdir}", flush=True)
-    return train.train_and_evaluate(config, workdir)
 
 
 def main(argv: list[str]) -> None:

@@ -134,6 +134,24 @@ def train_and_evaluate(
         return _train_and_evaluate(config, run, extra_loss_terms)
 
 
+def train_or_read_back(config: ml_collections.ConfigDict, workdir: str | Path, *, announce: str = "") -> dict:
+    """The training report of ``workdir``: read back when a run of this config finished there, else
+    :func:`train_and_evaluate` (resuming an interrupted one), for scripts that run many experiments and are
+    re-run after a kill. The dataset is prepared before the run's clock starts, so its wall time is
+    training and evaluation only; ``announce`` is printed when training starts.
+
+    Raises:
+      As :func:`train_and_evaluate`; a run of another recipe in ``workdir`` is refused, not reported.
+    """
+    report = RunDir(workdir).finished_report(config)
+    if report is not None:
+        return report
+    pipeline.dataset_metadata(config.data)
+    if announce:
+        print(announce, flush=True)
+    return train_and_evaluate(config, workdir)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, extra_loss_terms) -> dict:
     """:func:`train_and_evaluate` once the config is valid and the workdir locked."""
     _check_workdir_config(run, config)

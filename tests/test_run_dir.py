@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from medjax import inference, run_dir, tasks
+from medjax import inference, run_dir, tasks, train
 from medjax.errors import ConfigError, MedjaxError
 
 from .conftest import ROOT
@@ -53,10 +53,12 @@ def test_not_a_run_directory_says_what_one_holds(tmp_path):
         run_dir.load_run(tmp_path)
 
 
-def test_finished_report_refuses_another_configs_run(smoke_run):
+def test_finished_report_refuses_another_configs_run(smoke_run, capsys):
     run = run_dir.RunDir(smoke_run)
     config = run.read_config()
     assert run.finished_report(config) == run.read_report()
+    assert train.train_or_read_back(config, smoke_run, announce="== training") == run.read_report()
+    assert "== training" not in capsys.readouterr().out  # Read back: nothing trained.
     config.optim.learning_rate *= 2
     with pytest.raises(ConfigError, match="another config.*optim.learning_rate"):
         run.finished_report(config)
