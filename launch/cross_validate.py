@@ -93,7 +93,8 @@ def markdown(summary: dict, *, spec: str, digest: str, commit: str, workdir: Pat
     lines = [
         f"# Cross-validation: `{spec}`",
         "",
-        f"{folds} grouped, stratified folds of train+validation (test never evaluated); recipe {digest} "
+        f"{folds} folds of train+validation, never splitting a patient (and stratified by class when "
+        f"classifying); test never evaluated; recipe {digest} "
         f"(config at commit {commit}); fold runs in `{workdir}`; written {written}. Validation metrics of "
         "each fold's best checkpoint; mean ± sample standard deviation.",
         "",
