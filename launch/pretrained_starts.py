@@ -28,6 +28,7 @@ import os
 import time
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags
 
 from medjax import cli  # No jax: --help stays fast.
@@ -36,6 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("convnext", "mednext_plos")
 METHODS = ("distillation", "simsiam")
 REFERENCE = "mobilenet_v2_imagenet"
+# Where the labelled fine-tunes run: the dataset's folder under --shared_data and the config of the
+# ImageNet reference. The students' recipe is Kermany's scratch recipe (64 px grey) on either; UCSD
+# COVID-CT keeps its official validation split (118 slices), Kermany its patient-grouped carve.
+DATASETS = {"chest_xray": "configs/chest_xray.py:cpu", "ucsd_covid_ct": "configs/ucsd_covid_ct.py:cpu"}
+DATASET_NAMES = {"chest_xray": "Kermany chest X-ray", "ucsd_covid_ct": "UCSD COVID-CT"}
+VALIDATION = {
+    "chest_xray": "the patient-grouped validation carve of train (1,044 images)",
+    "ucsd_covid_ct": "the official validation split (118 slices)",
+}
 
 
 def _define_flags() -> None:
@@ -45,6 +55,7 @@ def _define_flags() -> None:
         os.environ.get("MEDJAX_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
         "Folder holding chest_xray/ (Kermany's layout); ../weights beside it holds the ImageNet MobileNetV2.",
     )
+    flags.DEFINE_enum("dataset", "chest_xray", list(DATASETS), "Labelled set of the fine-tunes.")
     flags.DEFINE_list("models", list(STUDENTS), "Students: convnext (study A's head) and/or mednext_plos.")
     flags.DEFINE_list("methods", list(METHODS), "Pretraining methods: distillation and/or simsiam.")
     flags.DEFINE_list("sizes", ["250", "1000"], "Labelled training images of each fine-tune.")
@@ -54,7 +65,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("pretrain_epochs", None, "Pretraining epochs (default: configs/pretrain.py's).")
     flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "pretrained_starts"), "Run directories.")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir for the prepared datasets (default TFDS').")
-    flags.DEFINE_string("out", str(ROOT / "results" / "pretrained_starts"), "Summary path without suffix.")
+    flags.DEFINE_string(
+        "out", None, "Summary path without suffix (default results/pretrained_starts_<dataset>)."
+    )
     flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
     cli.define_allocator_flag()
 
@@ -85,6 +98,7 @@ def finetune_config(
     start: str,
     size: int,
     *,
+    dataset: str = "chest_xray",
     shared: Path,
     data_dir: str | None,
     min_steps: int,
@@ -92,11 +106,12 @@ def finetune_config(
     pretrained: Path | None,
 ):
     """The fine-tune of ``start`` (``'<student>/scratch'``, ``'<student>/<method>'`` or
-    :data:`REFERENCE`) on ``size`` labelled images; ``pretrained`` is the run a student starts from."""
+    :data:`REFERENCE`) on ``size`` labelled images of ``dataset`` (a key of :data:`DATASETS`);
+    ``pretrained`` is the run a student starts from."""
     from medjax import config_lib
 
     if start == REFERENCE:
-        config = config_lib.load_config_file(str(ROOT / "configs/chest_xray.py:cpu"))
+        config = config_lib.load_config_file(str(ROOT / DATASETS[dataset]))
         config.init_from.path = str(teacher_file(shared))
     else:
         student = start.split("/")[0]
@@ -111,8 +126,14 @@ def finetune_config(
         )
         if pretrained is not None:
             config.init_from.path = str(pretrained)
+        if dataset != "chest_xray":
+            config.data.name = dataset
+            config.data.builder_kwargs = ml_collections.ConfigDict(
+                {k: config.data.builder_kwargs[k] for k in ("image_size", "channels")}
+            )
+            config_lib.complete_builder_kwargs(config)
     config.data.builder_kwargs.train_examples = size
-    config.data.manual_dir = str(shared / "chest_xray")
+    config.data.manual_dir = str(shared / dataset)
     config.data.data_dir = data_dir
     config.data.test_split = ""  # Judged on validation; test stays for a final recipe (medjax.protocol).
     config.train.progress_bar = False
@@ -139,15 +160,16 @@ def gains(table: dict) -> dict:
 
 def markdown(record: dict) -> str:
     sizes = record["sizes"]
+    dataset = record["dataset"]
     lines = [
-        "# Pretrained starts against from-scratch (validation AUC, Kermany chest X-ray)",
+        f"# Pretrained starts against from-scratch (validation AUC, {DATASET_NAMES[dataset]})",
         "",
         f"Written {record['written']} by `{record['command']}`. Fine-tunes on grouped, stratified, nested "
-        "subsets of the Kermany training images (`builder_kwargs.train_examples`), judged by the validation "
-        "AUC of their best checkpoint on the patient-grouped validation carve (test never evaluated). "
-        f"Students' fine-tunes run at least {record['min_steps']} steps, validated every "
-        f"{record['eval_steps']} or more; the ImageNet reference keeps its "
-        "5-epoch recipe at 224 px.",
+        f"subsets of the {dataset} training images (`builder_kwargs.train_examples`), judged by the "
+        f"validation AUC of their best checkpoint on {VALIDATION[dataset]} (test never evaluated). "
+        f"Students (64 px grey, Kermany's scratch recipe) run at least {record['min_steps']} steps, "
+        f"validated every {record['eval_steps']} or more; the ImageNet reference keeps its own recipe "
+        f"(`{DATASETS[dataset]}`). Every start was pretrained on the Kermany training images (pool below).",
         "",
         "| Start | " + " | ".join(f"{n} images: AUC (gain)" for n in sizes) + " | Fine-tune wall time |",
         "|---|" + "---|" * len(sizes) + "---|",
@@ -216,6 +238,7 @@ def main(argv: list[str]) -> None:
             config = finetune_config(
                 start,
                 n,
+                dataset=args.dataset,
                 shared=shared,
                 data_dir=args.data_dir,
                 min_steps=args.min_steps,
@@ -224,7 +247,7 @@ def main(argv: list[str]) -> None:
             )
             report = train.train_or_read_back(
                 config,
-                root / "finetune" / start.replace("/", "_") / f"n{n}",
+                root / "finetune" / args.dataset / start.replace("/", "_") / f"n{n}",
                 announce=f"== {start}, {n} images",
             )
             table.setdefault(start, {})[n] = {
@@ -239,6 +262,7 @@ def main(argv: list[str]) -> None:
     record = {
         "written": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         "command": " ".join(["python", "launch/pretrained_starts.py", *sys.argv[1:]]),
+        "dataset": args.dataset,
         "sizes": sizes,
         "min_steps": args.min_steps,
         "eval_steps": args.eval_steps,
@@ -246,7 +270,7 @@ def main(argv: list[str]) -> None:
         "table": table,
         "gains": gains(table),
     }
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "results" / f"pretrained_starts_{args.dataset}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record))

@@ -57,6 +57,7 @@ def test_table_gives_each_start_its_gain_over_the_same_students_scratch():
     row = lambda auc: {"auc": auc, "wall_time_s": 60.0}  # noqa: E731
     record = {
         "written": "now",
+        "dataset": "chest_xray",
         "command": "python launch/pretrained_starts.py",
         "sizes": [250, 1000],
         "min_steps": 600,
@@ -77,3 +78,20 @@ def test_table_gives_each_start_its_gain_over_the_same_students_scratch():
     assert "| convnext/distillation | 0.780 (+0.080) | 0.820 (+0.020) | 2.0 min |" in lines
     assert f"| {ps.REFERENCE} | 0.900 | 0.950 | 2.0 min |" in lines
     assert "| convnext/distillation | 10 | 10.0 min | 0.3000 | nan |" in lines
+
+
+def test_ucsd_finetunes_keep_the_students_recipe_on_ucsds_own_split(tmp_path):
+    shared = tmp_path / "data"
+    kwargs = {"shared": shared, "data_dir": None, "min_steps": 600, "eval_steps": 100, "pretrained": None}
+    kermany = ps.finetune_config("mednext_plos/scratch", 250, **kwargs)
+    ucsd = ps.finetune_config("mednext_plos/scratch", 250, dataset="ucsd_covid_ct", **kwargs)
+    ref = ps.finetune_config(ps.REFERENCE, 250, dataset="ucsd_covid_ct", **kwargs)
+    assert (ucsd.data.name, ucsd.data.manual_dir, ref.data.name) == (
+        "ucsd_covid_ct",
+        str(shared / "ucsd_covid_ct"),
+        "ucsd_covid_ct",
+    )
+    assert (ucsd.data.builder_kwargs.image_size, ucsd.data.builder_kwargs.channels) == (64, 1)
+    assert ucsd.data.builder_kwargs.train_examples == ref.data.builder_kwargs.train_examples == 250
+    assert ucsd.data.builder_kwargs.group_pattern == ""  # UCSD's defaults, not Kermany's patient key.
+    assert ucsd.optim.to_dict() == kermany.optim.to_dict() and ucsd.model.to_dict() == kermany.model.to_dict()
