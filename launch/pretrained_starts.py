@@ -13,9 +13,10 @@
    ``--min_steps`` optimiser steps (epochs raised for small subsets, the same rule for every start) and
    are validated every ``--eval_steps`` steps or so (whole epochs), so that early stopping's patience (5
    evaluations) spans as many steps as on the full set rather than a few dozen; no start is judged on a
-   schedule too short for the others. The reference keeps its own 5-epoch recipe.
-3. **The table** (``--out``, default ``results/pretrained_starts.{json,md}``): validation AUC of every
-   fine-tune's best checkpoint, each start's gain over scratch, and the pretraining wall times. Test is
+   schedule too short for the others; ``--finetune_lr`` replaces their peak learning rate (runs kept
+   apart, ``n<size>_lr<rate>``). The reference keeps its own recipe (``--dataset``: Kermany or UCSD).
+3. **The table** (``--out``, default ``results/pretrained_starts_<dataset>.{json,md}``): validation AUC of
+   every fine-tune's best checkpoint, each start's gain over scratch, and the pretraining wall times. Test is
    never evaluated (``data.test_split=''``).
 
 Every run keeps its directory under ``--workdir_root``; a finished one is read back and an interrupted one
@@ -61,6 +62,9 @@ def _define_flags() -> None:
     flags.DEFINE_list("sizes", ["250", "1000"], "Labelled training images of each fine-tune.")
     flags.DEFINE_bool("reference", True, "Also fine-tune the ImageNet MobileNetV2 recipe at each size.")
     flags.DEFINE_integer("min_steps", 600, "Fewest optimiser steps of a student's fine-tune.")
+    flags.DEFINE_float(
+        "finetune_lr", None, "Peak learning rate of the students' fine-tunes (default: recipe's)."
+    )
     flags.DEFINE_integer("eval_steps", 100, "Fewest steps between a student's validations (whole epochs).")
     flags.DEFINE_float("pretrain_epochs", None, "Pretraining epochs (default: configs/pretrain.py's).")
     flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "pretrained_starts"), "Run directories.")
@@ -104,6 +108,7 @@ def finetune_config(
     min_steps: int,
     eval_steps: int,
     pretrained: Path | None,
+    learning_rate: float | None = None,
 ):
     """The fine-tune of ``start`` (``'<student>/scratch'``, ``'<student>/<method>'`` or
     :data:`REFERENCE`) on ``size`` labelled images of ``dataset`` (a key of :data:`DATASETS`);
@@ -126,6 +131,8 @@ def finetune_config(
         )
         if pretrained is not None:
             config.init_from.path = str(pretrained)
+        if learning_rate is not None:
+            config.optim.learning_rate = learning_rate
         if dataset != "chest_xray":
             config.data.name = dataset
             config.data.builder_kwargs = ml_collections.ConfigDict(
@@ -167,7 +174,9 @@ def markdown(record: dict) -> str:
         f"Written {record['written']} by `{record['command']}`. Fine-tunes on grouped, stratified, nested "
         f"subsets of the {dataset} training images (`builder_kwargs.train_examples`), judged by the "
         f"validation AUC of their best checkpoint on {VALIDATION[dataset]} (test never evaluated). "
-        f"Students (64 px grey, Kermany's scratch recipe) run at least {record['min_steps']} steps, "
+        f"Students (64 px grey, Kermany's scratch recipe"
+        + (f" at peak learning rate {record['finetune_lr']:g}" if record.get("finetune_lr") else "")
+        + f") run at least {record['min_steps']} steps, "
         f"validated every {record['eval_steps']} or more; the ImageNet reference keeps its own recipe "
         f"(`{DATASETS[dataset]}`). Every start was pretrained on the Kermany training images (pool below).",
         "",
@@ -228,6 +237,7 @@ def main(argv: list[str]) -> None:
             }
     starts = [f"{s}/{m}" for s in args.models for m in ("scratch", *args.methods)]
     starts += [REFERENCE] if args.reference else []
+    lr_suffix = f"_lr{args.finetune_lr:g}" if args.finetune_lr is not None else ""
     for start in starts:
         for n in sizes:
             pretrained = (
@@ -244,10 +254,11 @@ def main(argv: list[str]) -> None:
                 min_steps=args.min_steps,
                 eval_steps=args.eval_steps,
                 pretrained=pretrained,
+                learning_rate=None if start == REFERENCE else args.finetune_lr,
             )
             report = train.train_or_read_back(
                 config,
-                root / "finetune" / args.dataset / start.replace("/", "_") / f"n{n}",
+                root / "finetune" / args.dataset / start.replace("/", "_") / (f"n{n}" + lr_suffix),
                 announce=f"== {start}, {n} images",
             )
             table.setdefault(start, {})[n] = {
@@ -266,6 +277,7 @@ def main(argv: list[str]) -> None:
         "sizes": sizes,
         "min_steps": args.min_steps,
         "eval_steps": args.eval_steps,
+        "finetune_lr": args.finetune_lr,
         "pretraining": pretraining,
         "table": table,
         "gains": gains(table),

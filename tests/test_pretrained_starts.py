@@ -95,3 +95,7 @@ def test_ucsd_finetunes_keep_the_students_recipe_on_ucsds_own_split(tmp_path):
     assert ucsd.data.builder_kwargs.train_examples == ref.data.builder_kwargs.train_examples == 250
     assert ucsd.data.builder_kwargs.group_pattern == ""  # UCSD's defaults, not Kermany's patient key.
     assert ucsd.optim.to_dict() == kermany.optim.to_dict() and ucsd.model.to_dict() == kermany.model.to_dict()
+    slower = ps.finetune_config(
+        "mednext_plos/scratch", 250, dataset="ucsd_covid_ct", learning_rate=1e-4, **kwargs
+    )
+    assert slower.optim.learning_rate == 1e-4 and ucsd.optim.learning_rate == 1e-3
