@@ -28,9 +28,9 @@ Arguments (``--config=configs/pretrain.py:method=distillation,model=mednext_plos
              reads RGB (the stem convolution's shape depends on it).
 
 Measured (``launch/pretrained_starts.py``, ``results/pretrained_starts_*.md``): 10 epochs of the 4,172
-Kermany training images at 64 px take 3.5-8.5 min on 2 cores. At 250 labelled images, no start beats scratch
-for ConvNeXt, and SimSiam beats it for MedNeXt on UCSD COVID-CT only (README "Pretrain on your own
-unlabelled images").
+Kermany training images at 64 px take 3.5-8.5 min on 2 cores. No start beats scratch robustly yet (one
+seed; the one gain above 0.05 at 250 labels, SimSiam for MedNeXt on UCSD COVID-CT, vanished at another
+fine-tuning learning rate); README "Pretrain on your own unlabelled images" has the table.
 
 Examples:
   python -m medjax.launch --config=configs/pretrain.py --workdir=runs/pretrain_distill \\

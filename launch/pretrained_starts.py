@@ -23,10 +23,11 @@ Every run keeps its directory under ``--workdir_root``; a finished one is read b
 resumes, so the command can be re-run after a kill and only the missing runs train.
 """
 
+import datetime
 import json
 import math
 import os
-import time
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -208,9 +209,6 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    import datetime
-    import sys
-
     del argv
     args = flags.FLAGS
     cli.setup(compilation_cache_dir=args.compilation_cache_dir, memory_allocator=args.allocator)
@@ -225,14 +223,12 @@ def main(argv: list[str]) -> None:
             config = pretrain_config(
                 student, method, shared=shared, data_dir=args.data_dir, epochs=args.pretrain_epochs
             )
-            t0 = time.perf_counter()
-            report = train.train_or_read_back(
-                config, root / "pretrain" / f"{method}_{student}", announce=f"== {name}"
-            )
+            workdir = root / "pretrain" / f"{method}_{student}"
+            report = train.train_or_read_back(config, workdir, announce=f"== {name}")
             pretraining[name] = {
-                "workdir": str(root / "pretrain" / f"{method}_{student}"),
+                "workdir": str(workdir),
                 "epochs": config.train.num_epochs,
-                "wall_time_s": report.get("wall_time_s", time.perf_counter() - t0),
+                "wall_time_s": report["wall_time_s"],
                 "validation": report["validation"],
             }
     starts = [f"{s}/{m}" for s in args.models for m in ("scratch", *args.methods)]
