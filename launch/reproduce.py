@@ -3,15 +3,19 @@
 One command trains every experiment below (classification and segmentation alike) with a fixed seed,
 evaluates each best-on-validation checkpoint with ``medjax.evaluate`` (95 % bootstrap intervals; for
 classification thresholds, calibration; for segmentation per-image Dice, HD95 and the human level; a model
-card) and writes RESULTS.md (``launch/results_markdown.py``: one table per task, every row with the same
-Recipe column).
+card), keeps what RESULTS.md says of each experiment in a record, ``results/reproduce/<experiment>.json``
+(``--records``; committed, unlike the runs), and renders RESULTS.md from the records
+(``launch/results_markdown.py``: one table per task, every row with the same Recipe column). With
+``--only``, the other experiments' rows are their records as they stand; ``python
+launch/results_markdown.py`` renders RESULTS.md again without running anything, e.g. after a
+cross-validation.
 
 The locked test protocol (:mod:`medjax.protocol`): training never evaluates test (``data.test_split=''``);
 this script evaluates it once per final recipe and records it in ``results/test_ledger.json`` (the
 recipe's digest, the commit of its config, the date test was first evaluated). A recipe changed after its
 test was seen is refused (``--allow_recipe_change`` evaluates it anyway and RESULTS.md says so). Each row
 says how its recipe was chosen, and the closing section puts the recipe's cross-validation numbers
-(``launch/cross_validate.py --out=results/cv/<experiment>``) beside its test numbers::
+(``launch/cross_validate.py --out=results/cv/<experiment>``, read when rendering) beside its test numbers::
 
   JAX_PLATFORMS=cpu python launch/reproduce.py            # all experiments -> RESULTS.md
   JAX_PLATFORMS=cpu python launch/reproduce.py --only=pneumoniamnist,breastmnist
@@ -51,6 +55,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "reproduce"), "Run directories.")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir for the prepared datasets (default TFDS').")
     flags.DEFINE_string("output", str(ROOT / "RESULTS.md"), "Markdown results table.")
+    flags.DEFINE_string(
+        "records", str(results_markdown.RECORDS), "Records RESULTS.md is rendered from (results_markdown.py)."
+    )
     flags.DEFINE_list("only", None, "Experiment names to run (default: all).")
     flags.DEFINE_integer("bootstrap_samples", 1000, "Resamples behind each 95 % interval.")
     flags.DEFINE_string("compilation_cache_dir", "~/.cache/medjax/jax", "Persistent XLA cache.")
@@ -76,11 +83,6 @@ class Experiment:
     seeds: tuple[int, ...] = (0,)  # Several: an ensemble of one run per seed (mean class probabilities).
     chosen: str = ""  # How the recipe was chosen (RESULTS.md quotes it on the row's recipe).
     details: str = ""  # A file of results/ on how the recipe came about (candidates, hand-made runs).
-
-    def cv_path(self) -> Path:
-        """Where this recipe's cross-validation is read from: ``launch/cross_validate.py
-        --out=results/cv/<name>`` writes it (``<name>.json`` and ``.md``)."""
-        return ROOT / "results" / "cv" / f"{self.name}.json"
 
     def workdirs(self, root: Path) -> list[Path]:
         """One run directory per seed: ``<root>/<name>``, or ``<root>/<name>/seed_<k>`` in an ensemble.
@@ -231,7 +233,6 @@ def run_experiment(
             "recipe": protocol.digest(keys),
             "cv_recipe": protocol.recipe_digest(config.to_dict()),  # As launch/cross_validate.py names it.
             "history": ledger.history(exp.name),
-            "cv": json.loads(exp.cv_path().read_text()) if exp.cv_path().exists() else None,
         },
     }
 
@@ -341,19 +342,21 @@ def main(argv: list[str]) -> None:
             continue
         results[exp.name] = result
         print(f"== {exp.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    command = "python launch/reproduce.py" + (f" --only={','.join(args.only)}" if args.only else "")
-    text = results_markdown.markdown(
-        results,
-        skipped=skipped,
+    invocation = results_markdown.invocation(
+        only=args.only,
         started=started,
-        command=command,
         note=args.note,
         bootstrap_samples=args.bootstrap_samples,
         shared=shared,
+        experiments=[e.name for e in EXPERIMENTS],
+        skipped=skipped,
     )
-    Path(args.output).write_text(text)
+    written = f"{invocation['finished']} UTC by launch/reproduce.py"
+    records = [results_markdown.record(r, shared=shared, written=written) for r in results.values()]
+    results_markdown.write(Path(args.records), invocation, records)
+    results_markdown.render(Path(args.records), Path(args.output))
     (root / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    print(f"Wrote {args.output} and {root / 'results.json'}.", flush=True)
+    print(f"Wrote {args.records}, {args.output} and {root / 'results.json'}.", flush=True)
 
 
 if __name__ == "__main__":

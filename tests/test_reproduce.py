@@ -1,5 +1,6 @@
-"""launch/reproduce.py, the script behind RESULTS.md: its tables, recipes, reuse of stored runs and
-evaluations, and the cross-validation it reads.
+"""launch/reproduce.py and launch/results_markdown.py, the scripts behind RESULTS.md: the records kept
+per experiment, the tables and recipes rendered from them, reuse of stored runs and evaluations, and the
+cross-validation read when rendering.
 
 Training real experiments takes an hour, so these tests feed its functions the session's two smoke runs
 (an ensemble of two) and their evaluation, as ``run_experiment`` would, and run one segmentation experiment
@@ -24,6 +25,31 @@ import reproduce
 import results_markdown
 
 BOOTSTRAP = 20
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def rendered(tmp_path, results: dict, *, cv: dict, only=None, skipped=None, note=None) -> tuple[str, dict]:
+    """(RESULTS.md, the records) of ``results`` (``run_experiment``'s) as ``reproduce.py`` renders them:
+    records written to and read back from ``tmp_path``, cross-validation summaries ``cv`` from a folder
+    beside them. Rendering the records before they were written gives the same text."""
+    invocation = results_markdown.invocation(
+        only=only,
+        started="2026-11-23 04:00",
+        note=note,
+        bootstrap_samples=BOOTSTRAP,
+        shared=SHARED,
+        experiments=list(results),
+        skipped=skipped or {},
+    )
+    records = {n: results_markdown.record(r, shared=SHARED, written="by a test") for n, r in results.items()}
+    results_markdown.write(tmp_path / "records", invocation, records.values())
+    cv_dir = tmp_path / "cv"
+    cv_dir.mkdir()
+    for name, summary in cv.items():
+        results_markdown.cv_path(name, cv_dir).write_text(json.dumps(summary))
+    text = results_markdown.markdown(*results_markdown.read(tmp_path / "records"), cv_dir=cv_dir)
+    assert text == results_markdown.markdown(invocation, records, cv_dir=cv_dir)  # A record round-trips.
+    return text, records
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +69,12 @@ def ensemble(smoke_run, second_smoke_run, tfds_data_dir, tmp_path_factory):
         seeds=(0, 1),
     )
     entry = {"recipe": "bbb", "commit": "1234567", "first_test": "2026-12-01 23:05 UTC", "evaluations": 1}
-    cv = {
-        "recipe": "ccc",
-        "folds": 5,
-        "summary": {"auc": {"mean": 0.91, "sd": 0.02}, "accuracy": {"mean": 0.8, "sd": 0.03}},
-    }
     result = {
         "experiment": dataclasses.asdict(experiment),
         "workdirs": [str(w) for w in workdirs],
         "train": [json.loads((w / "report.json").read_text()) for w in workdirs],
         "evaluation": evaluation,
-        "protocol": {"recipe": "bbb", "cv_recipe": "ccc", "history": [{**entry, "after": ["aaa"]}], "cv": cv},
+        "protocol": {"recipe": "bbb", "cv_recipe": "ccc", "history": [{**entry, "after": ["aaa"]}]},
     }
     return workdirs, out / "report.json", result
 
@@ -65,17 +86,20 @@ def test_target_text_shows_the_digits_that_decide_it():
     assert results_markdown.target_text(exp, test) == "auc 0.91995 < 0.92 ✗; accuracy 0.950 ≥ 0.9 ✓"
 
 
-def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch):
+def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch, tmp_path):
     workdirs, _, result = ensemble
     monkeypatch.setattr(results_markdown.allocator, "active", lambda: "system")  # What describe() explains.
-    text = results_markdown.markdown(
+    cv = {
+        "recipe": "ccc",
+        "folds": 5,
+        "summary": {"auc": {"mean": 0.91, "sd": 0.02}, "accuracy": {"mean": 0.8, "sd": 0.03}},
+    }
+    text, _ = rendered(
+        tmp_path,
         {"smoke_pair": result},
+        cv={"smoke_pair": cv},
         skipped={"kermany": "no data at `x`"},
-        started="2026-11-23 04:00",
-        command="python launch/reproduce.py",
         note="A test.",
-        bootstrap_samples=BOOTSTRAP,
-        shared=ROOT.parent / "shared" / "data",
     )
     lines = text.splitlines()
     table = lines[lines.index("## Classification") : lines.index("## Not run")]
@@ -111,6 +135,38 @@ def test_markdown_row_and_recipe_of_an_ensemble(ensemble, monkeypatch):
     folder = results_markdown.shown(workdirs[0].parent)  # Relative to the repository, as the reader types it.
     assert f"workdirs `{folder}/seed_<k>`, evaluated together by" in text
     assert "- Published: nothing published." in lines
+    assert lines[2].startswith("Written by `python launch/reproduce.py` on 2026-11-23 04:00 (UTC), finished ")
+    # The record holds the ensemble's runs without their run directories: no path outside the repository's
+    # spelling, and only the metrics the rows quote.
+    record = json.loads((tmp_path / "records" / "smoke_pair.json").read_text())
+    assert record["workdirs"] == [results_markdown.shown(w) for w in workdirs]
+    assert set(record["test"]) == {"accuracy", "auc", "f1"}
+    assert record["wall_time_s"] == sum(train["wall_time_s"] for train in result["train"])
+
+
+def test_rows_of_experiments_an_invocation_did_not_run_are_their_records(ensemble, tmp_path):
+    """``--only`` renders the other experiments' rows from their records, and says so; an experiment it
+    skipped keeps the row of its record, and the reason says whose it is."""
+    _, _, result = ensemble
+    text, _ = rendered(
+        tmp_path, {"smoke_pair": result}, cv={}, only=["other"], skipped={"smoke_pair": "no data at `x`"}
+    )
+    lines = text.splitlines()
+    assert lines[2].startswith("Written by `python launch/reproduce.py --only=other` on ")
+    assert lines[2].endswith(
+        "; the rows of experiments it did not run are their records in `results/reproduce/`."
+    )
+    assert any(line.startswith("| smoke_pair | mobilenet_v2, ensemble of 2 |") for line in lines)
+    assert "- smoke_pair: no data at `x`; its row above is the record of an earlier run." in lines
+    assert "| smoke_pair | none yet | |" in text  # No results/cv/smoke_pair.json.
+
+
+def test_results_md_is_what_the_committed_records_render():
+    """RESULTS.md is rendered from ``results/reproduce/`` and ``results/cv/`` alone, so a cross-validation
+    added later shows after ``python launch/results_markdown.py``, without the runs."""
+    invocation, records = results_markdown.read()
+    assert list(records) == [exp.name for exp in reproduce.EXPERIMENTS]
+    assert results_markdown.markdown(invocation, records) == (ROOT / "RESULTS.md").read_text()
 
 
 def test_a_stored_evaluation_is_reused_only_for_these_runs_as_they_are(ensemble):
@@ -198,7 +254,7 @@ def test_a_segmentation_experiment_is_evaluated_on_test_once_and_read_back(segme
         1,
         protocol.last_commit("configs/drive.py", repo=ROOT),
     )
-    assert result["protocol"]["history"] == [entry] and result["protocol"]["cv"] is None
+    assert result["protocol"]["history"] == [entry]
     report = RunDir(result["workdirs"][0]).report_file
     finished = report.stat().st_mtime_ns
     again = reproduce.run_experiment(SEG_SMOKE, ledger=ledger, **kwargs)  # Read back, not redone.
@@ -207,7 +263,9 @@ def test_a_segmentation_experiment_is_evaluated_on_test_once_and_read_back(segme
     assert protocol.TestLedger(ledger.path).current("seg_smoke")["evaluations"] == 1
 
 
-def test_markdown_of_a_segmentation_row_its_human_level_and_cross_validation(segmentation, monkeypatch):
+def test_markdown_of_a_segmentation_row_its_human_level_and_cross_validation(
+    segmentation, monkeypatch, tmp_path
+):
     _, _, result = segmentation
     result = _plain(result)
     split = result["evaluation"]["splits"]["test"]
@@ -220,21 +278,13 @@ def test_markdown_of_a_segmentation_row_its_human_level_and_cross_validation(seg
         "specificity": 0.9725,
     }
     split["human"] = {"second_observer": human}
-    result["protocol"]["cv"] = {
+    cv = {
         "recipe": "0123456789ab",
         "folds": 3,
         "summary": {"mean_dice": {"mean": 0.5, "sd": 0.125}, "pixel_auc": {"mean": 0.9, "sd": 0.05}},
     }
     monkeypatch.setattr(results_markdown.allocator, "active", lambda: "system")
-    text = results_markdown.markdown(
-        {"seg_smoke": result},
-        skipped={},
-        started="2026-12-02 10:15",
-        command="python launch/reproduce.py",
-        note=None,
-        bootstrap_samples=BOOTSTRAP,
-        shared=ROOT.parent / "shared" / "data",
-    )
+    text, records = rendered(tmp_path, {"seg_smoke": result}, cv={"seg_smoke": cv})
     lines = text.splitlines()
     assert "## Classification" not in lines and "## Not run" not in lines
     table = lines[lines.index("## Segmentation") : lines.index("## Recipes and published comparisons")]
@@ -281,9 +331,9 @@ def test_markdown_of_a_segmentation_row_its_human_level_and_cross_validation(seg
     tested = f"mean Dice {test['mean_dice']['value']:.3f}, pixel AUC {auc:.3f}"
     crossed = "mean Dice 0.500 ± 0.125, pixel AUC 0.900 ± 0.050 | 3"
     assert cv_row == f"| seg_smoke | {crossed} | {tested} | no (CV of 0123456789ab) |"
-    result["protocol"]["cv"] = None
-    assert results_markdown.cv_lines({"seg_smoke": result}, {"seg_smoke": "segmentation"})[-1] == (
-        f"| seg_smoke | none yet | | {tested} | |"
+    results_markdown.cv_path("seg_smoke", tmp_path / "cv").unlink()
+    assert (
+        results_markdown.cv_lines(records, tmp_path / "cv")[-1] == f"| seg_smoke | none yet | | {tested} | |"
     )
 
 
@@ -304,6 +354,4 @@ def test_cross_validating_an_experiments_config_names_its_recipe(exp, tmp_path):
     cross_validated = protocol.recipe_digest(values["config"].value.to_dict())
     config = reproduce.experiment_config(exp, shared=shared, root=tmp_path / "runs", data_dir=None)
     assert cross_validated == protocol.recipe_digest(config.to_dict())
-    assert exp.cv_path() == (ROOT / "results" / "cv" / exp.name).with_suffix(
-        ".json"
-    )  # cross_validate's --out.
+    assert results_markdown.cv_path(exp.name) == ROOT / "results" / "cv" / f"{exp.name}.json"  # Its --out.
