@@ -8,12 +8,15 @@ config builds: same ``model_name``, ``model`` settings, ``data.channels`` (and b
 ``data.image_size`` and ``data.normalize``).
 
 Arguments (``--config=configs/pretrain.py:method=distillation,model=mednext_plos,size=64``):
-  variant    ``real`` (default): Kermany chest X-ray train images (labels ignored; the builder's
-             patient-grouped validation carve-out is the validation split; test is never read) under
-             ``data.manual_dir``; ``folder``: any folder of images, sub-folders of any name, no classes
+  variant    ``real`` (default): the training images of the registered dataset ``pool`` under
+             ``data.manual_dir`` (labels ignored; its validation split, the one its fine-tunes validate
+             on, is the validation split; test is never read); ``folder``: any folder of images,
+             sub-folders of any name, no classes
              (``image_folder`` with ``unlabelled=True``, 90/10 train/validation); ``synthetic``: the
              offline demo on generated ``synthetic_ct`` slices (not medical data); ``smoke``: seconds
              on tiny synthetic slices (32 px), for the tests.
+  pool       ``chest_xray`` (default: Kermany, its patient-grouped validation carve) or
+             ``ucsd_covid_ct`` (UCSD COVID-CT, its official validation split).
   method     ``distillation`` (default): match the ImageNet MobileNetV2's pooled 1280-d embedding of each
              augmented view (teacher file: ``loss.distillation.teacher``); ``simsiam``: two views, no
              teacher.
@@ -48,11 +51,22 @@ from medjax import config_lib, recipes
 
 # ImageNet MobileNetV2's pooled feature width: what distillation's projection head must produce.
 MOBILENET_V2_FEATURES = 1280
+# Registered datasets whose training images (labels ignored) variant=real pretrains on, with the builder
+# settings of their fine-tuning configs: Kermany's patient-grouped carve (configs/chest_xray.py:scratch),
+# UCSD COVID-CT's official split.
+POOLS = {"chest_xray": {"validation_fraction": 0.2, "seed": 0}, "ucsd_covid_ct": {}}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(
-        arg, variant="real", method="distillation", model="convnext", student="cpu", size=64, channels=1
+        arg,
+        variant="real",
+        pool="chest_xray",
+        method="distillation",
+        model="convnext",
+        student="cpu",
+        size=64,
+        channels=1,
     )
     students = {"cpu": recipes.CPU_MODELS, "study": recipes.STUDY_MODELS}
     if args.model not in recipes.STUDY_MODELS or args.student not in students:
@@ -65,13 +79,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model_name = args.model
     config.model = config_lib.model_config(args.model, **students[args.student][args.model])
 
+    if args.variant == "real" and args.pool not in POOLS:
+        raise ValueError(f"pool={args.pool!r}: the registered pools are {sorted(POOLS)}; use variant=folder.")
     if args.variant == "real":
-        config.data.name = "chest_xray"
-        config.data.manual_dir = "~/medjax_data/chest_xray"
-        # Kermany's own builder settings (configs/chest_xray.py:scratch), so the validation split carved
-        # by patient is the one the fine-tuning runs validate on: pretraining never reads it for training.
+        config.data.name = args.pool
+        config.data.manual_dir = f"~/medjax_data/{args.pool}"
+        # The fine-tuning configs' own builder settings, so the validation split they validate on is the
+        # one pretraining validates on: pretraining never reads it for training.
         config.data.builder_kwargs = ml_collections.ConfigDict(
-            {"image_size": args.size, "channels": args.channels, "validation_fraction": 0.2, "seed": 0}
+            {"image_size": args.size, "channels": args.channels, **POOLS[args.pool]}
         )
     elif args.variant == "folder":
         config.data.name = "image_folder"

@@ -2,10 +2,15 @@
 
   JAX_PLATFORMS=cpu python launch/pretrained_starts.py --shared_data=../shared/data
   JAX_PLATFORMS=cpu python launch/pretrained_starts.py --models=convnext --methods=distillation --sizes=250
+  JAX_PLATFORMS=cpu python launch/pretrained_starts.py --dataset=ucsd_covid_ct --sizes=250 --seeds=0,1,2 \
+      --pretrain_set=train.num_epochs=100 --pretrain_set=loss.distillation.teacher_image_size=224
 
-1. **Pretraining** (``configs/pretrain.py:method=<m>,model=<student>``) of each student, ConvNeXt with
-   study A's head and MedNeXt, by each method (distillation from the ImageNet MobileNetV2, SimSiam) on the
-   Kermany training images without their labels; the patient-grouped validation carve is never trained on.
+1. **Pretraining** (``configs/pretrain.py:pool=<pool>,method=<m>,model=<student>``) of each student,
+   ConvNeXt with study A's head and MedNeXt, by each method (distillation from the ImageNet MobileNetV2,
+   SimSiam) on the training images of ``--pool`` (default: the fine-tunes' own dataset, all of its
+   training images, the way a user pretrains on an archive larger than its labelled part) without their
+   labels; the validation split is never trained on. ``--pretrain_set key=value`` (repeatable) changes
+   the pretraining config (runs kept apart by their settings).
 2. **Fine-tuning** of ``configs/chest_xray.py:variant=scratch,model=<student>`` from scratch and from each
    pretraining run on grouped, stratified, nested subsets of the training images
    (``builder_kwargs.train_examples``, default 250 and 1,000), and of the ImageNet MobileNetV2 recipe
@@ -13,11 +18,14 @@
    ``--min_steps`` optimiser steps (epochs raised for small subsets, the same rule for every start) and
    are validated every ``--eval_steps`` steps or so (whole epochs), so that early stopping's patience (5
    evaluations) spans as many steps as on the full set rather than a few dozen; no start is judged on a
-   schedule too short for the others; ``--finetune_lr`` replaces their peak learning rate (runs kept
-   apart, ``n<size>_lr<rate>``). The reference keeps its own recipe (``--dataset``: Kermany or UCSD).
+   schedule too short for the others; ``--finetune_set key=value`` (repeatable) changes their recipe
+   (runs kept apart by their settings). Each is repeated for every ``--seeds`` (initialisation, data
+   order, augmentation; the labelled subset stays the same), because a validation split of about a
+   hundred images moves AUC by several hundredths from seed to seed. The reference keeps its own recipe
+   (``--dataset``: Kermany or UCSD).
 3. **The table** (``--out``, default ``results/pretrained_starts_<dataset>.{json,md}``): validation AUC of
-   every fine-tune's best checkpoint, each start's gain over scratch, and the pretraining wall times. Test is
-   never evaluated (``data.test_split=''``).
+   every fine-tune's best checkpoint (mean and standard deviation over seeds), each start's gain over
+   scratch, and the pretraining wall times. Test is never evaluated (``data.test_split=''``).
 
 Every run keeps its directory under ``--workdir_root``; a finished one is read back and an interrupted one
 resumes, so the command can be re-run after a kill and only the missing runs train.
@@ -27,7 +35,9 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
@@ -58,16 +68,22 @@ def _define_flags() -> None:
         "Folder holding chest_xray/ (Kermany's layout); ../weights beside it holds the ImageNet MobileNetV2.",
     )
     flags.DEFINE_enum("dataset", "chest_xray", list(DATASETS), "Labelled set of the fine-tunes.")
+    flags.DEFINE_enum(
+        "pool", None, list(DATASETS), "Pretraining images (default: --dataset's training images)."
+    )
     flags.DEFINE_list("models", list(STUDENTS), "Students: convnext (study A's head) and/or mednext_plos.")
     flags.DEFINE_list("methods", list(METHODS), "Pretraining methods: distillation and/or simsiam.")
     flags.DEFINE_list("sizes", ["250", "1000"], "Labelled training images of each fine-tune.")
     flags.DEFINE_bool("reference", True, "Also fine-tune the ImageNet MobileNetV2 recipe at each size.")
     flags.DEFINE_integer("min_steps", 600, "Fewest optimiser steps of a student's fine-tune.")
-    flags.DEFINE_float(
-        "finetune_lr", None, "Peak learning rate of the students' fine-tunes (default: recipe's)."
+    flags.DEFINE_multi_string(
+        "finetune_set", [], "key=value on the students' fine-tuning config, e.g. optim.learning_rate=1e-4."
     )
+    flags.DEFINE_multi_string(
+        "pretrain_set", [], "key=value on the pretraining config, e.g. train.num_epochs=100."
+    )
+    flags.DEFINE_list("seeds", ["0"], "Seeds of every fine-tune (one run each).")
     flags.DEFINE_integer("eval_steps", 100, "Fewest steps between a student's validations (whole epochs).")
-    flags.DEFINE_float("pretrain_epochs", None, "Pretraining epochs (default: configs/pretrain.py's).")
     flags.DEFINE_string("workdir_root", str(ROOT / "runs" / "pretrained_starts"), "Run directories.")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir for the prepared datasets (default TFDS').")
     flags.DEFINE_string(
@@ -84,19 +100,38 @@ def teacher_file(shared: Path) -> Path:
     return shared.parent / "weights" / recipes.IMAGENET_MOBILENET_V2_FILE
 
 
-def pretrain_config(student: str, method: str, *, shared: Path, data_dir: str | None, epochs: float | None):
-    """``configs/pretrain.py`` for ``student`` and ``method`` on the Kermany training images in place."""
+def pretrain_config(
+    student: str,
+    method: str,
+    *,
+    shared: Path,
+    data_dir: str | None,
+    pool: str = "chest_xray",
+    overrides: Sequence[str] = (),
+):
+    """``configs/pretrain.py`` for ``student`` and ``method`` on the training images of ``pool`` (a key of
+    :data:`DATASETS`) in place, with ``overrides`` (``'key=value'``) applied."""
     from medjax import config_lib
 
-    config = config_lib.load_config_file(str(ROOT / f"configs/pretrain.py:method={method},model={student}"))
-    config.data.manual_dir = str(shared / "chest_xray")
+    config = config_lib.load_config_file(
+        str(ROOT / f"configs/pretrain.py:pool={pool},method={method},model={student}")
+    )
+    config.data.manual_dir = str(shared / pool)
     config.data.data_dir = data_dir
     config.train.progress_bar = False
     if method == "distillation":
         config.loss.distillation.teacher = str(teacher_file(shared))
-    if epochs is not None:
-        config.train.num_epochs = float(epochs)
-    return config
+    return config_lib.apply_overrides(config, overrides)
+
+
+def settings_suffix(overrides: Sequence[str]) -> str:
+    """``'_num_epochs100_teacher_image_size224'``: the leaf keys and values of ``overrides``, for the
+    directory of a run that differs from its recipe by them ('' for none)."""
+    parts = []
+    for assignment in overrides:
+        key, _, value = assignment.partition("=")
+        parts.append(key.rsplit(".", 1)[-1] + "".join(c for c in value if c.isalnum() or c in ".-"))
+    return "".join(f"_{p}" for p in parts)
 
 
 def finetune_config(
@@ -109,11 +144,13 @@ def finetune_config(
     min_steps: int,
     eval_steps: int,
     pretrained: Path | None,
-    learning_rate: float | None = None,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
 ):
     """The fine-tune of ``start`` (``'<student>/scratch'``, ``'<student>/<method>'`` or
-    :data:`REFERENCE`) on ``size`` labelled images of ``dataset`` (a key of :data:`DATASETS`);
-    ``pretrained`` is the run a student starts from."""
+    :data:`REFERENCE`) on ``size`` labelled images of ``dataset`` (a key of :data:`DATASETS`) with
+    ``seed``; ``pretrained`` is the run a student starts from, ``overrides`` (``'key=value'``) change a
+    student's recipe."""
     from medjax import config_lib
 
     if start == REFERENCE:
@@ -132,14 +169,14 @@ def finetune_config(
         )
         if pretrained is not None:
             config.init_from.path = str(pretrained)
-        if learning_rate is not None:
-            config.optim.learning_rate = learning_rate
         if dataset != "chest_xray":
             config.data.name = dataset
             config.data.builder_kwargs = ml_collections.ConfigDict(
                 {k: config.data.builder_kwargs[k] for k in ("image_size", "channels")}
             )
             config_lib.complete_builder_kwargs(config)
+        config_lib.apply_overrides(config, overrides)
+    config.seed = seed
     config.data.builder_kwargs.train_examples = size
     config.data.manual_dir = str(shared / dataset)
     config.data.data_dir = data_dir
@@ -156,7 +193,8 @@ def epochs_for(steps: int, examples: int, batch_size: int) -> float:
 
 
 def gains(table: dict) -> dict:
-    """``{start: {size: validation AUC gain over the same student from scratch}}`` of pretrained starts."""
+    """``{start: {size: validation AUC gain over the same student from scratch}}`` of pretrained starts
+    (means over seeds)."""
     out = {}
     for start, by_size in table.items():
         student, _, method = start.partition("/")
@@ -166,33 +204,55 @@ def gains(table: dict) -> dict:
     return out
 
 
+def summarise(runs: Sequence[dict]) -> dict:
+    """One table cell from the fine-tunes of one start and size (one per seed): mean and (sample)
+    standard deviation of their validation AUC, their total wall time, and the runs themselves."""
+    aucs = [r["auc"] for r in runs]
+    return {
+        "auc": statistics.fmean(aucs),
+        "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else None,
+        "wall_time_s": sum(r["wall_time_s"] for r in runs),
+        "runs": list(runs),
+    }
+
+
+def _cell(result: dict | None, gain: float | None) -> str:
+    if result is None:
+        return "not run"
+    sd = result.get("auc_sd")
+    return (
+        f"{result['auc']:.3f}"
+        + (f" ± {sd:.3f}" if sd is not None else "")
+        + (f" ({gain:+.3f})" if gain is not None else "")
+    )
+
+
 def markdown(record: dict) -> str:
     sizes = record["sizes"]
     dataset = record["dataset"]
+    pool = DATASET_NAMES[record.get("pool", "chest_xray")]
+    seeds = record.get("seeds", [0])
+    recipe_changes = record.get("finetune_set", [])
     lines = [
         f"# Pretrained starts against from-scratch (validation AUC, {DATASET_NAMES[dataset]})",
         "",
         f"Written {record['written']} by `{record['command']}`. Fine-tunes on grouped, stratified, nested "
         f"subsets of the {dataset} training images (`builder_kwargs.train_examples`), judged by the "
-        f"validation AUC of their best checkpoint on {VALIDATION[dataset]} (test never evaluated). "
-        f"Students (64 px grey, Kermany's scratch recipe"
-        + (f" at peak learning rate {record['finetune_lr']:g}" if record.get("finetune_lr") else "")
+        f"validation AUC of their best checkpoint on {VALIDATION[dataset]} (test never evaluated)"
+        + (f", mean ± sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+        + ". Students (64 px grey, Kermany's scratch recipe"
+        + (f" with {', '.join(f'`{a}`' for a in recipe_changes)}" if recipe_changes else "")
         + f") run at least {record['min_steps']} steps, "
         f"validated every {record['eval_steps']} or more; the ImageNet reference keeps its own recipe "
-        f"(`{DATASETS[dataset]}`). Every start was pretrained on the Kermany training images (pool below).",
+        f"(`{DATASETS[dataset]}`). Every start was pretrained on the {pool} training images without their "
+        "labels (runs below).",
         "",
         "| Start | " + " | ".join(f"{n} images: AUC (gain)" for n in sizes) + " | Fine-tune wall time |",
         "|---|" + "---|" * len(sizes) + "---|",
     ]
     gain = gains(record["table"])
     for start, by_size in record["table"].items():
-        cells = []
-        for n in sizes:
-            r = by_size.get(n)
-            g = gain.get(start, {}).get(n)
-            cells.append(
-                "not run" if r is None else f"{r['auc']:.3f}" + (f" ({g:+.3f})" if g is not None else "")
-            )
+        cells = [_cell(by_size.get(n), gain.get(start, {}).get(n)) for n in sizes]
         minutes = sum(r["wall_time_s"] for r in by_size.values()) / 60
         lines.append(f"| {start} | " + " | ".join(cells) + f" | {minutes:.1f} min |")
     lines += [
@@ -205,6 +265,8 @@ def markdown(record: dict) -> str:
             f"| {name} | {p['epochs']:g} | {p['wall_time_s'] / 60:.1f} min | {p['validation']['loss']:.4f} "
             f"| {p['validation'].get('feature_std', float('nan')):.3f} |"
         )
+    if record.get("pretrain_set"):
+        lines += ["", "Pretraining settings: " + ", ".join(f"`{a}`" for a in record["pretrain_set"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -215,15 +277,17 @@ def main(argv: list[str]) -> None:
     from medjax import train  # After the allocator re-execution, like every jax import here.
 
     shared, root = Path(args.shared_data), Path(args.workdir_root)
+    pool = args.pool or args.dataset
     sizes = [int(n) for n in args.sizes]
+    seeds = [int(s) for s in args.seeds]
     pretraining, table = {}, {}
     for student in args.models:
         for method in args.methods:
             name = f"{student}/{method}"
             config = pretrain_config(
-                student, method, shared=shared, data_dir=args.data_dir, epochs=args.pretrain_epochs
+                student, method, shared=shared, data_dir=args.data_dir, pool=pool, overrides=args.pretrain_set
             )
-            workdir = root / "pretrain" / f"{method}_{student}"
+            workdir = root / "pretrain" / pool / (f"{method}_{student}" + settings_suffix(args.pretrain_set))
             report = train.train_or_read_back(config, workdir, announce=f"== {name}")
             pretraining[name] = {
                 "workdir": str(workdir),
@@ -233,47 +297,60 @@ def main(argv: list[str]) -> None:
             }
     starts = [f"{s}/{m}" for s in args.models for m in ("scratch", *args.methods)]
     starts += [REFERENCE] if args.reference else []
-    lr_suffix = f"_lr{args.finetune_lr:g}" if args.finetune_lr is not None else ""
     for start in starts:
+        reference = start == REFERENCE
+        pretrained = None if reference or start.endswith("/scratch") else Path(pretraining[start]["workdir"])
+        # A pretrained start's runs are named by its pretraining run as well as by their own settings.
+        pretrained_suffix = "" if pretrained is None else f"_from_{pool}" + settings_suffix(args.pretrain_set)
         for n in sizes:
-            pretrained = (
-                None
-                if start == REFERENCE or start.endswith("/scratch")
-                else Path(pretraining[start]["workdir"])
-            )
-            config = finetune_config(
-                start,
-                n,
-                dataset=args.dataset,
-                shared=shared,
-                data_dir=args.data_dir,
-                min_steps=args.min_steps,
-                eval_steps=args.eval_steps,
-                pretrained=pretrained,
-                learning_rate=None if start == REFERENCE else args.finetune_lr,
-            )
-            report = train.train_or_read_back(
-                config,
-                root / "finetune" / args.dataset / start.replace("/", "_") / (f"n{n}" + lr_suffix),
-                announce=f"== {start}, {n} images",
-            )
-            table.setdefault(start, {})[n] = {
-                "auc": report["validation"]["auc"],
-                "accuracy": report["validation"]["accuracy"],
-                "train_examples": n,
-                "epochs": config.train.num_epochs,
-                "steps": report["steps"],
-                "best_step": report["best_step"],
-                "wall_time_s": report["wall_time_s"],
-            }
+            runs = []
+            for seed in seeds:
+                config = finetune_config(
+                    start,
+                    n,
+                    dataset=args.dataset,
+                    shared=shared,
+                    data_dir=args.data_dir,
+                    min_steps=args.min_steps,
+                    eval_steps=args.eval_steps,
+                    pretrained=pretrained,
+                    overrides=() if reference else args.finetune_set,
+                    seed=seed,
+                )
+                run_name = (
+                    f"n{n}"
+                    + ("" if reference else settings_suffix(args.finetune_set))
+                    + pretrained_suffix
+                    + (f"_seed{seed}" if seed else "")
+                )
+                report = train.train_or_read_back(
+                    config,
+                    root / "finetune" / args.dataset / start.replace("/", "_") / run_name,
+                    announce=f"== {start}, {n} images, seed {seed}",
+                )
+                runs.append(
+                    {
+                        "seed": seed,
+                        "auc": report["validation"]["auc"],
+                        "accuracy": report["validation"]["accuracy"],
+                        "epochs": config.train.num_epochs,
+                        "steps": report["steps"],
+                        "best_step": report["best_step"],
+                        "wall_time_s": report["wall_time_s"],
+                    }
+                )
+            table.setdefault(start, {})[n] = {"train_examples": n, **summarise(runs)}
     record = {
         "written": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         "command": " ".join(["python", "launch/pretrained_starts.py", *sys.argv[1:]]),
         "dataset": args.dataset,
+        "pool": pool,
         "sizes": sizes,
+        "seeds": seeds,
         "min_steps": args.min_steps,
         "eval_steps": args.eval_steps,
-        "finetune_lr": args.finetune_lr,
+        "finetune_set": args.finetune_set,
+        "pretrain_set": args.pretrain_set,
         "pretraining": pretraining,
         "table": table,
         "gains": gains(table),

@@ -6,6 +6,7 @@ variant. Every knob the library reads lives here with its default, so a config f
 differs, and ``validate`` can reject a misspelt key before any work starts.
 """
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
@@ -407,6 +408,34 @@ def unknown_override_keys(config: ml_collections.ConfigDict, argv: Iterable[str]
             if key not in known_all:
                 unknown[key] = close_matches(key, known)
     return unknown
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, assignments: Iterable[str]
+) -> ml_collections.ConfigDict:
+    """Sets ``'a.b=value'`` assignments on ``config`` (in place), as ``--config.a.b=value`` would, for
+    scripts that build many configs; a value is a Python literal (``1e-4``, ``(0.3, 1.0)``, ``None``) or
+    else a string.
+
+    Raises:
+      ConfigError: for an assignment without ``=`` or a key the config lacks (with its close matches).
+    """
+    known = flatten(config)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or key not in known:
+            hint = f"; did you mean {', '.join(close_matches(key, known))}?" if sep else ""
+            raise ConfigError(f"Cannot set {assignment!r}: expected key=value with a key of the config{hint}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        section = config
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
+    return config
 
 
 def use_synthetic_data(config: ml_collections.ConfigDict, *, image_size: int = 64) -> None:

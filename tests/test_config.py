@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from medjax import config_lib, losses, models, tasks
+from medjax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
@@ -74,6 +75,19 @@ def test_close_matches():
     known = config_lib.flatten(config_lib.base_config())
     assert "optim.learning_rate" in config_lib.close_matches("optim.learnig_rate", known)
     assert "optim.weight_decay" in config_lib.close_matches("train.weight_decay", known)
+
+
+def test_apply_overrides_sets_literals_and_names_unknown_keys():
+    config = config_lib.base_config()
+    config_lib.apply_overrides(
+        config, ["optim.learning_rate=1e-4", "data.augment.random_resized_crop_scale=(0.3, 1.0)", "seed=3"]
+    )
+    assert config.optim.learning_rate == 1e-4 and config.seed == 3
+    assert config.data.augment.random_resized_crop_scale == (0.3, 1.0)
+    with pytest.raises(ConfigError, match="did you mean optim.learning_rate"):
+        config_lib.apply_overrides(config, ["optim.learning_rat=1e-4"])
+    with pytest.raises(ConfigError, match="key=value"):
+        config_lib.apply_overrides(config, ["optim.learning_rate"])
 
 
 def test_launcher_rejects_unknown_override_with_suggestions():

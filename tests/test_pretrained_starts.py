@@ -20,7 +20,9 @@ def test_small_subsets_get_enough_epochs_for_the_same_number_of_steps():
 
 def test_finetunes_share_pretrainings_validation_carve_and_never_test(tmp_path):
     shared = tmp_path / "shared" / "data"
-    pre = ps.pretrain_config("convnext", "distillation", shared=shared, data_dir=None, epochs=3)
+    pre = ps.pretrain_config(
+        "convnext", "distillation", shared=shared, data_dir=None, overrides=["train.num_epochs=3"]
+    )
     assert pre.loss.distillation.teacher == str(
         shared.parent / "weights" / recipes.IMAGENET_MOBILENET_V2_FILE
     )
@@ -80,6 +82,32 @@ def test_table_gives_each_start_its_gain_over_the_same_students_scratch():
     assert "| convnext/distillation | 10 | 10.0 min | 0.3000 | nan |" in lines
 
 
+def test_seeds_are_averaged_and_their_spread_shown():
+    runs = [{"auc": a, "wall_time_s": 30.0} for a in (0.6, 0.7, 0.8)]
+    cell = ps.summarise(runs)
+    assert cell["auc"] == pytest.approx(0.7) and cell["auc_sd"] == pytest.approx(0.1)
+    assert cell["wall_time_s"] == 90.0 and cell["runs"] == runs
+    assert ps.summarise(runs[:1])["auc_sd"] is None
+    scratch = ps.summarise([{"auc": a, "wall_time_s": 30.0} for a in (0.5, 0.6, 0.7)])
+    record = {
+        "written": "now",
+        "dataset": "ucsd_covid_ct",
+        "pool": "ucsd_covid_ct",
+        "command": "python launch/pretrained_starts.py --seeds=0,1,2",
+        "sizes": [250],
+        "seeds": [0, 1, 2],
+        "min_steps": 600,
+        "eval_steps": 100,
+        "finetune_set": ["optim.learning_rate=1e-4"],
+        "table": {"convnext/scratch": {250: scratch}, "convnext/distillation": {250: cell}},
+        "pretraining": {},
+    }
+    text = ps.markdown(record)
+    assert "| convnext/distillation | 0.700 ± 0.100 (+0.100) | 1.5 min |" in text.splitlines()
+    assert "mean ± sd over seeds 0, 1, 2" in text and "`optim.learning_rate=1e-4`" in text
+    assert "pretrained on the UCSD COVID-CT training images" in text
+
+
 def test_ucsd_finetunes_keep_the_students_recipe_on_ucsds_own_split(tmp_path):
     shared = tmp_path / "data"
     kwargs = {"shared": shared, "data_dir": None, "min_steps": 600, "eval_steps": 100, "pretrained": None}
@@ -96,6 +124,41 @@ def test_ucsd_finetunes_keep_the_students_recipe_on_ucsds_own_split(tmp_path):
     assert ucsd.data.builder_kwargs.group_pattern == ""  # UCSD's defaults, not Kermany's patient key.
     assert ucsd.optim.to_dict() == kermany.optim.to_dict() and ucsd.model.to_dict() == kermany.model.to_dict()
     slower = ps.finetune_config(
-        "mednext_plos/scratch", 250, dataset="ucsd_covid_ct", learning_rate=1e-4, **kwargs
+        "mednext_plos/scratch",
+        250,
+        dataset="ucsd_covid_ct",
+        overrides=["optim.learning_rate=1e-4"],
+        seed=2,
+        **kwargs,
     )
     assert slower.optim.learning_rate == 1e-4 and ucsd.optim.learning_rate == 1e-3
+    assert (slower.seed, ucsd.seed) == (2, 0)
+    assert ps.settings_suffix(["optim.learning_rate=1e-4"]) == "_learning_rate1e-4"
+    assert ps.settings_suffix([]) == ""
+
+
+def test_pretraining_pool_is_the_named_datasets_training_images_on_its_own_validation(tmp_path):
+    shared = tmp_path / "data"
+    pre = ps.pretrain_config(
+        "mednext_plos",
+        "distillation",
+        shared=shared,
+        data_dir=None,
+        pool="ucsd_covid_ct",
+        overrides=["loss.distillation.teacher_image_size=224"],
+    )
+    fine = ps.finetune_config(
+        "mednext_plos/distillation",
+        250,
+        dataset="ucsd_covid_ct",
+        shared=shared,
+        data_dir=None,
+        min_steps=600,
+        eval_steps=100,
+        pretrained=tmp_path / "run",
+    )
+    assert (pre.data.name, pre.data.manual_dir) == ("ucsd_covid_ct", str(shared / "ucsd_covid_ct"))
+    assert pre.loss.distillation.teacher_image_size == 224
+    split = {k: v for k, v in fine.data.builder_kwargs.items() if k != "train_examples"}
+    assert split == {k: v for k, v in pre.data.builder_kwargs.items() if k != "train_examples"}
+    assert pre.data.builder_kwargs.train_examples == 0  # Every training image, labelled or not.
