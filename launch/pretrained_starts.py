@@ -25,7 +25,11 @@
    (``--dataset``: Kermany or UCSD).
 3. **The table** (``--out``, default ``results/pretrained_starts_<dataset>.{json,md}``): validation AUC of
    every fine-tune's best checkpoint (mean and standard deviation over seeds), each start's gain over
-   scratch, and the pretraining wall times. Test is never evaluated (``data.test_split=''``).
+   scratch, the pretraining wall times and, with ``--probe``, each start's linear probe
+   (:mod:`medjax.probe`: a logistic regression on its frozen features, fitted on the same labelled
+   images; for scratch the random initialisation, for the reference the ImageNet weights on the
+   reference's input), which says whether a weak fine-tune is the start or the recipe. Test is never
+   evaluated (``data.test_split=''``).
 
 Every run keeps its directory under ``--workdir_root``; a finished one is read back and an interrupted one
 resumes, so the command can be re-run after a kill and only the missing runs train.
@@ -75,6 +79,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("methods", list(METHODS), "Pretraining methods: distillation and/or simsiam.")
     flags.DEFINE_list("sizes", ["250", "1000"], "Labelled training images of each fine-tune.")
     flags.DEFINE_bool("reference", True, "Also fine-tune the ImageNet MobileNetV2 recipe at each size.")
+    flags.DEFINE_bool("probe", True, "Also score each start's frozen features by a linear probe (seconds).")
     flags.DEFINE_integer("min_steps", 600, "Fewest optimiser steps of a student's fine-tune.")
     flags.DEFINE_multi_string(
         "finetune_set", [], "key=value on the students' fine-tuning config, e.g. optim.learning_rate=1e-4."
@@ -216,6 +221,20 @@ def summarise(runs: Sequence[dict]) -> dict:
     }
 
 
+def probe_start(start: str, config: ml_collections.ConfigDict, pretrained: Path | None, shared: Path) -> dict:
+    """:func:`medjax.probe.probe` of ``start``'s frozen features on the labelled images of its fine-tune
+    ``config``: the pretraining run, the random initialisation (scratch) or the teacher (reference)."""
+    from medjax import probe
+
+    if start == REFERENCE:
+        features = probe.teacher_features(str(teacher_file(shared)), config.data, image_size=None)
+    elif pretrained is None:
+        features = probe.initial_features(config)
+    else:
+        features = probe.run_features(pretrained)
+    return probe.probe(features, config.data)
+
+
 def _cell(result: dict | None, gain: float | None) -> str:
     if result is None:
         return "not run"
@@ -233,6 +252,7 @@ def markdown(record: dict) -> str:
     pool = DATASET_NAMES[record.get("pool", "chest_xray")]
     seeds = record.get("seeds", [0])
     recipe_changes = record.get("finetune_set", [])
+    probes = any("probe" in r for by_size in record["table"].values() for r in by_size.values())
     lines = [
         f"# Pretrained starts against from-scratch (validation AUC, {DATASET_NAMES[dataset]})",
         "",
@@ -245,14 +265,27 @@ def markdown(record: dict) -> str:
         + f") run at least {record['min_steps']} steps, "
         f"validated every {record['eval_steps']} or more; the ImageNet reference keeps its own recipe "
         f"(`{DATASETS[dataset]}`). Every start was pretrained on the {pool} training images without their "
-        "labels (runs below).",
+        "labels (runs below)."
+        + (
+            " Probe: validation AUC of a logistic regression on the start's frozen features, fitted on the "
+            "same labelled images (`medjax/probe.py`; scratch: its random initialisation; reference: the "
+            "ImageNet weights on its own input)."
+            if probes
+            else ""
+        ),
         "",
-        "| Start | " + " | ".join(f"{n} images: AUC (gain)" for n in sizes) + " | Fine-tune wall time |",
-        "|---|" + "---|" * len(sizes) + "---|",
+        "| Start | "
+        + " | ".join(f"{n} images: AUC (gain)" + (f" | {n}: probe" if probes else "") for n in sizes)
+        + " | Fine-tune wall time |",
+        "|---|" + "---|" * len(sizes) * (2 if probes else 1) + "---|",
     ]
     gain = gains(record["table"])
     for start, by_size in record["table"].items():
-        cells = [_cell(by_size.get(n), gain.get(start, {}).get(n)) for n in sizes]
+        cells = []
+        for n in sizes:
+            cells.append(_cell(by_size.get(n), gain.get(start, {}).get(n)))
+            if probes:
+                cells.append(f"{by_size[n]['probe']['auc']:.3f}" if "probe" in by_size.get(n, {}) else "")
         minutes = sum(r["wall_time_s"] for r in by_size.values()) / 60
         lines.append(f"| {start} | " + " | ".join(cells) + f" | {minutes:.1f} min |")
     lines += [
@@ -340,6 +373,8 @@ def main(argv: list[str]) -> None:
                     }
                 )
             table.setdefault(start, {})[n] = {"train_examples": n, **summarise(runs)}
+            if args.probe:
+                table[start][n]["probe"] = probe_start(start, config, pretrained, shared)
     record = {
         "written": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         "command": " ".join(["python", "launch/pretrained_starts.py", *sys.argv[1:]]),

@@ -16,6 +16,7 @@ from medjax import (
     init_from,
     models,
     pretraining,
+    probe,
     recipes,
     run_dir,
     tasks,
@@ -144,6 +145,20 @@ def test_pretraining_run_starts_study_a_classifier(pretrain_run, tfds_data_dir):
         expected = fresh[path] if path[1] == "classifier" else source[path]
         np.testing.assert_array_equal(value, expected, err_msg="/".join(path))
     assert any(path[1] == "sevector" for path in started)  # Study A's head transfers with the backbone.
+
+
+def test_probe_reads_the_students_features_of_a_pretraining_run(pretrain_run):
+    config, workdir, _ = pretrain_run
+    images = jnp.asarray(np.random.default_rng(0).random((3, 32, 32, 1), np.float32))
+    run = run_dir.load_run(workdir, predicts=False)
+    _, aux = run.model.apply(run.variables, images, train=False)
+    np.testing.assert_allclose(probe.run_features(workdir)(images), aux["features"][:, 0], atol=1e-6)
+    data = config.data.copy_and_resolve_references()
+    data.views = 1  # The probe reads labelled images one view each, as a fine-tune would.
+    scored = probe.probe(probe.run_features(workdir), data)
+    assert 0.0 <= scored["auc"] <= 1.0 and scored["dim"] == aux["features"].shape[-1]
+    scratch = probe.initial_features(config)(images)
+    assert scratch.shape == (3, aux["features"].shape[-1]) and not np.allclose(scratch, aux["features"][:, 0])
 
 
 def test_after_training_commands_refuse_a_pretraining_run_naming_the_fix(tmp_path):
