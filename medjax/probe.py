@@ -86,14 +86,19 @@ def linear_probe_auc(
     probe = pipeline.make_pipeline(
         preprocessing.StandardScaler(),
         linear_model.LogisticRegressionCV(
-            Cs=list(PROBE_CS), cv=cv, scoring="roc_auc" if binary else "roc_auc_ovr", max_iter=5000
+            Cs=list(PROBE_CS),
+            cv=cv,
+            scoring="roc_auc" if binary else "roc_auc_ovr",
+            max_iter=5000,
+            l1_ratios=(0.0,),  # L2 only (scikit-learn 1.10's default, said explicitly).
+            use_legacy_attributes=False,  # C_ a float, as from scikit-learn 1.10.
         ),
     ).fit(x, y)
     scores = probe.predict_proba(validation[0])
     auc = metrics.roc_auc_score(
         validation[1], scores[:, 1] if binary else scores, multi_class="raise" if binary else "ovr"
     )
-    return {"auc": float(auc), "c": float(probe[-1].C_[0]), "dim": int(x.shape[1])}
+    return {"auc": float(auc), "c": float(probe[-1].C_), "dim": int(x.shape[1])}
 
 
 def probe(fn: FeatureFn, data_cfg: ml_collections.ConfigDict) -> dict:

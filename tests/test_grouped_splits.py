@@ -145,6 +145,8 @@ def test_train_subset_is_grouped_stratified_nested_and_leaves_validation_and_tes
     assert "train_subset" not in plan[0].report and plan[40].report["duplicates_dropped"] == 0
     with pytest.raises(ValueError, match="train_examples"):
         splits.plan_splits(labels=labels, hashes=hashes, train_examples=-1)
+    with pytest.raises(ValueError, match="train_examples=241, but the training split holds 216 items"):
+        splits.plan_splits(labels=labels, hashes=hashes, official=official, train_examples=241)
 
 
 def _jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:

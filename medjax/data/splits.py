@@ -132,8 +132,17 @@ def _assign(split: list, pool: list[int], groups: np.ndarray, labels, fractions,
 
 
 def _train_subset(split: list, keep: np.ndarray, groups: np.ndarray, labels, size: int, seed: int) -> dict:
-    """Leaves all but about ``size`` train items out (``keep`` False, in place); returns what was kept."""
+    """Leaves all but about ``size`` train items out (``keep`` False, in place); returns what was kept.
+
+    Raises:
+      ValueError: for more items than the training split holds (a subset cannot grow it).
+    """
     pool = [i for i in range(len(split)) if keep[i] and split[i] == "train"]
+    if size > len(pool):
+        raise ValueError(
+            f"train_examples={size}, but the training split holds {len(pool)} items: give at most "
+            f"{len(pool)}, or 0 for all of them."
+        )
     if size < len(pool):
         share = {"train": size / len(pool), "unused": 1.0 - size / len(pool)}
         _assign(split, pool, groups, labels, share, np.random.default_rng(seed))
