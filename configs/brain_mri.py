@@ -21,13 +21,20 @@ Pretrained start: no ImageNet ConvNeXt exists offline, but a pretraining run on 
 (``configs/pretrain.py``, README "Pretrain on your own unlabelled images") starts this config through
 ``init_from.path``: its backbone, pooling and SEVector are copied and the classifier starts fresh. The
 student must be this config's model at this config's input: ``student=cpu,size=64`` (the default) for
-the ``cpu`` and ``synthetic`` variants, ``student=study,size=224`` for the full ConvNeXt-Tiny.
+the ``cpu`` and ``synthetic`` variants, ``student=study,size=224`` for the full ConvNeXt-Tiny. The start
+measured to help this model on a few hundred labelled CT slices is distillation from the ImageNet
+MobileNetV2 on the archive's own images, teacher at 224, then the classifier alone for 20 epochs before
+everything (validation AUC 0.676 against 0.615 from scratch, README "Pretrain on your own unlabelled
+images"): the commands below.
 
 Example:
   python -m medjax.launch --config=configs/brain_mri.py:synthetic
   python -m medjax.launch --config=configs/pretrain.py:variant=folder,method=distillation \
-      --config.data.manual_dir=~/mri_unlabelled --workdir=runs/pretrain_mri
-  python -m medjax.launch --config=configs/brain_mri.py:cpu --config.init_from.path=runs/pretrain_mri
+      --config.data.manual_dir=~/mri_images --workdir=runs/pretrain_mri \
+      --config.loss.distillation.teacher_image_size=224 --config.train.num_epochs=100
+  python -m medjax.launch --config=configs/brain_mri.py:cpu --config.init_from.path=runs/pretrain_mri \
+      "--config.optim.unfreeze=({'epoch': 0.0, 'trainable': ('classifier/.*',)}, \
+      {'epoch': 20.0, 'trainable': None})"
 """
 
 import ml_collections

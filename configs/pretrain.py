@@ -30,10 +30,12 @@ Arguments (``--config=configs/pretrain.py:method=distillation,model=mednext_plos
   channels   1 (grey, like the scratch/cpu classification configs) or 3 for a fine-tuning config that
              reads RGB (the stem convolution's shape depends on it).
 
-Measured (``launch/pretrained_starts.py``, ``results/pretrained_starts_*.md``): 10 epochs of the 4,172
-Kermany training images at 64 px take 3.5-8.5 min on 2 cores. No start beats scratch robustly yet (one
-seed; the one gain above 0.05 at 250 labels, SimSiam for MedNeXt on UCSD COVID-CT, vanished at another
-fine-tuning learning rate); README "Pretrain on your own unlabelled images" has the table.
+Measured (``launch/pretrained_starts.py``, ``results/pretrained_starts_*.md``, README "Pretrain on your
+own unlabelled images"): on UCSD COVID-CT at 250 labels, distillation on the 425 training slices (100
+epochs, ``loss.distillation.teacher_image_size=224``) lifts study A's ConvNeXt by +0.025 to +0.216
+validation AUC depending on the fine-tuning rule (three seeds each), and MedNeXt by nothing. Pretraining
+should run about 1,300 steps: 10 epochs of a few thousand images, 100 of a few hundred (12-15 min at
+64 px on 2 cores). SimSiam collapsed on pools that small.
 
 Examples:
   python -m medjax.launch --config=configs/pretrain.py --workdir=runs/pretrain_distill \\
