@@ -264,8 +264,12 @@ def markdown(record: dict) -> str:
         + (f" with {', '.join(f'`{a}`' for a in recipe_changes)}" if recipe_changes else "")
         + f") run at least {record['min_steps']} steps, "
         f"validated every {record['eval_steps']} or more; the ImageNet reference keeps its own recipe "
-        f"(`{DATASETS[dataset]}`). Every start was pretrained on the {pool} training images without their "
-        "labels (runs below)."
+        f"(`{DATASETS[dataset]}`)."
+        + (
+            f" Every start was pretrained on the {pool} training images without their labels (runs below)."
+            if record["pretraining"]
+            else ""
+        )
         + (
             " Probe: validation AUC of a logistic regression on the start's frozen features, fitted on the "
             "same labelled images (`medjax/probe.py`; scratch: its random initialisation; reference: the "

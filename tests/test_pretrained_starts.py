@@ -105,7 +105,11 @@ def test_seeds_are_averaged_and_their_spread_shown():
     text = ps.markdown(record)
     assert "| convnext/distillation | 0.700 ± 0.100 (+0.100) | 1.5 min |" in text.splitlines()
     assert "mean ± sd over seeds 0, 1, 2" in text and "`optim.learning_rate=1e-4`" in text
-    assert "pretrained on the UCSD COVID-CT training images" in text
+    assert "pretrained on the UCSD COVID-CT training images" not in text  # No pretraining run in it.
+    record["pretraining"] = {
+        "convnext/distillation": {"epochs": 100.0, "wall_time_s": 60.0, "validation": {"loss": 0.2}}
+    }
+    assert "pretrained on the UCSD COVID-CT training images" in ps.markdown(record)
 
 
 def test_ucsd_finetunes_keep_the_students_recipe_on_ucsds_own_split(tmp_path):
