@@ -16,6 +16,7 @@ kept. The JSON (default ``results/benchmark_<UTC time>.json``) also records comm
 and cores. Example (about 25 minutes per round on 2 cores)::
 
     python launch/benchmark.py --allocator auto --rounds 3
+    python launch/studies_table.py results/benchmark_<UTC time>.json   # the studies' recipes in hours
     # quick look: --models mobilenet_v2 --steps 3 --warmup 1 --rounds 2 --skip_torch_compile
     # memory:     --models convnext --remat none --remat block --skip_torch
     # flag A/B:   --xla_flags= --xla_flags=--xla_cpu_use_xnnpack=true
@@ -43,9 +44,16 @@ MODEL_KWARGS = {
     "mednext_plos": {"variant": "tiny"},
 }
 TORCH_IMPLS = ("eager", "compile")
+# The roofline case: one (n x n) @ (n x n) float32 product, 2 n^3 FLOPs (137 GFLOP), long enough (about a
+# second on 2 cores) for either library to reach its peak. A model step's XLA FLOPs per second against
+# XLA's own matmul peak, measured in the same round, says how much of the step is left to gain.
+ROOFLINE_N = 4096
+ROOFLINE_CASE = "medjax:matmul:roofline"
 # Per-case figures summarised over rounds (median, min, max).
 FIGURES = (
     "train_images_per_s",
+    "gflop_per_s",
+    "matmul_gflop_per_s",
     "compile_s",
     "infer_b1_ms",
     "infer_images_per_s",
@@ -132,11 +140,34 @@ def run_torch(args: argparse.Namespace, name: str, impl: str) -> dict:
     return result
 
 
+def run_roofline(args: argparse.Namespace, framework: str) -> dict:
+    """Seconds of each timed ``ROOFLINE_N``-square float32 matmul, in ``framework``'s own library (XLA's
+    jitted ``jnp.matmul`` or ``torch.mm``) on the case's cores."""
+    n = ROOFLINE_N
+    if framework == "medjax":
+        import jax
+        import jax.numpy as jnp
+
+        a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
+        matmul = jax.jit(jnp.matmul)
+        run = lambda: jax.block_until_ready(matmul(a, b))  # noqa: E731
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        a, b = torch.randn(2, n, n).unbind()
+        run = lambda: torch.mm(a, b)  # noqa: E731
+    return {"matmul_n": n, "matmul_times_s": timing.timed(run, steps=max(args.steps, 5), warmup=1)}
+
+
 def _worker(args: argparse.Namespace) -> None:
     framework, name, impl = args.worker.split(":")
     # Before any framework starts its thread pool: both sides run on the same cores.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-    raw = (run_medjax if framework == "medjax" else run_torch)(args, name, impl)
+    if impl == "roofline":
+        raw = run_roofline(args, framework)
+    else:
+        raw = (run_medjax if framework == "medjax" else run_torch)(args, name, impl)
     raw.update(peak_rss_mb=timing.peak_rss_mb(), allocator_active=allocator.active())
     print("RESULT " + json.dumps(raw), flush=True)
 
@@ -164,10 +195,19 @@ def _spawn(args: argparse.Namespace, case: dict) -> dict:
         return {**record, "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
     raw = json.loads(lines[-1][len("RESULT ") :])
     med = statistics.median
+    if "matmul_times_s" in raw:
+        return {
+            **record,
+            "matmul_gflop_per_s": 2 * raw["matmul_n"] ** 3 / 1e9 / med(raw["matmul_times_s"]),
+            **raw,
+        }
     if "infer_b1_times_s" in raw:
         record["infer_b1_ms"] = 1e3 * med(raw["infer_b1_times_s"])
         record["infer_images_per_s"] = args.batch / med(raw["infer_batch_times_s"])
-    return {**record, "train_images_per_s": args.batch / med(raw["train_step_times_s"]), **raw}
+    record["train_images_per_s"] = args.batch / med(raw["train_step_times_s"])
+    if raw.get("gflops_per_step"):
+        record["gflop_per_s"] = raw["gflops_per_step"] * record["train_images_per_s"] / args.batch
+    return {**record, **raw}
 
 
 def _torch_available() -> bool:
@@ -179,9 +219,16 @@ def _torch_available() -> bool:
 
 
 def make_cases(args: argparse.Namespace, with_torch: bool) -> list[dict]:
-    """Every case of one round; PyTorch peers once per allocator (they have no XLA flags nor remat)."""
+    """Every case of one round; PyTorch peers once per allocator (they have no XLA flags nor remat), and
+    each allocator's matmul rooflines."""
     torch_impls = TORCH_IMPLS[:1] if args.skip_torch_compile else TORCH_IMPLS
     cases = []
+    for alloc in args.allocator:
+        frameworks = ("medjax", "torch") if with_torch else ("medjax",)
+        cases += [
+            {"case": f"{fw}:matmul:roofline", "xla_flags": "", "remat": "none", "allocator": alloc}
+            for fw in frameworks
+        ]
     for alloc, name in itertools.product(args.allocator, args.models.split(",")):
         for flags, remat in itertools.product(args.xla_flags, args.remat):
             cases.append({"case": f"medjax:{name}:{args.depthwise_impl}", "xla_flags": flags, "remat": remat})
@@ -200,7 +247,8 @@ def _key(case: dict) -> tuple:
 
 def summarise(cases: list[dict], rounds: list[list[dict]]) -> list[dict]:
     """Per case: :func:`timing.spread` of each figure over the rounds it succeeded in, its errors, the
-    load averages it ran under, and the ratios to the PyTorch peers under the same allocator."""
+    load averages it ran under, the ratios to the PyTorch peers under the same allocator, and the
+    fraction of XLA's matmul roofline (:data:`ROOFLINE_CASE`) each medjax step's FLOPs reach."""
     summary = []
     for case in cases:
         runs = [r for rnd in rounds for r in rnd if _key(r) == _key(case)]
@@ -214,13 +262,18 @@ def summarise(cases: list[dict], rounds: list[list[dict]]) -> list[dict]:
                 if k in first:
                     row[k] = first[k]
         summary.append(row)
-    by_case = {(r["case"], r["allocator"]): r for r in summary if "train_images_per_s" in r}
+    by_case = {(r["case"], r["allocator"]): r for r in summary if r["rounds_ok"]}
     for row in summary:
         _, name, _ = row["case"].split(":")
+        if not row["case"].startswith("medjax:") or "train_images_per_s" not in row:
+            continue
         for impl in TORCH_IMPLS:
             peer = by_case.get((f"torch:{name}:{impl}", row["allocator"]))
-            if row["case"].startswith("medjax:") and peer and "train_images_per_s" in row:
+            if peer:
                 row[f"vs_torch_{impl}"] = timing.ratio(row["train_images_per_s"], peer["train_images_per_s"])
+        roofline = by_case.get((ROOFLINE_CASE, row["allocator"]))
+        if roofline and "gflop_per_s" in row:
+            row["vs_roofline"] = timing.ratio(row["gflop_per_s"], roofline["matmul_gflop_per_s"])
     return summary
 
 
@@ -228,17 +281,25 @@ def markdown(summary: list[dict]) -> str:
     """The summary as a table: each figure ``median [min-max]`` over the rounds."""
     head = (
         "| case | allocator | remat | XLA flags | train img/s | vs torch eager | vs torch compile "
-        "| compile s | infer b1 ms | infer img/s | peak RSS MB | XLA planned MB | faults/step | load |"
+        "| GFLOP/s | of XLA matmul roofline | compile s | infer b1 ms | infer img/s | peak RSS MB "
+        "| XLA planned MB | faults/step | load |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in summary:
         cells = [r["case"], r["allocator_active"] if "allocator_active" in r else r["allocator"]]
         cells += [r["remat"], r["xla_flags"] or "-"]
-        if "train_images_per_s" not in r:
+        if not r["rounds_ok"]:
             rows.append("| " + " | ".join([*cells, f"error: {r['errors'][-1:]}"]) + " |")
+            continue
+        if r["case"].endswith(":roofline"):  # Its one figure is the matmul's GFLOP/s.
+            cells += ["-"] * 3 + [timing.fmt(r["matmul_gflop_per_s"], 1)] + ["-"] * 6
+            loads = [x for pair in r["load"] for x in pair]
+            rows.append("| " + " | ".join([*cells, f"{min(loads):.1f}-{max(loads):.1f}"]) + " |")
             continue
         cells += [timing.fmt(r["train_images_per_s"])]
         cells += [timing.fmt(r[k]) if k in r else "-" for k in ("vs_torch_eager", "vs_torch_compile")]
+        cells += [timing.fmt(r[k], 1) if k in r else "-" for k in ("gflop_per_s",)]
+        cells += [timing.fmt(r[k]) if k in r else "-" for k in ("vs_roofline",)]
         digits = {"compile_s": 0, "infer_b1_ms": 1, "infer_images_per_s": 1, "peak_rss_mb": 0}
         cells += [timing.fmt(r[k], d) if k in r else "-" for k, d in digits.items()]
         cells += [f"{r['planned_mb']['total']:.0f}" if r.get("planned_mb") else "-"]
@@ -297,10 +358,13 @@ def main() -> None:
         for case in timing.rotated(cases, index):
             result = {**case, "round": index, **_spawn(args, case)}
             rounds[-1].append(result)
-            speed = result.get("train_images_per_s", float("nan"))
+            if "matmul_gflop_per_s" in result:
+                speed = f"{result['matmul_gflop_per_s']:.1f} GFLOP/s"
+            else:
+                speed = f"{result.get('train_images_per_s', float('nan')):.2f} img/s"
             print(
                 f"round {index + 1}/{args.rounds} {case['case']} [{case['allocator']}, "
-                f"remat {case['remat']}, {case['xla_flags'] or 'default flags'}]: {speed:.2f} img/s, "
+                f"remat {case['remat']}, {case['xla_flags'] or 'default flags'}]: {speed}, "
                 f"peak RSS {result.get('peak_rss_mb', 0):.0f} MB (XLA planned "
                 f"{result.get('planned_mb', {}).get('total', 0):.0f}), {result['wall_s']:.0f} s, "
                 f"load {result['load_before']}->{result['load_after']}",

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
 import ab_step
 import benchmark
+import studies_table
 import timing
 
 
@@ -40,6 +41,8 @@ def test_cases_pair_medjax_with_its_peers_under_the_same_allocator():
     args.remat = ["none", "block"]
     cases = benchmark.make_cases(args, with_torch=True)
     assert [c["case"] for c in cases] == [
+        "medjax:matmul:roofline",
+        "torch:matmul:roofline",
         "medjax:convnext:fast",
         "medjax:convnext:fast",
         "torch:convnext:eager",
@@ -47,34 +50,48 @@ def test_cases_pair_medjax_with_its_peers_under_the_same_allocator():
         "medjax:mobilenet_v2:fast",
         "torch:mobilenet_v2:eager",
     ]
-    assert [c["remat"] for c in cases[:3]] == ["none", "block", "none"]
+    assert [c["remat"] for c in cases[2:5]] == ["none", "block", "none"]
     assert {c["allocator"] for c in cases} == {"hugepages"}
-    assert len(benchmark.make_cases(args, with_torch=False)) == 4
+    assert len(benchmark.make_cases(args, with_torch=False)) == 5
 
 
 def test_summary_gives_medians_ranges_ratios_and_errors():
     args = _args("convnext")
-    mj, pt = benchmark.make_cases(args, with_torch=True)
+    roofline, _, mj, pt = benchmark.make_cases(args, with_torch=True)
 
     def result(case, speed, rss, load):
         figures = dict.fromkeys(benchmark.FIGURES, 1.0)
         figures.update(train_images_per_s=speed, peak_rss_mb=rss, planned_mb={"total": 8000.0})
+        figures.update(gflop_per_s=30.0 * speed)
         return {**case, **figures, "load_before": load, "load_after": load + 1, "params": 28}
 
+    def matmul(gflop_per_s, load):
+        return {**roofline, "matmul_gflop_per_s": gflop_per_s, "load_before": load, "load_after": load}
+
     rounds = [
-        [result(mj, 4.0, 9000, 1.0), result(pt, 2.0, 5000, 1.0)],
-        [result(pt, 2.5, 5100, 2.0), result(mj, 3.0, 9500, 2.0)],
-        [{**mj, "error": "exit 137", "load_before": 3.0, "load_after": 3.0}, result(pt, 3.0, 5200, 3.0)],
+        [matmul(150.0, 1.0), result(mj, 4.0, 9000, 1.0), result(pt, 2.0, 5000, 1.0)],
+        [result(pt, 2.5, 5100, 2.0), result(mj, 3.0, 9500, 2.0), matmul(140.0, 2.0)],
+        [
+            {**mj, "error": "exit 137", "load_before": 3.0, "load_after": 3.0},
+            result(pt, 3.0, 5200, 3.0),
+            matmul(160.0, 3.0),
+        ],
     ]
-    medjax_row, torch_row = benchmark.summarise([mj, pt], rounds)
+    roofline_row, medjax_row, torch_row = benchmark.summarise([roofline, mj, pt], rounds)
+    assert roofline_row["matmul_gflop_per_s"] == {"median": 150.0, "min": 140.0, "max": 160.0}
+    # The step's XLA FLOPs per second (30 GFLOP per image here) over the matmul's, medians and extremes.
+    assert medjax_row["vs_roofline"] == pytest.approx(
+        {"median": 105 / 150, "min": 90 / 160, "max": 120 / 140}
+    )
     assert medjax_row["rounds_ok"] == 2 and medjax_row["errors"] == ["exit 137"]
     assert medjax_row["train_images_per_s"] == {"median": 3.5, "min": 3.0, "max": 4.0}
     assert medjax_row["peak_rss_mb"]["max"] == 9500
     assert medjax_row["vs_torch_eager"] == pytest.approx({"median": 3.5 / 2.5, "min": 1.0, "max": 2.0})
     assert medjax_row["load"] == [[1.0, 2.0], [2.0, 3.0], [3.0, 3.0]]
     assert "vs_torch_eager" not in torch_row
-    table = benchmark.markdown([medjax_row, torch_row])
-    assert "| 3.50 [3.00-4.00] | 1.40 [1.00-2.00] | - |" in table
+    table = benchmark.markdown([roofline_row, medjax_row, torch_row])
+    assert "| 3.50 [3.00-4.00] | 1.40 [1.00-2.00] | - | 105.0 [90.0-120.0] | 0.70 [0.56-0.86] |" in table
+    assert "| - | - | - | 150.0 [140.0-160.0] |" in table
     assert "| 9250 [9000-9500] | 8000 |" in table
 
 
@@ -94,3 +111,25 @@ def test_ab_overrides_take_literals_and_strings():
     ab_step._apply(config, "train.remat=block")
     ab_step._apply(config, "data.batch_size=8")
     assert (config.train.remat, config.data.batch_size) == ("block", 8)
+
+
+def _rate(median: float, low: float, high: float) -> dict[str, float]:
+    return {"median": median, "min": low, "max": high}
+
+
+def test_studies_table_projects_each_recipe_from_the_benchmark_rates():
+    # Study C: 4,172 training images at 4172/60 img/s and 1,044 validation images at 104.4 img/s: a
+    # 70-second epoch; configs/chest_xray.py trains 15 epochs.
+    fast = {"case": "medjax:mobilenet_v2:fast", "train_images_per_s": _rate(4172 / 60, 4172 / 120, 4172 / 30)}
+    fast["infer_images_per_s"] = _rate(104.4, 104.4, 104.4)
+    slow = {**fast, "case": "torch:mobilenet_v2:eager", "train_images_per_s": _rate(4172 / 120, 1.0, 1e9)}
+    bench = {"meta": {"argv": ["launch/benchmark.py"]}, "summary": [fast, slow]}
+    medjax_row, torch_row = studies_table.rows(bench)
+    assert medjax_row["study"].name.startswith("C:") and medjax_row["epochs"] == 15
+    assert medjax_row["epoch_min"] == pytest.approx({"median": 70 / 60, "min": 40 / 60, "max": 130 / 60})
+    assert medjax_row["total_h"] == pytest.approx(15 * 70 / 3600)
+    assert torch_row["total_h"] == pytest.approx(15 * 130 / 3600)
+    assert "| PyTorch eager | 2.2 [0.2-" in studies_table.markdown([medjax_row, torch_row], {"C": 1.5})
+    assert "1.2 [0.7-2.2]; measured 1.5 | 0.29 | 1.00x |" in studies_table.markdown([medjax_row], {"C": 1.5})
+    with pytest.raises(ValueError, match="data.image_size is 224, the benchmark ran 160"):
+        studies_table.rows({**bench, "meta": {"argv": ["launch/benchmark.py", "--size=160"]}})
