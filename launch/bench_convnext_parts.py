@@ -57,6 +57,7 @@ def parts(batch: int, side: int, channels: int) -> dict[str, tuple[Callable, Cal
     )
     dw_kernel = torch.randn(channels, 1, 7, 7)
     w1, w2 = torch.randn(4 * channels, channels), torch.randn(channels, 4 * channels)
+    b1, b2 = torch.randn(4 * channels), torch.randn(channels)  # nn.Linear's bias, as medjax's Dense has.
     return {
         "depthwise 7x7": (
             jax_part(DepthwiseConv(7, padding=3), x),
@@ -66,9 +67,9 @@ def parts(batch: int, side: int, channels: int) -> dict[str, tuple[Callable, Cal
             jax_part(nn.LayerNorm(epsilon=LN_EPSILON), x),
             lambda: F.layer_norm(x_nhwc, (channels,), eps=LN_EPSILON),
         ),
-        "dense C->4C": (jax_part(Dense(4 * channels), x), lambda: F.linear(x_nhwc, w1)),
+        "dense C->4C": (jax_part(Dense(4 * channels), x), lambda: F.linear(x_nhwc, w1, b1)),
         "gelu (4C)": (lambda: jax.block_until_ready(gelu_jit(hidden)), lambda: F.gelu(hidden_nhwc)),
-        "dense 4C->C": (jax_part(Dense(channels), hidden), lambda: F.linear(hidden_nhwc, w2)),
+        "dense 4C->C": (jax_part(Dense(channels), hidden), lambda: F.linear(hidden_nhwc, w2, b2)),
     }
 
 
