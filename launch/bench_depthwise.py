@@ -1,7 +1,8 @@
 """Micro-benchmark of depthwise convolution: medjax's implementations against PyTorch in one run.
 
-``--impls`` (default ``xla,loop,native``): XLA's grouped convolution, and medjax's fast path with its kernel
-gradient from the pure-XLA row loop or from the native kernel (``'fast'`` is whichever of the two builds).
+``--impls`` (default ``xla,loop,native``): XLA's grouped convolution; medjax's shifted sums with the kernel
+gradient from the pure-XLA row loop; medjax's native kernels for the forward pass and both gradients
+(``'fast'`` is ``native`` when it builds, else ``loop``).
 
 Forward and forward+backward (gradients wrt input and kernel) wall time, median of repeats after warm-up.
 PyTorch is timed in the same process when importable (channels_last, ``torch.no_grad`` for the forward,

@@ -162,10 +162,13 @@ def export_probabilities(
     dimension ``b >= 1``.
 
     ``platforms`` may name several, e.g. ('cpu', 'cuda'): lowering for a GPU needs no GPU (the weights
-    are stored once), running on it does.
+    are stored once), running on it does. Depthwise convolutions are traced as plain XLA
+    (``depthwise_impl='loop'``, the same function to float rounding): medjax's native kernels are custom
+    calls registered in the training process, which an artifact cannot carry to another process, machine
+    or platform.
     """
     members = _as_members(members)
-    fn = jax.jit(_members_fn(members, input_dtype=input_dtype))
+    fn = jax.jit(_members_fn(members, input_dtype=input_dtype, depthwise_impl="loop"))
     return jax.export.export(fn, platforms=tuple(platforms))(_input_spec(members, input_dtype, "b"))
 
 

@@ -1,5 +1,5 @@
 """Parity of the fast depthwise convolution (forward and both gradients) against XLA's grouped convolution,
-with the kernel gradient from the pure-XLA loop and from the native kernel."""
+by the pure-XLA shifted sums and row loop and by the native kernels."""
 
 import shutil
 
@@ -15,7 +15,7 @@ from medjax.models.depthwise import DepthwiseConv, depthwise_conv2d, resolve_pad
 jax.config.update("jax_platforms", "cpu")
 
 RTOL = 1e-5
-# 'loop' and 'native' differ only in the kernel gradient; 'fast' is whichever of them is available.
+# 'fast' is whichever of 'loop' and 'native' is available.
 FAST_IMPLS = [
     "loop",
     pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="no C++ compiler")),
@@ -124,32 +124,43 @@ def test_unknown_impl_raises():
 
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler")
 @pytest.mark.parametrize(
-    ("channels", "k", "stride", "dil"),
-    # 83 channels: a 4-vector tile, a single vector and 3 scalar channels; 200: chunks on two threads;
-    # 13 is wider than the kernels compiled per width (up to 11), so it goes one tap column at a time.
-    [(16, 3, 1, 1), (83, 3, 2, 1), (83, 7, 1, 3), (200, 5, 1, 1), (40, 13, 1, 1)],
+    ("hw", "channels", "k", "stride", "dil"),
+    # Channels: 83 is, for the kernel gradient, a 4-vector tile, a single vector and 3 scalar channels, and
+    # for the forward two 32-channel tiles, a 16-vector and 3 scalars; 91 adds the forward's 8-vector; 200
+    # splits into chunks on two threads. Width 15 holds a full 8-column tile of the forward's interior.
+    # 13 is wider than the kernel gradient's compiled widths (up to 11): one tap column at a time.
+    # A 2x2 map under a 7x7 kernel (ConvNeXt's last stage at 64 px) has no interior column at all.
+    [
+        ((17, 15), 16, 3, 1, 1),
+        ((17, 15), 83, 3, 2, 1),
+        ((17, 15), 91, 7, 1, 3),
+        ((17, 15), 200, 5, 1, 1),
+        ((17, 15), 40, 13, 1, 1),
+        ((2, 2), 24, 7, 1, 1),
+    ],
 )
-def test_native_kernel_gradient_equals_the_loop(channels, k, stride, dil):
-    x = jax.random.normal(jax.random.key(channels), (3, 17, 15, channels))
+def test_native_equals_the_loop(hw, channels, k, stride, dil):
+    x = jax.random.normal(jax.random.key(channels), (3, *hw, channels))
     kernel = jax.random.normal(jax.random.key(k), (k, k, 1, channels))
     conv = dict(
         strides=(stride, stride), padding=resolve_padding("SAME", (k, k), (dil, dil)), dilation=(dil, dil)
     )
-    native_grads, loop_grads = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("native", "loop"))
-    assert _rel_err(native_grads[2], loop_grads[2]) < RTOL
-    np.testing.assert_array_equal(native_grads[1], loop_grads[1])  # The input gradient is shared code.
+    native_out, loop_out = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("native", "loop"))
+    for name, a, b in zip(("output", "input gradient", "kernel gradient"), native_out, loop_out, strict=True):
+        assert _rel_err(a, b) < RTOL, name
 
 
 def test_fast_is_native_when_it_builds_else_the_loop(monkeypatch):
     x = jax.random.normal(jax.random.key(6), (2, 6, 6, 4))
     kernel = jax.random.normal(jax.random.key(7), (3, 3, 1, 4))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: depthwise_conv2d(x, k, impl="fast").sum()))(kernel))
-    assert (native.TARGET in jaxpr) == native.available()
+    for target in (native.FORWARD, native.KERNEL_GRAD):
+        assert (target in jaxpr) == native.available()
     monkeypatch.setenv("MEDJAX_NATIVE", "0")
     native.available.cache_clear()
     try:
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: depthwise_conv2d(x, k, impl="fast").sum()))(kernel))
-        assert native.TARGET not in jaxpr and "scan" in jaxpr  # The row loop.
+        assert "medjax_depthwise" not in jaxpr and "scan" in jaxpr  # The row loop.
         with pytest.raises(MedjaxError, match="MEDJAX_NATIVE=0"):
             jax.grad(lambda k: depthwise_conv2d(x, k, impl="native").sum())(kernel)
     finally:
@@ -170,7 +181,7 @@ def test_failed_build_shows_the_compiler_output(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDJAX_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
@@ -179,7 +190,7 @@ def test_failed_build_shows_the_compiler_output(tmp_path, monkeypatch):
     assert not list((tmp_path / "native").glob("*.so"))  # No half-written library is left to load.
     native.available.cache_clear()
     try:  # Training goes on without the speed-up, and the warning carries the reason.
-        with pytest.warns(UserWarning, match="native kernel unavailable.*Building broken.cc failed"):
+        with pytest.warns(UserWarning, match="native kernels unavailable.*Building broken.cc failed"):
             assert not native.available()
     finally:
         native.available.cache_clear()

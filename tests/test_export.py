@@ -47,6 +47,11 @@ def trained(smoke_run):
     return dataclasses.replace(model, variables=variables)
 
 
+# An artifact against the run in this process: the artifact computes depthwise convolutions in plain XLA, the
+# process with medjax's native kernels, so float32 sums run in another order (1.2e-6 seen in probabilities).
+ARTIFACT_ATOL = 5e-6
+
+
 @pytest.fixture(scope="module")
 def export_dir(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
@@ -59,11 +64,11 @@ def test_exported_probabilities_equal_predict_proba_for_any_batch_size(trained, 
     images = export.random_images(4, trained.image_shape, "float32", seed=1)
     expected = trained.predict_proba(images, batch_size=4)
     assert expected[:, 0].std() > 0.05  # Input-dependent, so the comparison below can fail.
-    np.testing.assert_allclose(predict(images), expected, atol=1e-6)
+    np.testing.assert_allclose(predict(images), expected, atol=ARTIFACT_ATOL)
     # Another batch size, against the model run at that size: XLA tiles each batch shape differently, so
     # the same image's float32 probabilities differ across batch sizes by float rounding (1.2e-6 seen).
     np.testing.assert_allclose(
-        predict(images[:3]), trained.predict_proba(images[:3], batch_size=3), atol=1e-6
+        predict(images[:3]), trained.predict_proba(images[:3], batch_size=3), atol=ARTIFACT_ATOL
     )
     artifact = jax.export.deserialize(bytearray((export_dir / "probs_float32.jax").read_bytes()))
     assert str(artifact.in_avals[0].shape[0]) == "b"
@@ -74,7 +79,7 @@ def test_uint8_artifact_normalises_like_the_eval_pipeline(trained, export_dir):
     pixels = export.random_images(3, trained.image_shape, "uint8", seed=2)
     # Same batch shape on both sides: XLA tiles each shape differently, which moves float32 sums by ~1e-6.
     expected = trained.predict_proba(np.stack([trained.preprocess(p) for p in pixels]), batch_size=3)
-    np.testing.assert_allclose(export.load_exported(export_dir)(pixels), expected, atol=1e-6)
+    np.testing.assert_allclose(export.load_exported(export_dir)(pixels), expected, atol=ARTIFACT_ATOL)
 
 
 def test_params_checkpoint_restores_without_train_state(trained, export_dir):
@@ -180,7 +185,7 @@ def test_ensemble_artifact_is_the_mean_of_its_members(trained, second_member, tm
     probs = [member.predict_proba(images, batch_size=4) for member in (trained, second_member)]
     assert np.abs(probs[0] - probs[1]).max() > 0.05  # Distinct members, so the mean is a real test.
     predict = export.load_exported(tmp_path)
-    np.testing.assert_allclose(predict(images), np.mean(probs, axis=0), atol=1e-6)
+    np.testing.assert_allclose(predict(images), np.mean(probs, axis=0), atol=ARTIFACT_ATOL)
     pixels = export.random_images(3, trained.image_shape, "uint8", seed=7)
     float_images = np.stack([trained.preprocess(p) for p in pixels])
     np.testing.assert_allclose(predict(pixels), predict(float_images), atol=1e-6)

@@ -2,16 +2,17 @@
 
 XLA's grouped convolution (``feature_group_count=C``) is pathologically slow on CPU (DESIGN.md §4), and
 every medjax architecture is built on depthwise convolutions. ``impl='xla'`` is the reference path;
-``impl='fast'`` is the path models use by default: shifted multiply-adds with a hand-written VJP, whose kernel
-gradient comes from medjax's native kernel when a C++ compiler is there to build it (``'native'``), else
-from a pure-XLA loop (``'loop'``).
+``impl='fast'`` is the path models use by default: medjax's native kernels for the forward pass and both
+gradients when a C++ compiler is there to build them (``'native'``), else shifted multiply-adds with a
+hand-written VJP whose kernel gradient is a pure-XLA loop (``'loop'``).
 
 The kernel is stored as ``(kh, kw, 1, C)``, the layout of ``flax.linen.Conv(feature_group_count=C)``,
 so weights convert between the two and from Keras/PyTorch without reshuffling.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -115,15 +116,31 @@ def _pad(x: jax.Array, padding: Pairs, interior: tuple[int, int] = (0, 0)) -> ja
     return lax.pad(x, zero, ((0, 0, 0), (*padding[0], interior[0]), (*padding[1], interior[1]), (0, 0, 0)))
 
 
-def _forward(x: jax.Array, kernel: jax.Array, strides, padding: Pairs, dilation) -> jax.Array:
+def _forward(x: jax.Array, kernel: jax.Array, strides, padding: Pairs, dilation, input_dilation=(1, 1)):
+    """The depthwise correlation of ``x``, dilated by ``input_dilation`` (zeros between its elements: the
+    input gradient of a strided convolution) and padded by ``padding`` (pairs; negative ones crop)."""
+    xp = _pad(x, padding, interior=(input_dilation[0] - 1, input_dilation[1] - 1))
     out_hw = tuple(
-        _out_len(x.shape[1 + a], kernel.shape[a], strides[a], dilation[a], padding[a]) for a in (0, 1)
+        _out_len(xp.shape[1 + a], kernel.shape[a], strides[a], dilation[a], (0, 0)) for a in (0, 1)
     )
-    return _shifted_sum(_pad(x, padding), kernel, out_hw, strides, dilation)
+    return _shifted_sum(xp, kernel, out_hw, strides, dilation)
 
 
-def _grad_input(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int], strides, padding, dilation):
-    """dL/dx: the cotangent, dilated by the stride (interior padding), correlated with the flipped kernel.
+def _forward_native(x, kernel, strides, padding: Pairs, dilation, input_dilation=(1, 1)):
+    """:func:`_forward` by medjax's native kernel (:mod:`medjax.models.native`), which skips the taps that
+    fall in the padding or between dilated elements instead of reading a padded copy. It accumulates in
+    float32 (as ``_forward`` does for lower precisions), so float64 inputs, and the geometries the kernel
+    does not take (cropping; see ``native.forward_supports``), take ``_forward``."""
+    if _acc_dtype(x.dtype) != jnp.float32 or not native.forward_supports(
+        kernel.shape, strides, padding, input_dilation
+    ):
+        return _forward(x, kernel, strides, padding, dilation, input_dilation)
+    return native.depthwise_forward(x, kernel, strides, padding, dilation, input_dilation).astype(x.dtype)
+
+
+def _grad_input(g, kernel, in_hw: tuple[int, int], strides, padding, dilation, correlate):
+    """dL/dx: the cotangent, dilated by the stride, correlated with the flipped kernel (by ``correlate``,
+    the forward pass's function).
 
     The edge padding is chosen so the stride-1 correlation lands exactly on the unpadded input grid;
     it is negative (cropping) when the forward padding exceeds the dilated kernel extent.
@@ -131,10 +148,8 @@ def _grad_input(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int], strides
     edges = []
     for a in (0, 1):
         lo = (kernel.shape[a] - 1) * dilation[a] - padding[a][0]
-        dilated = (g.shape[1 + a] - 1) * strides[a] + 1
-        edges.append((lo, in_hw[a] + padding[a][0] - dilated))
-    gp = _pad(g, tuple(edges), interior=(strides[0] - 1, strides[1] - 1))
-    return _shifted_sum(gp, kernel[::-1, ::-1], in_hw, (1, 1), dilation)
+        edges.append((lo, in_hw[a] + padding[a][0] - ((g.shape[1 + a] - 1) * strides[a] + 1)))
+    return correlate(g, kernel[::-1, ::-1], (1, 1), tuple(edges), dilation, strides)
 
 
 def _grad_kernel(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation) -> jax.Array:
@@ -172,36 +187,50 @@ def _grad_kernel(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dil
 
 def _grad_kernel_native(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation) -> jax.Array:
     """The same kernel gradient from medjax's native kernel (:mod:`medjax.models.native`): one pass over
-    the input and cotangent with the accumulators in registers. It accumulates in float32, so float64
-    inputs take the loop."""
+    the input and cotangent with the accumulators in registers, the padding skipped rather than copied.
+    It accumulates in float32, so float64 inputs take the loop."""
     if _acc_dtype(g.dtype) != jnp.float32:
         return _grad_kernel(x, g, kernel_shape, strides, padding, dilation)
-    return native.depthwise_kernel_grad(_pad(x, padding), g, kernel_shape, strides, dilation)
+    crops = tuple((min(lo, 0), min(hi, 0)) for lo, hi in padding)  # Negative padding crops: done here.
+    pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
+    return native.depthwise_kernel_grad(_pad(x, crops), g, kernel_shape, strides, pads, dilation)
+
+
+class _Kernels(NamedTuple):
+    """The two computations behind a depthwise convolution with a hand-written VJP."""
+
+    # (x, kernel, strides, padding, dilation, input_dilation) -> y: the forward pass and input gradient.
+    correlate: Callable
+    kernel_grad: Callable  # (x, g, kernel_shape, strides, padding, dilation) -> dL/dkernel.
+
+
+_LOOP = _Kernels(_forward, _grad_kernel)
+_NATIVE = _Kernels(_forward_native, _grad_kernel_native)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _depthwise_fast(x, kernel, strides, padding, dilation, kernel_grad):
-    return _forward(x, kernel, strides, padding, dilation)
+def _depthwise_fast(x, kernel, strides, padding, dilation, kernels):
+    return kernels.correlate(x, kernel, strides, padding, dilation)
 
 
-def _depthwise_fast_fwd(x, kernel, strides, padding, dilation, kernel_grad):
-    return _forward(x, kernel, strides, padding, dilation), (x, kernel)
+def _depthwise_fast_fwd(x, kernel, strides, padding, dilation, kernels):
+    return kernels.correlate(x, kernel, strides, padding, dilation), (x, kernel)
 
 
-def _depthwise_fast_bwd(strides, padding, dilation, kernel_grad, residuals, g):
+def _depthwise_fast_bwd(strides, padding, dilation, kernels, residuals, g):
     x, kernel = residuals
-    dx = _grad_input(g, kernel, x.shape[1:3], strides, padding, dilation)
-    dk = kernel_grad(x, g, kernel.shape, strides, padding, dilation)
+    dx = _grad_input(g, kernel, x.shape[1:3], strides, padding, dilation, kernels.correlate)
+    dk = kernels.kernel_grad(x, g, kernel.shape, strides, padding, dilation)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 _depthwise_fast.defvjp(_depthwise_fast_fwd, _depthwise_fast_bwd)
 
 
-def _shifted(x, kernel, strides, padding, dilation, kernel_grad):
+def _shifted(x, kernel, strides, padding, dilation, kernels: _Kernels):
     strides, dilation = _pair(strides), _pair(dilation)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _depthwise_fast(x, kernel, strides, padding, dilation, kernel_grad)
+    return _depthwise_fast(x, kernel, strides, padding, dilation, kernels)
 
 
 def depthwise_conv2d_loop(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
@@ -212,13 +241,14 @@ def depthwise_conv2d_loop(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0))
     to float rounding (tests/test_depthwise.py), forward+backward 5-19x faster on CPU
     (launch/bench_depthwise.py). bfloat16 inputs are accumulated in float32.
     """
-    return _shifted(x, kernel, strides, padding, dilation, _grad_kernel)
+    return _shifted(x, kernel, strides, padding, dilation, _LOOP)
 
 
 def depthwise_conv2d_native(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
-    """``depthwise_conv2d_loop`` with the kernel gradient from medjax's native kernel (built with the
-    system's C++ compiler, :mod:`medjax.models.native`)."""
-    return _shifted(x, kernel, strides, padding, dilation, _grad_kernel_native)
+    """Depthwise convolution by medjax's native kernels (built with the system's C++ compiler,
+    :mod:`medjax.models.native`): the forward pass, the input gradient (the same kernel on the cotangent)
+    and the kernel gradient; same contract as the reference."""
+    return _shifted(x, kernel, strides, padding, dilation, _NATIVE)
 
 
 def depthwise_conv2d_fast(x, kernel, **kwargs):

@@ -1,0 +1,208 @@
+// The forward pass of a depthwise 2-D convolution (a correlation, as deep learning defines it) as an XLA FFI
+// custom call (see medjax/models/native.py):
+//
+//   y[n, oh, ow, c] = sum over (i, j) of xe[n, oh*sh + i*dh - pt, ow*sw + j*dw - pl, c] * k[i, j, 0, c]
+//
+// xe is the NHWC input x dilated by (eh, ew) (xe[p, q] = x[p/eh, q/ew] where both divide, else zero) and read
+// as zero outside its bounds: the padding (pt rows above, pl columns to the left, the rest follows from y's
+// shape) and the dilation are implicit, never materialised. k is (kh, kw, 1, C); y is (N, Ho, Wo, C); all
+// float32. With (eh, ew) = (1, 1) this is the forward pass; with the stride as (eh, ew), output stride 1 and
+// the flipped kernel it is the input gradient of a strided convolution (the stride and the input dilation
+// are not both above 1 along an axis). Why native: XLA CPU computes these as one fusion summing kh*kw
+// strided slices of a padded (and dilated) copy: 2.4x PyTorch's time for ConvNeXt's 7x7 on 56x56x96
+// (launch/bench_convnext_parts.py), 4x the forward's time for MobileNetV2's 112x112 stride-2 input gradient.
+// Here a tile of COLS output columns by T channel vectors stays in registers across every tap, each tap's
+// kernel vectors are loaded once per tile, and taps that land in the padding or between dilated elements
+// are skipped. Output columns are taken in ew phases (ow = q + ew*m), within which the same taps are
+// valid and consecutive outputs read consecutive input columns. Output rows (n, oh) are split across XLA's
+// intra-op thread pool; the handler returns a future rather than blocking a pool thread (see
+// depthwise_kernel_grad.cc).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using medjax::Load;
+using medjax::Store;
+using medjax::Vec;
+
+struct Geometry {
+  int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, dh, dw, pt, pl, eh, ew;
+};
+
+// Floor division and its remainder for a possibly negative numerator and a positive divisor.
+inline int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// A tap that lands on an input element: its kernel offset (i*kw + j for rows and columns alike, in units of
+// channels' strides) and the input row or column it reads at the phase's first output (m = 0).
+struct Tap {
+  int64_t index, source;
+};
+
+// The tap rows of output row oh that land on input rows: index i*kw, source row.
+int64_t RowTaps(const Geometry& s, int64_t oh, Tap* taps) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const int64_t p = oh * s.sh + i * s.dh - s.pt;  // Row of the dilated input.
+    if (p < 0 || p % s.eh != 0 || p / s.eh >= s.h) continue;
+    taps[count++] = {i * s.kw, p / s.eh};
+  }
+  return count;
+}
+
+// One phase of output columns, ow = q + ew*m for m in [0, count): the tap columns that land on input columns
+// (index j, source column at m = 0; at m, source + m*sw) and the m whose every tap is inside the input.
+struct Phase {
+  int64_t q, count, inner_lo, inner_hi, taps;
+  Tap tap[64];  // kw <= 64: native.depthwise_forward checks.
+};
+
+Phase MakePhase(const Geometry& s, int64_t q) {
+  Phase ph{q, (s.wo - q + s.ew - 1) / s.ew, 0, 0, 0, {}};
+  int64_t lo = 0, hi = ph.count;
+  for (int64_t j = 0; j < s.kw; ++j) {
+    const int64_t p = q + j * s.dw - s.pl;  // Column of the dilated input at m = 0 (sw is 1 when ew > 1).
+    if (FloorDiv(p, s.ew) * s.ew != p) continue;
+    const int64_t src = FloorDiv(p, s.ew);
+    ph.tap[ph.taps++] = {j, src};
+    // Inside for m*sw + src in [0, w).
+    lo = std::max(lo, src >= 0 ? int64_t{0} : (-src + s.sw - 1) / s.sw);
+    hi = std::min(hi, s.w - 1 - src < 0 ? int64_t{0} : (s.w - 1 - src) / s.sw + 1);
+  }
+  ph.inner_lo = std::min(lo, ph.count);
+  ph.inner_hi = std::max(ph.inner_lo, hi);
+  return ph;
+}
+
+// Outputs m in [m0, m0 + COLS) of one phase, channels [c0, c0 + T*W), every tap inside the input: COLS*T
+// accumulators in registers, T kernel vectors loaded per tap.
+template <int W, int T, int COLS>
+inline void InteriorTile(const float* __restrict x_img, const float* __restrict k, float* __restrict y_row,
+                         const Geometry& s, const Tap* rows, int64_t n_rows, const Phase& ph, int64_t m0,
+                         int64_t c0) {
+  Vec<W> acc[COLS][T] = {};
+  const int64_t col_step = s.sw * s.c;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* x_row = x_img + rows[r].source * s.w * s.c + c0;
+    const float* k_row = k + rows[r].index * s.c + c0;
+    for (int64_t t_ = 0; t_ < ph.taps; ++t_) {
+      const Tap& tap = ph.tap[t_];
+      Vec<W> kv[T];
+      for (int t = 0; t < T; ++t) kv[t] = Load<W>(k_row + tap.index * s.c + t * W);
+      const float* xv = x_row + (tap.source + m0 * s.sw) * s.c;
+      for (int o = 0; o < COLS; ++o)
+        for (int t = 0; t < T; ++t) acc[o][t] += Load<W>(xv + o * col_step + t * W) * kv[t];
+    }
+  }
+  for (int o = 0; o < COLS; ++o)
+    for (int t = 0; t < T; ++t) Store<W>(y_row + (ph.q + s.ew * (m0 + o)) * s.c + c0 + t * W, acc[o][t]);
+}
+
+// One output m of a phase near the left or right edge, channels [c0, c0 + T*W): taps outside skipped.
+template <int W, int T>
+inline void EdgeColumn(const float* __restrict x_img, const float* __restrict k, float* __restrict y_row,
+                       const Geometry& s, const Tap* rows, int64_t n_rows, const Phase& ph, int64_t m, int64_t c0) {
+  Vec<W> acc[T] = {};
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* x_row = x_img + rows[r].source * s.w * s.c + c0;
+    const float* k_row = k + rows[r].index * s.c + c0;
+    for (int64_t t_ = 0; t_ < ph.taps; ++t_) {
+      const int64_t col = ph.tap[t_].source + m * s.sw;
+      if (col < 0 || col >= s.w) continue;
+      for (int t = 0; t < T; ++t)
+        acc[t] += Load<W>(x_row + col * s.c + t * W) * Load<W>(k_row + ph.tap[t_].index * s.c + t * W);
+    }
+  }
+  for (int t = 0; t < T; ++t) Store<W>(y_row + (ph.q + s.ew * m) * s.c + c0 + t * W, acc[t]);
+}
+
+// Channels [c0, c0 + T*W) of one output row and phase: edge outputs one at a time, the interior in tiles.
+template <int W, int T, int COLS>
+void RowChannels(const float* x_img, const float* k, float* y_row, const Geometry& s, const Tap* rows,
+                 int64_t n_rows, const Phase& ph, int64_t c0) {
+  int64_t m = 0;
+  for (; m < ph.inner_lo; ++m) EdgeColumn<W, T>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
+  for (; m + COLS <= ph.inner_hi; m += COLS) InteriorTile<W, T, COLS>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
+  for (; m < ph.inner_hi; ++m) InteriorTile<W, T, 1>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
+  for (; m < ph.count; ++m) EdgeColumn<W, T>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
+}
+
+// Output rows [r0, r1) of the flattened (n, oh) index, all channels: pairs of 16-float vectors (8 columns x 2
+// vectors = 16 accumulators of the 32 AVX-512 registers), then single vectors of 16, 8 and 1 floats.
+void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, int64_t r0, int64_t r1) {
+  std::vector<Phase> phases;
+  for (int64_t q = 0; q < std::min(s.ew, s.wo); ++q) phases.push_back(MakePhase(s, q));
+  std::vector<Tap> rows(s.kh);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / s.ho, oh = r % s.ho;
+    const float* x_img = x + n * s.h * s.w * s.c;
+    float* y_row = y + r * s.wo * s.c;
+    const int64_t n_rows = RowTaps(s, oh, rows.data());
+    for (const Phase& ph : phases) {
+      int64_t c0 = 0;
+      for (; c0 + 32 <= s.c; c0 += 32) RowChannels<16, 2, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
+      for (; c0 + 16 <= s.c; c0 += 16) RowChannels<16, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
+      for (; c0 + 8 <= s.c; c0 += 8) RowChannels<8, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
+      for (; c0 < s.c; ++c0) RowChannels<1, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
+    }
+  }
+}
+
+ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
+                    int64_t pl, int64_t eh, int64_t ew) {
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  auto yd = y->dimensions();
+  const Geometry s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, dh, dw, pt, pl, eh, ew};
+  // Contiguous chunks of output rows, one per thread.
+  const int64_t rows = s.n * s.ho;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(1, (rows + threads - 1) / threads);
+  const int64_t tasks = (rows + chunk - 1) / chunk;
+
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  if (tasks == 0 || s.wo == 0 || s.c == 0) {
+    promise.SetAvailable();
+    return future;
+  }
+  auto remaining = std::make_shared<std::atomic<int64_t>>(tasks);
+  const float* x_data = x.typed_data();
+  const float* k_data = k.typed_data();
+  float* y_data = y->typed_data();
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
+    pool.Schedule([=]() mutable {
+      ForwardRows(x_data, k_data, y_data, s, r0, r1);
+      if (remaining->fetch_sub(1) == 1) promise.SetAvailable();
+    });
+  }
+  return future;
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("eh")
+                                  .Attr<int64_t>("ew"));
