@@ -47,7 +47,10 @@ def compile_train_step(
     model, *, optim_cfg, loss_fn, batch_size: int, image_shape, num_classes: int
 ) -> TrainStep:
     """Compiles ``model``'s training step (``optim_cfg``'s optimizer, ``loss_fn`` from
-    ``losses.make_loss_fn``) for a random batch of ``num_classes`` labels."""
+    ``losses.make_loss_fn``) for a random batch of ``num_classes`` labels.
+
+    With an unfreezing schedule (``optim.unfreeze``) it is the last phase's step: the one that trains
+    every layer, and the one that dominates a recipe's time."""
     key = jax.random.key(0)
     variables = train.init_variables(model, rng=key, image_shape=tuple(image_shape))
     tx, _ = optim.make_optimizer(optim_cfg, variables["params"], total_steps=1000, steps_per_epoch=100)
@@ -58,6 +61,8 @@ def compile_train_step(
         "image": jax.random.normal(k_img, (batch_size, *image_shape), jnp.float32),
         "label": jax.random.randint(k_lab, (batch_size,), 0, num_classes),
     }
+    phases = optim_cfg.get("unfreeze")
+    phase_arg = {"phase": len(phases) - 1} if phases else {}
     start = time.perf_counter()
-    compiled = p_train.lower(state, batch, key).compile()
+    compiled = p_train.lower(state, batch, key, **phase_arg).compile()
     return TrainStep(compiled, p_eval, state, batch, key, time.perf_counter() - start)
