@@ -156,6 +156,7 @@ def test_launcher_refuses_more_cores_than_it_may_use(tmp_path):
 
 RECIPE_VARIANTS = (
     "chest_xray.py:cpu",
+    "chest_xray.py:cohort",
     "chest_xray.py:variant=scratch,model=convnext",
     "covid_ct.py:cpu",
     "covid_ct.py:model=mednext_plos",
