@@ -17,7 +17,7 @@ import pytest
 import scipy.special
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from medjax.models import available_models, get_model
+from medjax.models import available_models, get_model, native
 from medjax.models.convnext import Block
 from medjax.models.layers import BatchNorm, Conv, gelu
 from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
@@ -416,9 +416,23 @@ def test_conv_equals_nn_conv_with_the_same_parameters(size, kernel, strides, pad
     chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)
 
 
-def test_batch_norm_equals_flax_batch_norm():
+@pytest.fixture(params=["native", "xla"])
+def batch_norm_sums(request, monkeypatch):
+    """Runs a test with BatchNorm's sums from medjax's native kernel, then from XLA (``MEDJAX_NATIVE=0``)."""
+    if request.param == "native" and not native.available():
+        pytest.skip("no C++ compiler")
+    if request.param == "xla":
+        monkeypatch.setenv("MEDJAX_NATIVE", "0")
+    native.available.cache_clear()
+    yield request.param
+    native.available.cache_clear()
+
+
+def test_batch_norm_equals_flax_batch_norm(batch_norm_sums):
     """``layers.BatchNorm`` is ``nn.BatchNorm`` with a closed-form backward: same variables, outputs,
-    running averages and gradients, in training and evaluation."""
+    running averages and gradients, in training and evaluation, with either implementation of its sums."""
+    train = jax.make_jaxpr(lambda x: BatchNorm().init_with_output(jax.random.key(0), x, False))
+    assert (native.CHANNEL_SUMS in str(train(jnp.ones((2, 3, 3, 4))))) == (batch_norm_sums == "native")
     x = 3.0 * jax.random.normal(jax.random.key(1), (4, 5, 6, 7)) + 2.0
     ours, flax_bn = BatchNorm(momentum=0.9, epsilon=1e-3), nn.BatchNorm(momentum=0.9, epsilon=1e-3)
     variables = ours.init(jax.random.key(0), x, use_running_average=False)
@@ -453,6 +467,26 @@ def test_batch_norm_equals_flax_batch_norm():
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("shape", [(32, 56, 56, 24), (3, 5, 7, 17), (1, 1, 1, 1)])
+def test_native_channel_sums_equal_float64_sums(shape):
+    """One pass gives ``sum(a)`` and ``sum(a * b)`` per channel to float32 rounding of the exact sums, also
+    over 100,000 rows of a large offset (float32 accumulation alone would drift by about 1e-4), with a
+    channel count that is no multiple of the vector width, and with ``b`` the same array as ``a``."""
+    a = jax.random.normal(jax.random.key(0), shape) + 3.0
+    b = jax.random.normal(jax.random.key(1), shape)
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    axes = tuple(range(len(shape) - 1))
+    total, dot = jax.jit(native.channel_sums)(a, b)
+    np.testing.assert_allclose(total, a64.sum(axes), rtol=1e-6)
+    # sum(a * b) cancels: its error is bounded by the sum of the magnitudes, not by the result.
+    assert np.all(np.abs(dot - (a64 * b64).sum(axes)) <= 1e-6 * np.abs(a64 * b64).sum(axes))
+    total, square = jax.jit(native.channel_sums)(a, a)
+    np.testing.assert_allclose(square, (a64 * a64).sum(axes), rtol=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        native.channel_sums(a, jnp.zeros((*shape[:-1], shape[-1] + 1)))
 
 
 # --- padding, registry, configuration errors --------------------------------------------------------

@@ -1,12 +1,14 @@
 """medjax's native CPU kernels: C++ sources built on first use and called through XLA's FFI.
 
-Two kernels, both of the depthwise convolution that every medjax architecture is built on:
+Three kernels, for what XLA CPU computes in many more passes than the arithmetic needs:
 
-- its kernel gradient (``csrc/depthwise_kernel_grad.cc``): XLA CPU can only express it as one small
-  fusion per tap and output row, and dispatching those is most of a MobileNetV2 or MedNeXt backward pass
-  (profiled);
+- the depthwise convolution's kernel gradient (``csrc/depthwise_kernel_grad.cc``): XLA CPU can only express
+  it as one small fusion per tap and output row, and dispatching those is most of a MobileNetV2 or MedNeXt
+  backward pass (profiled);
 - its forward pass, which also serves as the input gradient (``csrc/depthwise_forward.cc``): XLA CPU sums
-  kh*kw strided slices of a padded copy, 2.4x PyTorch's time on ConvNeXt's 7x7 at 56x56x96.
+  kh*kw strided slices of a padded copy, 2.4x PyTorch's time on ConvNeXt's 7x7 at 56x56x96;
+- per-channel sums of ``a`` and ``a * b`` in one pass (``csrc/channel_sums.cc``), BatchNorm's statistics
+  and backward reductions: XLA CPU materialises the product and reduces each sum separately.
 
 The sources are compiled together once per machine with the system's C++ compiler (``$CXX``, else
 ``g++``/``c++``) for the CPU it runs on, into ``$MEDJAX_CACHE_DIR/native`` (default
@@ -32,11 +34,16 @@ import numpy as np
 from medjax.errors import MedjaxError
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "depthwise_forward.cc", CSRC / "depthwise_kernel_grad.cc")
+SOURCES = (CSRC / "depthwise_forward.cc", CSRC / "depthwise_kernel_grad.cc", CSRC / "channel_sums.cc")
 HEADERS = (CSRC / "simd.h",)
 FORWARD = "medjax_depthwise_forward"
 KERNEL_GRAD = "medjax_depthwise_kernel_grad"
-_SYMBOLS = {FORWARD: "MedjaxDepthwiseForward", KERNEL_GRAD: "MedjaxDepthwiseKernelGrad"}
+CHANNEL_SUMS = "medjax_channel_sums"
+_SYMBOLS = {
+    FORWARD: "MedjaxDepthwiseForward",
+    KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
+    CHANNEL_SUMS: "MedjaxChannelSums",
+}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 
@@ -90,8 +97,8 @@ def available() -> bool:
     compiler = _compiler()
     if compiler is None:
         warnings.warn(
-            "medjax: no C++ compiler (g++ or $CXX) found, so depthwise convolutions use the slower "
-            "pure-XLA path; install one (e.g. `apt install g++`) to build medjax's native kernels.",
+            "medjax: no C++ compiler (g++ or $CXX) found, so depthwise convolutions and BatchNorm use the "
+            "slower pure-XLA path; install one (e.g. `apt install g++`) to build medjax's native kernels.",
             stacklevel=2,
         )
         return False
@@ -105,12 +112,11 @@ def available() -> bool:
     return True
 
 
-def _call(target: str, out: jax.ShapeDtypeStruct, *args: jax.Array, **attrs: int) -> jax.Array:
-    """Calls native ``target`` on ``args`` in float32 (integer attributes as the handlers' int64)."""
+def _call(target: str, out, *args: jax.Array, **attrs: int):
+    """Calls native ``target`` on ``args`` in float32 (integer attributes as the handlers' int64); ``out`` is
+    one ``jax.ShapeDtypeStruct`` or a tuple of them."""
     if not available():
-        raise MedjaxError(
-            "The native depthwise kernels are unavailable (no C++ compiler, or MEDJAX_NATIVE=0)."
-        )
+        raise MedjaxError("medjax's native kernels are unavailable (no C++ compiler, or MEDJAX_NATIVE=0).")
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(*(a.astype(jnp.float32) for a in args), **{k: np.int64(v) for k, v in attrs.items()})
 
@@ -175,3 +181,18 @@ def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape, strides, pad
     (kh, kw), (sh, sw), (dh, dw), ((pt, _), (pl, _)) = kernel_shape[:2], strides, dilation, padding
     out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
     return _call(KERNEL_GRAD, out, x, g, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl)
+
+
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum(a), sum(a * b))`` over every axis but the last, in one pass over both (accumulated in double).
+
+    Args:
+      a, b: arrays of one shape ``(..., C)`` (computed in float32); ``b`` may be ``a`` itself.
+    Returns:
+      Two float32 ``(C,)`` arrays.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"channel_sums needs two arrays of one shape, got {a.shape} and {b.shape}.")
+    c = a.shape[-1]
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    return _call(CHANNEL_SUMS, (out, out), a.reshape(-1, c), b.reshape(-1, c))
