@@ -107,6 +107,11 @@ def environment(choice: str, base: Mapping[str, str]) -> dict[str, str]:
                 "package."
             )
         env["LD_PRELOAD"] = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
+        if kind == "mimalloc":
+            # mimalloc returns freed pages to the system after 10 ms by default, and a training step
+            # that frees and reallocates its buffers then faults them back in: MobileNetV2's 0.8 s step
+            # took 1.4-2.7 s in some steps of two runs in three; with purging off, 1 step in 36.
+            env.setdefault("MIMALLOC_PURGE_DELAY", "-1")
     elif kind == "hugepages":
         env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), _HUGEPAGES_TUNABLE) if t)
     return env

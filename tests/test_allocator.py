@@ -40,6 +40,13 @@ def test_tcmalloc_asked_for_but_missing_says_how_to_install(monkeypatch):
         allocator.environment("tcmalloc", {})
 
 
+def test_mimalloc_keeps_freed_pages_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.setattr(allocator, "find_mimalloc", lambda: "/opt/lib/libmimalloc.so")
+    env = allocator.environment("mimalloc", {})
+    assert env == {"LD_PRELOAD": "/opt/lib/libmimalloc.so", "MIMALLOC_PURGE_DELAY": "-1"}
+    assert allocator.environment("mimalloc", {"MIMALLOC_PURGE_DELAY": "50"})["MIMALLOC_PURGE_DELAY"] == "50"
+
+
 def test_mimalloc_asked_for_but_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(allocator, "find_mimalloc", lambda: None)
     with pytest.raises(FileNotFoundError, match="pip install cmeel-mimalloc==3.4.3.*--allocator=hugepages"):
