@@ -35,7 +35,7 @@ from medjax.errors import MedjaxError
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "depthwise_forward.cc", CSRC / "depthwise_kernel_grad.cc", CSRC / "channel_sums.cc")
-HEADERS = (CSRC / "simd.h",)
+HEADERS = (CSRC / "simd.h", CSRC / "tasks.h")
 FORWARD = "medjax_depthwise_forward"
 KERNEL_GRAD = "medjax_depthwise_kernel_grad"
 CHANNEL_SUMS = "medjax_channel_sums"

@@ -9,15 +9,14 @@
 // one suffices; in MobileNetV2's training step these reductions were a third of the time (a bound measured
 // by dropping them). Rows are split across XLA's intra-op thread pool; each task sums blocks of rows in
 // float32 vectors and adds each block's sums into double, and the last task to finish adds the tasks'
-// partial sums in a fixed order, so the result does not depend on scheduling. The handler returns a future
-// rather than blocking a pool thread (see depthwise_kernel_grad.cc).
+// partial sums in a fixed order, so the result does not depend on scheduling (medjax::RunTasks, tasks.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -59,32 +58,27 @@ ffi::Future ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(threads, m * c / (1 << 16)));
   const int64_t chunk = (m + tasks - 1) / tasks;
 
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  auto remaining = std::make_shared<std::atomic<int64_t>>(tasks);
   auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
   const float* a_data = a.typed_data();
   const float* b_data = b.typed_data();
   float* sa_data = sa->typed_data();
   float* sab_data = sab->typed_data();
-  for (int64_t t = 0; t < tasks; ++t) {
-    pool.Schedule([=]() mutable {
-      double* mine = partial->data() + 2 * t * c;
-      SumRows(a_data, b_data, c, t * chunk, std::min(m, (t + 1) * chunk), mine, mine + c);
-      if (remaining->fetch_sub(1) != 1) return;
-      for (int64_t k = 0; k < c; ++k) {
-        double total_a = 0.0, total_ab = 0.0;
-        for (int64_t u = 0; u < tasks; ++u) {
-          total_a += (*partial)[2 * u * c + k];
-          total_ab += (*partial)[2 * u * c + c + k];
-        }
-        sa_data[k] = static_cast<float>(total_a);
-        sab_data[k] = static_cast<float>(total_ab);
+  auto sum_chunk = [=](int64_t t) {
+    double* mine = partial->data() + 2 * t * c;
+    SumRows(a_data, b_data, c, t * chunk, std::min(m, (t + 1) * chunk), mine, mine + c);
+  };
+  auto add_chunks = [=]() {
+    for (int64_t k = 0; k < c; ++k) {
+      double total_a = 0.0, total_ab = 0.0;
+      for (int64_t u = 0; u < tasks; ++u) {
+        total_a += (*partial)[2 * u * c + k];
+        total_ab += (*partial)[2 * u * c + c + k];
       }
-      promise.SetAvailable();
-    });
-  }
-  return future;
+      sa_data[k] = static_cast<float>(total_a);
+      sab_data[k] = static_cast<float>(total_ab);
+    }
+  };
+  return medjax::RunTasks(pool, tasks, sum_chunk, add_chunks);
 }
 
 }  // namespace

@@ -15,16 +15,14 @@
 // kernel vectors are loaded once per tile, and taps that land in the padding or between dilated elements
 // are skipped. Output columns are taken in ew phases (ow = q + ew*m), within which the same taps are
 // valid and consecutive outputs read consecutive input columns. Output rows (n, oh) are split across XLA's
-// intra-op thread pool; the handler returns a future rather than blocking a pool thread (see
-// depthwise_kernel_grad.cc).
+// intra-op thread pool (medjax::RunTasks, tasks.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
 #include "simd.h"
+#include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -170,24 +168,13 @@ ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const int64_t chunk = std::max<int64_t>(1, (rows + threads - 1) / threads);
   const int64_t tasks = (rows + chunk - 1) / chunk;
 
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  if (tasks == 0 || s.wo == 0 || s.c == 0) {
-    promise.SetAvailable();
-    return future;
-  }
-  auto remaining = std::make_shared<std::atomic<int64_t>>(tasks);
+  if (s.wo == 0 || s.c == 0) return medjax::RunTasks(pool, 0, [](int64_t) {});
   const float* x_data = x.typed_data();
   const float* k_data = k.typed_data();
   float* y_data = y->typed_data();
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
-    pool.Schedule([=]() mutable {
-      ForwardRows(x_data, k_data, y_data, s, r0, r1);
-      if (remaining->fetch_sub(1) == 1) promise.SetAvailable();
-    });
-  }
-  return future;
+  return medjax::RunTasks(pool, tasks, [=](int64_t t) {
+    ForwardRows(x_data, k_data, y_data, s, t * chunk, std::min(rows, (t + 1) * chunk));
+  });
 }
 
 }  // namespace

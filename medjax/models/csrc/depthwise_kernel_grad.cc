@@ -7,15 +7,13 @@
 // XLA CPU can only express this as one small fusion per tap per output row, each a separately dispatched
 // thunk that re-reads its accumulator (medjax/models/depthwise.py); here each 16-channel accumulator
 // stays in a vector register along an output row. Channels are split across XLA's intra-op thread pool
-// (no partial sums to add), and the handler is asynchronous: it returns a future instead of blocking a
-// pool thread, which could deadlock when every thread waits for work queued behind it.
+// (no partial sums to add; medjax::RunTasks, tasks.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 
 #include "simd.h"
+#include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -156,20 +154,12 @@ ffi::Future KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t chunk = kBlock * ((blocks + threads - 1) / threads);
   const int64_t tasks = (s.c + chunk - 1) / chunk;
 
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  auto remaining = std::make_shared<std::atomic<int64_t>>(tasks);
   const float* x_data = x.typed_data();
   const float* g_data = g.typed_data();
   float* dk_data = dk->typed_data();
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t c0 = t * chunk, c1 = std::min(s.c, c0 + chunk);
-    pool.Schedule([=]() mutable {
-      KernelGradChannels(x_data, g_data, dk_data, s, c0, c1);
-      if (remaining->fetch_sub(1) == 1) promise.SetAvailable();
-    });
-  }
-  return future;
+  return medjax::RunTasks(pool, tasks, [=](int64_t t) {
+    KernelGradChannels(x_data, g_data, dk_data, s, t * chunk, std::min(s.c, (t + 1) * chunk));
+  });
 }
 
 }  // namespace
