@@ -19,7 +19,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from medjax.models import available_models, get_model, native
 from medjax.models.convnext import Block
-from medjax.models.layers import BatchNorm, Conv, gelu
+from medjax.models.layers import BatchNorm, Conv, LayerNorm, gelu
 from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
 
 IMPROVED = {"pooling": "avg+max", "fusion": "concat", "sevector_ratio": 16}  # study A's head
@@ -417,8 +417,9 @@ def test_conv_equals_nn_conv_with_the_same_parameters(size, kernel, strides, pad
 
 
 @pytest.fixture(params=["native", "xla"])
-def batch_norm_sums(request, monkeypatch):
-    """Runs a test with BatchNorm's sums from medjax's native kernel, then from XLA (``MEDJAX_NATIVE=0``)."""
+def norm_impl(request, monkeypatch):
+    """Runs a test with BatchNorm's sums and LayerNorm from medjax's native kernels, then from XLA
+    (``MEDJAX_NATIVE=0``)."""
     if request.param == "native" and not native.available():
         pytest.skip("no C++ compiler")
     if request.param == "xla":
@@ -428,11 +429,11 @@ def batch_norm_sums(request, monkeypatch):
     native.available.cache_clear()
 
 
-def test_batch_norm_equals_flax_batch_norm(batch_norm_sums):
+def test_batch_norm_equals_flax_batch_norm(norm_impl):
     """``layers.BatchNorm`` is ``nn.BatchNorm`` with a closed-form backward: same variables, outputs,
     running averages and gradients, in training and evaluation, with either implementation of its sums."""
     train = jax.make_jaxpr(lambda x: BatchNorm().init_with_output(jax.random.key(0), x, False))
-    assert (native.CHANNEL_SUMS in str(train(jnp.ones((2, 3, 3, 4))))) == (batch_norm_sums == "native")
+    assert (native.CHANNEL_SUMS in str(train(jnp.ones((2, 3, 3, 4))))) == (norm_impl == "native")
     x = 3.0 * jax.random.normal(jax.random.key(1), (4, 5, 6, 7)) + 2.0
     ours, flax_bn = BatchNorm(momentum=0.9, epsilon=1e-3), nn.BatchNorm(momentum=0.9, epsilon=1e-3)
     variables = ours.init(jax.random.key(0), x, use_running_average=False)
@@ -467,6 +468,56 @@ def test_batch_norm_equals_flax_batch_norm(batch_norm_sums):
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 96), (4, 3, 3, 17), (6, 40)])
+def test_layer_norm_equals_flax_layer_norm(norm_impl, shape):
+    """``layers.LayerNorm`` is ``nn.LayerNorm``: same variables, outputs and gradients, evaluated and
+    differentiated, with either implementation; channel counts a multiple of the native kernel's vector
+    width, one that is not, and the 2-D input of a pooled head."""
+    x = 3.0 * jax.random.normal(jax.random.key(1), shape) + 2.0
+    ours, flax_ln = LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6)
+    variables = ours.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(variables, flax_ln.init(jax.random.key(0), x))
+    keys = jax.random.split(jax.random.key(2), 2)
+    variables = {
+        "params": {
+            "scale": jax.random.normal(keys[0], shape[-1:]),
+            "bias": jax.random.normal(keys[1], shape[-1:]),
+        }
+    }
+    weights = jax.random.normal(jax.random.key(3), shape)
+
+    def loss(module, variables, x):
+        return jnp.sum(jnp.tanh(module.apply(variables, x)) * weights)
+
+    differentiated = jax.make_jaxpr(jax.grad(functools.partial(loss, ours)))(variables, x)
+    assert (native.LAYER_NORM_BACKWARD in str(differentiated)) == (norm_impl == "native")
+    np.testing.assert_allclose(ours.apply(variables, x), flax_ln.apply(variables, x), rtol=1e-5, atol=1e-5)
+    ours_loss, ours_grads = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1)))(
+        variables, x
+    )
+    flax_loss, flax_grads = jax.value_and_grad(functools.partial(loss, flax_ln), argnums=(0, 1))(variables, x)
+    np.testing.assert_allclose(ours_loss, flax_loss, rtol=1e-5)
+    chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_variance_is_taken_about_the_mean(norm_impl):
+    """On rows far from zero (offset 1000, unit spread) the variance comes from ``x - mean``, not from
+    ``E[x^2] - E[x]^2``, which cancels to about 0.1 in float32: outputs and gradients match float64."""
+    x = jax.random.normal(jax.random.key(0), (64, 48)) + 1000.0
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    x_hat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    dx64 = (g64 - g64.mean(-1, keepdims=True) - x_hat * (g64 * x_hat).mean(-1, keepdims=True)) / np.sqrt(
+        x64.var(-1, keepdims=True) + 1e-6
+    )
+    variables = {"params": {"scale": jnp.ones(48), "bias": jnp.zeros(48)}}
+    y, pullback = jax.vjp(lambda v, x: LayerNorm(epsilon=1e-6).apply(v, x), variables, x)
+    dv, dx = pullback(g)
+    np.testing.assert_allclose(y, x_hat, atol=2e-3)  # x itself carries float32's 6e-5 at 1000
+    np.testing.assert_allclose(dx, dx64, atol=2e-3)
+    np.testing.assert_allclose(dv["params"]["scale"], (g64 * x_hat).sum(0), atol=2e-2)
 
 
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler")

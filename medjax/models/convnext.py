@@ -34,7 +34,17 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, SEVector, gelu, remat
+from medjax.models.layers import (
+    Conv,
+    Dense,
+    DepthwiseConv,
+    DropPath,
+    GlobalPool,
+    LayerNorm,
+    SEVector,
+    gelu,
+    remat,
+)
 
 # name -> (depths, widths), from the official repository.
 VARIANTS = {
@@ -66,7 +76,7 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
         y = DepthwiseConv(7, padding=3, impl=self.depthwise_impl, kernel_init=_init, name="dwconv")(x)
-        y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm")(y)
+        y = LayerNorm(epsilon=LN_EPSILON, name="norm")(y)
         y = Dense(4 * channels, kernel_init=_init, name="pwconv1")(y)
         y = gelu(y)
         y = Dense(channels, kernel_init=_init, name="pwconv2")(y)
@@ -136,12 +146,12 @@ class Model(nn.Module):
             impl=self.depthwise_impl,
             name="stem_conv",
         )(x)
-        x = nn.LayerNorm(epsilon=LN_EPSILON, name="stem_norm")(x)
+        x = LayerNorm(epsilon=LN_EPSILON, name="stem_norm")(x)
         block = remat(Block, self.remat)
         index = 0
         for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             if stage > 0:
-                x = nn.LayerNorm(epsilon=LN_EPSILON, name=f"downsample_{stage}_norm")(x)
+                x = LayerNorm(epsilon=LN_EPSILON, name=f"downsample_{stage}_norm")(x)
                 x = Conv(
                     width,
                     (2, 2),
@@ -162,7 +172,7 @@ class Model(nn.Module):
         feature_map = x if self.is_initializing() else self.perturb("feature_map", x)
 
         features = GlobalPool(mode=self.pooling, fusion=self.fusion)(feature_map)
-        features = nn.LayerNorm(epsilon=LN_EPSILON, name="head_norm")(features)
+        features = LayerNorm(epsilon=LN_EPSILON, name="head_norm")(features)
         if self.sevector_ratio is not None:
             features = SEVector(ratio=self.sevector_ratio, name="sevector")(features)
         head_init = nn.initializers.zeros_init() if self.head_zero_init else _init

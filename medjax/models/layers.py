@@ -25,6 +25,7 @@ __all__ = [
     "DepthwiseConv",
     "DropPath",
     "GlobalPool",
+    "LayerNorm",
     "SEVector",
     "gelu",
     "remat",
@@ -310,6 +311,72 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last axis (same ``scale`` and ``bias`` variables, so checkpoints and
+    ``init_from`` carry over) whose training pass is medjax's native kernel.
+
+    Differentiated, XLA CPU spends on each LayerNorm two library reductions per direction that do not fuse
+    their producers, plus materialised ``x - mean``, ``x_hat`` and ``g * scale``; in MedNeXt-tiny's step that
+    came to about a fifth of the time (profiled). Under differentiation the forward and the closed-form
+    backward are one native pass each (:func:`native.layer_norm`); evaluation, export and machines without
+    the native kernels compute the same function in XLA. The variance is taken about the mean (two passes
+    over a row), not ``nn.LayerNorm``'s ``E[x^2] - E[x]^2``: the two agree to float32 rounding.
+    """
+
+    epsilon: float = 1e-6
+    scale_init: nn.initializers.Initializer = nn.initializers.ones_init()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, features, jnp.float32)
+        bias = self.param("bias", self.bias_init, features, jnp.float32)
+        return _layer_norm(x, scale, bias, self.epsilon)
+
+
+def _layer_norm_xla(x, scale, bias, epsilon):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1)
+    centred = xf - mean[..., None]
+    rstd = lax.rsqrt(jnp.mean(centred * centred, axis=-1) + epsilon)
+    return centred * rstd[..., None] * scale + bias, mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    return _layer_norm_xla(x, scale, bias, epsilon)[0].astype(x.dtype)
+
+
+def _native_layer_norm(x: jax.Array) -> bool:
+    return x.dtype == jnp.float32 and native.available()
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    if _native_layer_norm(x):
+        y, mean, rstd = native.layer_norm(x, scale, bias, epsilon)
+    else:
+        y, mean, rstd = _layer_norm_xla(x, scale, bias, epsilon)
+    return y.astype(x.dtype), (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, residuals, g):
+    del epsilon
+    x, scale, mean, rstd = residuals
+    if _native_layer_norm(x):
+        return native.layer_norm_backward(g, x, scale, mean, rstd)
+    g = g.astype(jnp.float32)
+    x_hat = (x.astype(jnp.float32) - mean[..., None]) * rstd[..., None]
+    gs = g * scale
+    mean_gs, mean_gs_x_hat = jnp.mean(gs, -1, keepdims=True), jnp.mean(gs * x_hat, -1, keepdims=True)
+    dx = rstd[..., None] * (gs - mean_gs - x_hat * mean_gs_x_hat)
+    rows = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), jnp.sum(g * x_hat, rows), jnp.sum(g, rows)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)

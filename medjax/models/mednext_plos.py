@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, gelu, remat
+from medjax.models.layers import Conv, Dense, DepthwiseConv, DropPath, GlobalPool, LayerNorm, gelu, remat
 
 VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
     "tiny": {"widths": (48, 96, 192, 384), "depths": (2, 2, 6, 2)},
@@ -53,8 +53,8 @@ VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
 LN_EPS = 1e-6
 
 
-def _layer_norm(name: str | None = None) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=LN_EPS, name=name)
+def _layer_norm(name: str | None = None) -> LayerNorm:
+    return LayerNorm(epsilon=LN_EPS, name=name)
 
 
 def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-6) -> jax.Array:

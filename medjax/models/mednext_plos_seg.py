@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.layers import ConvTranspose, Dense, gelu
+from medjax.models.layers import ConvTranspose, Dense, LayerNorm, gelu
 from medjax.models.mednext_plos import ENCODER_FIELDS, LN_EPS, Encoder
 
 SKIP_FUSIONS = ("add", "concat")
@@ -61,7 +61,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
-        x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
+        x = LayerNorm(epsilon=LN_EPS, name="norm")(x)
         if self.mode == "transposed":
             x = ConvTranspose(self.features, stride=self.factor, impl=self.impl, name="up")(x)
             return x[:, : size[0], : size[1]]

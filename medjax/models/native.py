@@ -1,6 +1,6 @@
 """medjax's native CPU kernels: C++ sources built on first use and called through XLA's FFI.
 
-Three kernels, for what XLA CPU computes in many more passes than the arithmetic needs:
+Four kernels, for what XLA CPU computes in many more passes than the arithmetic needs:
 
 - the depthwise convolution's kernel gradient (``csrc/depthwise_kernel_grad.cc``): XLA CPU can only express
   it as one small fusion per tap and output row, and dispatching those is most of a MobileNetV2 or MedNeXt
@@ -8,7 +8,9 @@ Three kernels, for what XLA CPU computes in many more passes than the arithmetic
 - its forward pass, which also serves as the input gradient (``csrc/depthwise_forward.cc``): XLA CPU sums
   kh*kw strided slices of a padded copy, 2.4x PyTorch's time on ConvNeXt's 7x7 at 56x56x96;
 - per-channel sums of ``a`` and ``a * b`` in one pass (``csrc/channel_sums.cc``), BatchNorm's statistics
-  and backward reductions: XLA CPU materialises the product and reduces each sum separately.
+  and backward reductions: XLA CPU materialises the product and reduces each sum separately;
+- LayerNorm over the last axis, forward and backward (``csrc/layer_norm.cc``): XLA CPU reduces each row
+  statistic in its own library call and materialises ``x - mean``, ``x_hat`` and ``g * scale`` between them.
 
 The sources are compiled together once per machine with the system's C++ compiler (``$CXX``, else
 ``g++``/``c++``) for the CPU it runs on, into ``$MEDJAX_CACHE_DIR/native`` (default
@@ -34,15 +36,22 @@ import numpy as np
 from medjax.errors import MedjaxError
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "depthwise_forward.cc", CSRC / "depthwise_kernel_grad.cc", CSRC / "channel_sums.cc")
+SOURCES = tuple(
+    CSRC / name
+    for name in ("depthwise_forward.cc", "depthwise_kernel_grad.cc", "channel_sums.cc", "layer_norm.cc")
+)
 HEADERS = (CSRC / "simd.h", CSRC / "tasks.h")
 FORWARD = "medjax_depthwise_forward"
 KERNEL_GRAD = "medjax_depthwise_kernel_grad"
 CHANNEL_SUMS = "medjax_channel_sums"
+LAYER_NORM = "medjax_layer_norm_forward"
+LAYER_NORM_BACKWARD = "medjax_layer_norm_backward"
 _SYMBOLS = {
     FORWARD: "MedjaxDepthwiseForward",
     KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
     CHANNEL_SUMS: "MedjaxChannelSums",
+    LAYER_NORM: "MedjaxLayerNormForward",
+    LAYER_NORM_BACKWARD: "MedjaxLayerNormBackward",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
@@ -97,8 +106,9 @@ def available() -> bool:
     compiler = _compiler()
     if compiler is None:
         warnings.warn(
-            "medjax: no C++ compiler (g++ or $CXX) found, so depthwise convolutions and BatchNorm use the "
-            "slower pure-XLA path; install one (e.g. `apt install g++`) to build medjax's native kernels.",
+            "medjax: no C++ compiler (g++ or $CXX) found, so depthwise convolutions, BatchNorm and "
+            "LayerNorm use the slower pure-XLA path; install one (e.g. `apt install g++`) to build medjax's "
+            "native kernels.",
             stacklevel=2,
         )
         return False
@@ -112,13 +122,14 @@ def available() -> bool:
     return True
 
 
-def _call(target: str, out, *args: jax.Array, **attrs: int):
-    """Calls native ``target`` on ``args`` in float32 (integer attributes as the handlers' int64); ``out`` is
-    one ``jax.ShapeDtypeStruct`` or a tuple of them."""
+def _call(target: str, out, *args: jax.Array, **attrs: int | float):
+    """Calls native ``target`` on ``args`` in float32 (integer attributes as the handlers' int64, floats as
+    float32); ``out`` is one ``jax.ShapeDtypeStruct`` or a tuple of them."""
     if not available():
         raise MedjaxError("medjax's native kernels are unavailable (no C++ compiler, or MEDJAX_NATIVE=0).")
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-    return call(*(a.astype(jnp.float32) for a in args), **{k: np.int64(v) for k, v in attrs.items()})
+    attrs = {k: np.float32(v) if isinstance(v, float) else np.int64(v) for k, v in attrs.items()}
+    return call(*(a.astype(jnp.float32) for a in args), **attrs)
 
 
 MAX_FORWARD_KERNEL_WIDTH = 64  # csrc/depthwise_forward.cc keeps one phase's tap columns in a fixed array.
@@ -196,3 +207,37 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     c = a.shape[-1]
     out = jax.ShapeDtypeStruct((c,), jnp.float32)
     return _call(CHANNEL_SUMS, (out, out), a.reshape(-1, c), b.reshape(-1, c))
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """LayerNorm over the last axis, ``(x - mean) * rstd * scale + bias`` with ``rstd = 1 / sqrt(var +
+    epsilon)`` (the row's biased variance, computed from ``x - mean``).
+
+    Args:
+      x: ``(..., C)`` (computed in float32); scale, bias: ``(C,)``.
+    Returns:
+      float32 ``y`` shaped as ``x``, and each row's ``mean`` and ``rstd``, shaped ``x.shape[:-1]``.
+    """
+    c = x.shape[-1]
+    rows = x.reshape(-1, c)
+    stat = jax.ShapeDtypeStruct((rows.shape[0],), jnp.float32)
+    out = (jax.ShapeDtypeStruct(rows.shape, jnp.float32), stat, stat)
+    y, mean, rstd = _call(LAYER_NORM, out, rows, scale, bias, eps=float(epsilon))
+    return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+
+
+def layer_norm_backward(g: jax.Array, x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: jax.Array):
+    """The gradients of :func:`layer_norm` for its output's cotangent ``g``, from its input and the row
+    statistics it returned; ``dscale`` and ``dbias`` are summed over rows in double.
+
+    Returns:
+      float32 ``(dx, dscale, dbias)``, shaped as ``x``, ``(C,)`` and ``(C,)``.
+    """
+    c = x.shape[-1]
+    rows = x.reshape(-1, c)
+    param = jax.ShapeDtypeStruct((c,), jnp.float32)
+    out = (jax.ShapeDtypeStruct(rows.shape, jnp.float32), param, param)
+    dx, dscale, dbias = _call(
+        LAYER_NORM_BACKWARD, out, g.reshape(-1, c), rows, scale, mean.reshape(-1), rstd.reshape(-1)
+    )
+    return dx.reshape(x.shape), dscale, dbias
