@@ -17,6 +17,16 @@ Measured training throughput, 2 cores (``launch/benchmark.py``; see the README's
 MobileNetV2 at 64 px 120 img/s with glibc's defaults, 159 with tcmalloc, 188 with huge pages; MedNeXt-tiny
 62 / 107 / 92; ConvNeXt-Tiny at 224 px 2.6 / 3.5 / 3.1.
 
+None of them keeps the largest block: XLA CPU allocates all of a step's temporaries as one block (3.2 GB
+for MedNeXt-tiny at 224 px, batch 32), and mimalloc 3 and glibc map anything above 32 MiB afresh and unmap
+it on free. On virtual machines that report freed memory to the host (virtio-balloon free page
+reporting, as on these machines), the host reclaims it within a second or two and the next step pays the
+host's faults too: MedNeXt's steps alternated between 1.7 and 3.9 s under mimalloc. So in front of any of
+the three (not ``'system'``) medjax preloads its huge-block cache (``csrc/huge_cache.c``, built with the
+system's C compiler on first use; ``MEDJAX_HUGE_CACHE=0`` leaves it out), which keeps freed blocks of 256
+MiB and more mapped for the next request of about their size: MedNeXt's steps then took 1.5-1.7 s, all
+of them.
+
 They act through the environment the dynamic loader reads (``LD_PRELOAD``, ``GLIBC_TUNABLES``), so a
 running interpreter cannot switch: the command-line entry points re-execute themselves once with the
 variables set (:func:`reexec`). ``--allocator=system`` (or ``MEDJAX_ALLOCATOR=system``) keeps the default.
@@ -25,11 +35,16 @@ fixes it; the commands print it in their first log line.
 """
 
 import ctypes.util
+import functools
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
+
+from medjax import native_build
+from medjax.errors import MedjaxError
 
 CHOICES = ("auto", "tcmalloc", "mimalloc", "hugepages", "system")
 # Preloaded allocators that keep freed pages mapped, best first (what 'auto' picks from).
@@ -45,6 +60,8 @@ _LIBRARY_DIRS = (
     "/usr/local/lib",
 )
 _HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_CACHE_SOURCE = Path(__file__).with_name("csrc") / "huge_cache.c"
+_HUGE_CACHE_FLAGS = ("-O2", "-shared", "-fPIC", "-ldl", "-lpthread")
 # Set on the re-executed process, so that it never re-executes again, whatever it finds.
 _APPLIED = "MEDJAX_ALLOCATOR_APPLIED"
 
@@ -114,7 +131,30 @@ def environment(choice: str, base: Mapping[str, str]) -> dict[str, str]:
             env.setdefault("MIMALLOC_PURGE_DELAY", "-1")
     elif kind == "hugepages":
         env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), _HUGEPAGES_TUNABLE) if t)
+    if kind != "system" and env.get("MEDJAX_HUGE_CACHE", "1") != "0" and (cache := huge_cache()):
+        env["LD_PRELOAD"] = " ".join(p for p in (cache, env.get("LD_PRELOAD", "")) if p)  # First: it wraps.
     return env
+
+
+@functools.cache
+def huge_cache() -> str | None:
+    """Path of the huge-block cache library (``csrc/huge_cache.c``), built on first use; None, with a
+    warning saying why, without a C compiler or when the build fails."""
+    compiler = native_build.compiler((os.environ.get("CC"), "gcc", "cc"))
+    if compiler is None:
+        warnings.warn(
+            "medjax: no C compiler (gcc or $CC), so freed huge blocks go back to the system and each step "
+            "maps its temporaries afresh; install one (e.g. `apt install gcc`).",
+            stacklevel=2,
+        )
+        return None
+    try:
+        return str(
+            native_build.shared_library("huge_cache", compiler, (HUGE_CACHE_SOURCE,), _HUGE_CACHE_FLAGS)
+        )
+    except MedjaxError as e:
+        warnings.warn(f"medjax: huge-block cache unavailable: {e}", stacklevel=2)
+        return None
 
 
 def reexec(choice: str) -> None:
@@ -135,24 +175,28 @@ def reexec(choice: str) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def _loaded_libraries() -> str:
+    try:
+        return Path("/proc/self/maps").read_text()
+    except OSError:  # No procfs (not Linux): only the environment can tell.
+        return os.environ.get("LD_PRELOAD", "")
+
+
 def active() -> str:
     """The allocator this process runs under: a :data:`FAST` one if loaded, 'hugepages' if the tunable
-    is set, else 'system'."""
-    try:
-        loaded = Path("/proc/self/maps").read_text()
-    except OSError:  # No procfs (not Linux): only the environment can tell.
-        loaded = os.environ.get("LD_PRELOAD", "")
-    for kind in FAST:
-        if f"lib{kind}" in loaded:
-            return kind
-    return "hugepages" if _HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "") else "system"
+    is set, else 'system'; with ``' + huge-block cache'`` when that is preloaded too."""
+    loaded = _loaded_libraries()
+    kind = next((kind for kind in FAST if f"lib{kind}" in loaded), None)
+    if kind is None:
+        kind = "hugepages" if _HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "") else "system"
+    return kind + (" + huge-block cache" if "/huge_cache-" in loaded else "")
 
 
 def describe() -> str:
     """:func:`active`, and when it is not a fast allocator, what that costs and the command that fixes it
     (the first log line of a training command)."""
     kind = active()
-    if kind in FAST or not sys.platform.startswith("linux"):  # Preloading is the Linux loader's.
+    if kind.split(" + ")[0] in FAST or not sys.platform.startswith("linux"):  # Preloading is the loader's.
         return kind
     return (
         f"{kind} (no fast allocator found: training runs up to 1.3-2.2x slower than under tcmalloc or "

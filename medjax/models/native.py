@@ -21,11 +21,7 @@ why once; ``MEDJAX_NATIVE=0`` turns the native path off.
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import native_build
 from medjax.errors import MedjaxError
 
 CSRC = Path(__file__).with_name("csrc")
@@ -57,15 +54,7 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-e
 
 
 def _compiler() -> str | None:
-    for name in filter(None, (os.environ.get("CXX"), "g++", "c++")):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MEDJAX_CACHE_DIR") or Path.home() / ".cache" / "medjax"
-    return Path(root) / "native"
+    return native_build.compiler((os.environ.get("CXX"), "g++", "c++"))
 
 
 def build(compiler: str) -> Path:
@@ -74,28 +63,10 @@ def build(compiler: str) -> Path:
     Raises:
       MedjaxError: when the compiler fails, with its messages.
     """
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join(
-            part.encode()
-            for part in (*(f.read_text() for f in (*SOURCES, *HEADERS)), jax.__version__, version, *_FLAGS)
-        )
-    ).hexdigest()[:16]
-    library = _cache_dir() / f"medjax_native-{key}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name and renamed: concurrent first uses never load a half-written file.
-    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
-        partial = Path(tmp.name)
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        names = ", ".join(f.name for f in SOURCES)
-        raise MedjaxError(f"Building {names} failed ({' '.join(cmd)}):\n{result.stderr[-3000:]}")
-    partial.replace(library)
-    return library
+    flags = (*_FLAGS, f"-I{jax.ffi.include_dir()}")
+    return native_build.shared_library(
+        "medjax_native", compiler, SOURCES, flags, inputs=HEADERS, key_parts=(jax.__version__,)
+    )
 
 
 @functools.cache
