@@ -2,13 +2,13 @@
 //
 // Why: XLA CPU allocates one block for all of an executable's temporaries at every run (3.2 GB for
 // MedNeXt-tiny's training step at 224 px, batch 32) and frees it when the run ends. Allocators hand blocks
-// that large straight to the kernel (mimalloc 3 above 32 MiB, glibc above 32 MiB), so each step maps and
-// zero-fills them anew; on virtual machines whose guests report freed memory to the host (virtio-balloon
-// free page reporting), the host takes those pages back within a second or two and the next step pays the
-// host's faults as well: touching 3 GB of fresh memory took 0.37 s when it had just been freed and 3.5-4 s
-// after a pause, and MedNeXt's steps alternated between 1.7 and 3.9 s. This layer serves requests of at
-// least HUGE_MIN bytes itself, from mappings it keeps after free (up to half of physical memory), and
-// passes every other call to the next allocator (mimalloc or glibc) unchanged.
+// that large straight to the kernel (mimalloc 3 above about 1 GiB, glibc above 32 MiB), so each step maps and
+// zero-fills them anew; on virtual machines whose guests report freed memory to the host (virtio-balloon free
+// page reporting), the host takes those pages back within a second or two and the next step pays the host's
+// faults as well: touching 3 GB of fresh memory took 0.37 s when it had just been freed and 3.5-4 s after a
+// pause, and MedNeXt's steps alternated between 1.7 and 3.9 s. This layer serves requests of at least
+// HUGE_MIN bytes itself, from mappings it keeps after free (up to half of physical memory), and passes every
+// other call to the next allocator (mimalloc or glibc) unchanged.
 //
 // XLA frees a run's block on a pool thread once the run's outputs are ready, so the next step's request
 // can come a moment before the block it should reuse is freed; mapping a second block then costs seconds.
