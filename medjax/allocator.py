@@ -17,15 +17,15 @@ Measured training throughput, 2 cores (``launch/benchmark.py``; see the README's
 MobileNetV2 at 64 px 120 img/s with glibc's defaults, 159 with tcmalloc, 188 with huge pages; MedNeXt-tiny
 62 / 107 / 92; ConvNeXt-Tiny at 224 px 2.6 / 3.5 / 3.1.
 
-None of them keeps the largest block: XLA CPU allocates all of a step's temporaries as one block (3.2 GB
-for MedNeXt-tiny at 224 px, batch 32), and mimalloc 3 (above about 1 GiB) and glibc (above 32 MiB) map
-such blocks afresh and unmap them on free. On virtual machines that report freed memory to the host (virtio-balloon free page
-reporting, as on these machines), the host reclaims it within a second or two and the next step pays the
-host's faults too: MedNeXt's steps alternated between 1.7 and 3.9 s under mimalloc. So in front of any of
-the three (not ``'system'``) medjax preloads its huge-block cache (``csrc/huge_cache.c``, built with the
-system's C compiler on first use; ``MEDJAX_HUGE_CACHE=0`` leaves it out), which keeps freed blocks of 256
-MiB and more mapped for the next request of about their size: MedNeXt's steps then took 1.32 s, all of
-them, and ConvNeXt-Tiny's 3.8 s instead of 5.2-6.9 s.
+None of them keeps the largest block: XLA CPU allocates all of a step's temporaries as one block (3.2 GB for
+MedNeXt-tiny at 224 px, batch 32), and mimalloc 3 (above about 1 GiB) and glibc (above 32 MiB) map such
+blocks afresh and unmap them on free. On virtual machines that report freed memory to the host
+(virtio-balloon free page reporting, as on these machines), the host reclaims it within a second or two and
+the next step pays the host's faults too: MedNeXt's steps alternated between 1.7 and 3.9 s under mimalloc.
+So in front of any of the three (not ``'system'``) medjax preloads its huge-block cache
+(``csrc/huge_cache.c``, built with the system's C compiler on first use; ``MEDJAX_HUGE_CACHE=0`` leaves it
+out), which keeps freed blocks of 256 MiB and more mapped for the next request of about their size:
+MedNeXt's steps then took 1.32 s, all of them, and ConvNeXt-Tiny's 3.8 s instead of 5.2-6.9 s.
 
 They act through the environment the dynamic loader reads (``LD_PRELOAD``, ``GLIBC_TUNABLES``), so a
 running interpreter cannot switch: the command-line entry points re-execute themselves once with the

@@ -42,7 +42,6 @@ from medjax.models.layers import (
     GlobalPool,
     LayerNorm,
     SEVector,
-    gelu,
     remat,
 )
 
@@ -77,8 +76,7 @@ class Block(nn.Module):
         channels = x.shape[-1]
         y = DepthwiseConv(7, padding=3, impl=self.depthwise_impl, kernel_init=_init, name="dwconv")(x)
         y = LayerNorm(epsilon=LN_EPSILON, name="norm")(y)
-        y = Dense(4 * channels, kernel_init=_init, name="pwconv1")(y)
-        y = gelu(y)
+        y = Dense(4 * channels, kernel_init=_init, activation="gelu", name="pwconv1")(y)
         y = Dense(channels, kernel_init=_init, name="pwconv2")(y)
         if self.layer_scale_init > 0:
             y = y * self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,))

@@ -90,7 +90,7 @@ class SpatialEncoding(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        h = gelu(Dense(channels, name="proj_in")(x))
+        h = Dense(channels, activation="gelu", name="proj_in")(x)
         h = sum(DepthwiseConv(k, dilation=d, impl=self.impl, name=f"dw{k}_d{d}")(h) for k, d in self.branches)
         return Dense(channels, name="proj_out")(h)
 

@@ -3,6 +3,7 @@
 // so one source serves every x86-64 and ARM machine.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 
 namespace medjax {
@@ -14,6 +15,12 @@ struct VecOf {
 };
 template <int W>
 using Vec = typename VecOf<W>::type;
+
+// W int32s, the lane type of a Vec<W> comparison and of exponent-bit arithmetic.
+template <int W>
+struct IntVecOf {
+  typedef int32_t type __attribute__((vector_size(W * sizeof(int32_t))));
+};
 
 // Unaligned load and store; each compiles to one vector move.
 template <int W>
