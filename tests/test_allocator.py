@@ -75,15 +75,24 @@ assert faults < 50, f"{faults} page faults: the block was mapped afresh"  # 150+
 del b
 c = np.zeros(n, np.uint8)
 assert c.ctypes.data == first and not c.any(), "calloc zeroes a reused block"
+del c
 d = np.ones(2 * n, np.uint8)
 assert d.ctypes.data != first and d.sum() == 2 * n, "a block too small is not reused"
+def mapped(address):
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= address < hi:
+            return True
+    return False
+inside_d = d.ctypes.data <= first < d.ctypes.data + d.nbytes
+assert inside_d or not mapped(first), "a miss unmaps the cached blocks that cannot serve it"
 small = [np.full(1000, i) for i in range(10000)]  # the next allocator's, freed through the cache
 assert sum(int(x[0]) for x in small) == sum(range(10000))
 grown = bytearray(n)
 grown[-1] = 5
 grown += b"x" * (n // 4)  # realloc out of a cached block into a new one
 assert grown[n - 1] == 5 and len(grown) == n + n // 4
-del small, grown, c, d
+del small, grown, d
 print("ok")
 """
 
@@ -93,7 +102,8 @@ print("ok")
 def test_huge_block_cache_reuses_freed_blocks_and_keeps_malloc_semantics(below):
     """Under the cache (over glibc, then over mimalloc): a freed 300 MiB block comes back for the next
     request of about its size without a page fault, calloc'd memory is zero, a larger request gets a new
-    block, realloc moves contents out of a cached block, and small allocations pass through. (Over glibc
+    block and unmaps the cached one, realloc moves contents out of a cached block, and small allocations
+    pass through. (Over glibc
     alone the reuse check fails; mimalloc alone keeps blocks up to about 1 GiB, XLA's are larger.)"""
     preload = " ".join(
         filter(None, (allocator.huge_cache(), allocator.find_mimalloc() if below == "mimalloc" else ""))

@@ -7,8 +7,9 @@
 // page reporting), the host takes those pages back within a second or two and the next step pays the host's
 // faults as well: touching 3 GB of fresh memory took 0.37 s when it had just been freed and 3.5-4 s after a
 // pause, and MedNeXt's steps alternated between 1.7 and 3.9 s. This layer serves requests of at least
-// HUGE_MIN bytes itself, from mappings it keeps after free (up to half of physical memory), and passes every
-// other call to the next allocator (mimalloc or glibc) unchanged.
+// HUGE_MIN bytes itself, from mappings it keeps after free (up to half of physical memory, and only until
+// a request they cannot serve), and passes every other call to the next allocator (mimalloc or glibc)
+// unchanged.
 //
 // XLA frees a run's block on a pool thread once the run's outputs are ready, so the next step's request
 // can come a moment before the block it should reuse is freed; mapping a second block then costs seconds.
@@ -97,12 +98,20 @@ static Block* find(const void* p) {
   return NULL;
 }
 
-// A block of at least size bytes aligned to alignment (at most ALIGN_MAX), or NULL when this layer does
-// not take the request; zeroed when zero is set.
-static int fits(const Block* b, size_t size) {
-  return b->start && b->capacity >= size && b->capacity - size <= size / 2;  // Wastes under a half.
+// Unmaps a cached block and empties its slot; called with the lock held.
+static void release(Block* b) {
+  atomic_store_explicit(&b->start, 0, memory_order_release);
+  atomic_fetch_sub_explicit(&live_or_cached, 1, memory_order_release);
+  munmap(b->mapping, b->mapping_size);
 }
 
+// Whether block b can serve a request of size bytes: large enough, and wasting under a half of it.
+static int fits(const Block* b, size_t size) {
+  return b->start && b->capacity >= size && b->capacity - size <= size / 2;
+}
+
+// A block of at least size bytes aligned to alignment (at most ALIGN_MAX), or NULL when this layer does
+// not take the request; zeroed when zero is set.
 static void* huge_alloc(size_t size, size_t alignment, int zero) {
   if (size < HUGE_MIN || alignment > ALIGN_MAX) return NULL;
   pthread_mutex_lock(&lock);
@@ -139,6 +148,13 @@ static void* huge_alloc(size_t size, size_t alignment, int zero) {
     pthread_mutex_unlock(&lock);
     if (zero) memset((void*)best->start, 0, size);
     return (void*)best->start;
+  }
+  // A miss: the cached blocks cannot serve this request (too small, or too large to waste), so they go back
+  // to the system before a new block is mapped; what the cache holds never adds to the program's peak.
+  // A program that alternates between blocks of two sizes pays a mapping per switch (a training loop's
+  // validation, once per epoch), as it would without this layer.
+  for (int i = 0; i < MAX_BLOCKS; ++i) {
+    if (blocks[i].start && !blocks[i].in_use) release(&blocks[i]);
   }
   Block* slot = NULL;
   for (int i = 0; i < MAX_BLOCKS && !slot; ++i) {
@@ -185,9 +201,7 @@ static void huge_free(Block* block) {
       }
     }
     if (cached <= cache_max) break;
-    atomic_store_explicit(&largest->start, 0, memory_order_release);
-    atomic_fetch_sub_explicit(&live_or_cached, 1, memory_order_release);
-    munmap(largest->mapping, largest->mapping_size);
+    release(largest);
   }
   pthread_mutex_unlock(&lock);
 }
