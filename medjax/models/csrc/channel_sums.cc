@@ -53,9 +53,7 @@ ffi::Future ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
                         ffi::ResultBuffer<ffi::F32> sa, ffi::ResultBuffer<ffi::F32> sab) {
   auto dims = a.dimensions();
   const int64_t m = dims[0], c = dims[1];
-  // At least a few thousand rows per task, so that small maps do not pay for threading.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(threads, m * c / (1 << 16)));
+  const int64_t tasks = medjax::RowTasks(pool, m, c);
   const int64_t chunk = (m + tasks - 1) / tasks;
 
   auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);

@@ -92,9 +92,7 @@ inline void GeluSpan(const float* __restrict x, const float* __restrict b, float
 ffi::Future Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                  ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> d) {
   const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
-  // At least a few thousand rows' worth of floats per task, so that small maps do not pay for threading.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(threads, m * c / (1 << 16)));
+  const int64_t tasks = medjax::RowTasks(pool, m, c);
   const int64_t chunk = (m + tasks - 1) / tasks;
   const float* x_data = x.typed_data();
   const float* b_data = bias.typed_data();

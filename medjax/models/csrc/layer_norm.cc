@@ -61,12 +61,6 @@ struct RowSum {
   }
 };
 
-// Per-task work splitting rows [0, m) into `tasks` chunks of at least a few thousand rows' worth of floats.
-int64_t TaskCount(ffi::ThreadPool& pool, int64_t m, int64_t c) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  return std::max<int64_t>(1, std::min<int64_t>(threads, m * c / (1 << 16)));
-}
-
 void ForwardRows(const float* __restrict x, const float* __restrict s, const float* __restrict b, float eps,
                  int64_t c, int64_t m0, int64_t m1, float* __restrict y, float* __restrict mean_out,
                  float* __restrict rstd_out) {
@@ -96,7 +90,7 @@ ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
                     ffi::ResultBuffer<ffi::F32> rstd, float eps) {
   const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
-  const int64_t tasks = TaskCount(pool, m, c);
+  const int64_t tasks = medjax::RowTasks(pool, m, c);
   const int64_t chunk = (m + tasks - 1) / tasks;
   const float* x_data = x.typed_data();
   const float* s_data = scale.typed_data();
@@ -153,7 +147,7 @@ ffi::Future Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
                      ffi::ResultBuffer<ffi::F32> dbias) {
   const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
-  const int64_t tasks = TaskCount(pool, m, c);
+  const int64_t tasks = medjax::RowTasks(pool, m, c);
   const int64_t chunk = (m + tasks - 1) / tasks;
   auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
   const float* g_data = g.typed_data();

@@ -1,6 +1,7 @@
 // Running a native kernel's work on XLA's intra-op thread pool, shared by medjax's FFI handlers.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -31,6 +32,13 @@ xla::ffi::Future RunTasks(xla::ffi::ThreadPool& pool, int64_t tasks, Work work, 
     });
   }
   return future;
+}
+
+// How many tasks to split m rows of c floats into: one per pool thread, but at least 64 K floats each, so
+// that small maps do not pay for threading.
+inline int64_t RowTasks(xla::ffi::ThreadPool& pool, int64_t m, int64_t c) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(threads, m * c / (1 << 16)));
 }
 
 // RunTasks without a final step.
