@@ -405,10 +405,12 @@ def gelu(x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     cheaper to train.
 
     Differentiating ``nn.gelu`` keeps its erfc and exp intermediates as full-size residuals, and XLA CPU
-    expands erfc and exp into long select chains: computing the value and derivative took 5.7x a ReLU's pass
+    expands erfc and exp into long select chains: computing the value and derivative took 7.6x a ReLU's pass
     over ConvNeXt's widest map. Under differentiation, float32 inputs get both from one native pass
     (:func:`native.gelu`, erf approximated as XLA does); otherwise, and when only the value is needed
     (evaluation, export), XLA computes them in one fusion. Either way one tensor, the derivative, is saved.
+    On the native path the derivative has no derivative of its own: for second-order differentiation set
+    ``MEDJAX_NATIVE=0`` (LayerNorm's custom VJP has the same limit).
 
     Args:
       x: ``(..., C)``.
