@@ -25,7 +25,9 @@ the next step pays the host's faults too: MedNeXt's steps alternated between 1.7
 So in front of any of the three (not ``'system'``) medjax preloads its huge-block cache
 (``csrc/huge_cache.c``, built with the system's C compiler on first use; ``MEDJAX_HUGE_CACHE=0`` leaves it
 out), which keeps freed blocks of 256 MiB and more mapped for the next request of about their size:
-MedNeXt's steps then took 1.32 s, all of them, and ConvNeXt-Tiny's 3.8 s instead of 5.2-6.9 s.
+MedNeXt's steps then took 1.32 s, all of them, and ConvNeXt-Tiny's 3.8 s instead of 5.2-6.9 s. A request
+that no kept block can serve unmaps them first, so the cache does not raise the peak (training then
+validation then training pays one mapping at each switch).
 
 They act through the environment the dynamic loader reads (``LD_PRELOAD``, ``GLIBC_TUNABLES``), so a
 running interpreter cannot switch: the command-line entry points re-execute themselves once with the
