@@ -9,11 +9,11 @@
 // one suffices; in MobileNetV2's training step these reductions were a third of the time (a bound measured
 // by dropping them). Rows are split across XLA's intra-op thread pool; each task sums blocks of rows in
 // float32 vectors and adds each block's sums into double, and the last task to finish adds the tasks'
-// partial sums in a fixed order, so the result does not depend on scheduling (medjax::RunTasks, tasks.h).
+// partial sums in a fixed order, so the result does not depend on scheduling (medjax::RunColumnSums in
+// tasks.h).
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
 #include "tasks.h"
@@ -51,32 +51,13 @@ void SumRows(const float* __restrict a, const float* __restrict b, int64_t c, in
 
 ffi::Future ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                         ffi::ResultBuffer<ffi::F32> sa, ffi::ResultBuffer<ffi::F32> sab) {
-  auto dims = a.dimensions();
-  const int64_t m = dims[0], c = dims[1];
-  const int64_t tasks = medjax::RowTasks(pool, m, c);
-  const int64_t chunk = (m + tasks - 1) / tasks;
-
-  auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
+  const int64_t m = a.dimensions()[0], c = a.dimensions()[1];
   const float* a_data = a.typed_data();
   const float* b_data = b.typed_data();
-  float* sa_data = sa->typed_data();
-  float* sab_data = sab->typed_data();
-  auto sum_chunk = [=](int64_t t) {
-    double* mine = partial->data() + 2 * t * c;
-    SumRows(a_data, b_data, c, t * chunk, std::min(m, (t + 1) * chunk), mine, mine + c);
-  };
-  auto add_chunks = [=]() {
-    for (int64_t k = 0; k < c; ++k) {
-      double total_a = 0.0, total_ab = 0.0;
-      for (int64_t u = 0; u < tasks; ++u) {
-        total_a += (*partial)[2 * u * c + k];
-        total_ab += (*partial)[2 * u * c + c + k];
-      }
-      sa_data[k] = static_cast<float>(total_a);
-      sab_data[k] = static_cast<float>(total_ab);
-    }
-  };
-  return medjax::RunTasks(pool, tasks, sum_chunk, add_chunks);
+  return medjax::RunColumnSums(pool, m, c, sa->typed_data(), sab->typed_data(),
+                               [=](int64_t r0, int64_t r1, double* s_a, double* s_ab) {
+                                 SumRows(a_data, b_data, c, r0, r1, s_a, s_ab);
+                               });
 }
 
 }  // namespace

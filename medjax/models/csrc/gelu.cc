@@ -10,7 +10,7 @@
 // Eigen and XLA use for float32 (inputs clamped to [-4, 4], where erf is +-1 in float32), exp the Cephes
 // polynomial after reduction by ln 2. The bias is added here because a custom call cannot fuse with the
 // dense layer's bias addition, which would otherwise be a pass of its own. Rows are split across XLA's
-// intra-op thread pool (medjax::RunTasks).
+// intra-op thread pool (medjax::RunRowTasks).
 
 #include <algorithm>
 #include <cstdint>
@@ -92,14 +92,12 @@ inline void GeluSpan(const float* __restrict x, const float* __restrict b, float
 ffi::Future Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                  ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> d) {
   const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
-  const int64_t tasks = medjax::RowTasks(pool, m, c);
-  const int64_t chunk = (m + tasks - 1) / tasks;
   const float* x_data = x.typed_data();
   const float* b_data = bias.typed_data();
   float* y_data = y->typed_data();
   float* d_data = d->typed_data();
-  return medjax::RunTasks(pool, tasks, [=](int64_t t) {
-    for (int64_t r = t * chunk; r < std::min(m, (t + 1) * chunk); ++r) {
+  return medjax::RunRowTasks(pool, m, c, [=](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * c;
       int64_t k = 0;
       for (; k + kW <= c; k += kW) GeluSpan<kW>(x_data + o + k, b_data + k, y_data + o + k, d_data + o + k);

@@ -12,12 +12,11 @@
 // In MedNeXt-tiny's training step the LayerNorms' reductions and elementwise passes were about a fifth of
 // the time (profiled). Rows are split across XLA's intra-op thread pool. The backward's column sums ds
 // and db follow channel_sums.cc: blocks of rows in float32, then into double, and the last task adds the
-// tasks' partial sums in a fixed order (medjax::RunTasks), so results do not depend on scheduling.
+// tasks' partial sums in a fixed order (medjax::RunColumnSums), so results do not depend on scheduling.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -90,17 +89,14 @@ ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
                     ffi::ResultBuffer<ffi::F32> rstd, float eps) {
   const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
-  const int64_t tasks = medjax::RowTasks(pool, m, c);
-  const int64_t chunk = (m + tasks - 1) / tasks;
   const float* x_data = x.typed_data();
   const float* s_data = scale.typed_data();
   const float* b_data = bias.typed_data();
   float* y_data = y->typed_data();
   float* mean_data = mean->typed_data();
   float* rstd_data = rstd->typed_data();
-  return medjax::RunTasks(pool, tasks, [=](int64_t t) {
-    ForwardRows(x_data, s_data, b_data, eps, c, t * chunk, std::min(m, (t + 1) * chunk), y_data, mean_data,
-                rstd_data);
+  return medjax::RunRowTasks(pool, m, c, [=](int64_t, int64_t r0, int64_t r1) {
+    ForwardRows(x_data, s_data, b_data, eps, c, r0, r1, y_data, mean_data, rstd_data);
   });
 }
 
@@ -147,34 +143,17 @@ ffi::Future Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
                      ffi::ResultBuffer<ffi::F32> dbias) {
   const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
-  const int64_t tasks = medjax::RowTasks(pool, m, c);
-  const int64_t chunk = (m + tasks - 1) / tasks;
-  auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
   const float* g_data = g.typed_data();
   const float* x_data = x.typed_data();
   const float* s_data = scale.typed_data();
   const float* mean_data = mean.typed_data();
   const float* rstd_data = rstd.typed_data();
   float* dx_data = dx->typed_data();
-  float* ds_data = dscale->typed_data();
-  float* db_data = dbias->typed_data();
-  auto rows = [=](int64_t t) {
-    double* mine = partial->data() + 2 * t * c;
-    BackwardRows(g_data, x_data, s_data, mean_data, rstd_data, c, t * chunk, std::min(m, (t + 1) * chunk),
-                 dx_data, mine, mine + c);
-  };
-  auto add_chunks = [=]() {
-    for (int64_t k = 0; k < c; ++k) {
-      double total_ds = 0.0, total_db = 0.0;
-      for (int64_t u = 0; u < tasks; ++u) {
-        total_ds += (*partial)[2 * u * c + k];
-        total_db += (*partial)[2 * u * c + c + k];
-      }
-      ds_data[k] = static_cast<float>(total_ds);
-      db_data[k] = static_cast<float>(total_db);
-    }
-  };
-  return medjax::RunTasks(pool, tasks, rows, add_chunks);
+  return medjax::RunColumnSums(pool, m, c, dscale->typed_data(), dbias->typed_data(),
+                               [=](int64_t r0, int64_t r1, double* ds, double* db) {
+                                 BackwardRows(g_data, x_data, s_data, mean_data, rstd_data, c, r0, r1, dx_data,
+                                              ds, db);
+                               });
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -34,6 +35,12 @@ xla::ffi::Future RunTasks(xla::ffi::ThreadPool& pool, int64_t tasks, Work work, 
   return future;
 }
 
+// RunTasks without a final step.
+template <typename Work>
+xla::ffi::Future RunTasks(xla::ffi::ThreadPool& pool, int64_t tasks, Work work) {
+  return RunTasks(pool, tasks, work, [] {});
+}
+
 // How many tasks to split m rows of c floats into: one per pool thread, but at least 64 K floats each, so
 // that small maps do not pay for threading.
 inline int64_t RowTasks(xla::ffi::ThreadPool& pool, int64_t m, int64_t c) {
@@ -41,10 +48,45 @@ inline int64_t RowTasks(xla::ffi::ThreadPool& pool, int64_t m, int64_t c) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, m * c / (1 << 16)));
 }
 
-// RunTasks without a final step.
-template <typename Work>
-xla::ffi::Future RunTasks(xla::ffi::ThreadPool& pool, int64_t tasks, Work work) {
-  return RunTasks(pool, tasks, work, [] {});
+// Splits rows [0, m) of an (m, c) array into RowTasks chunks and runs rows(t, r0, r1) for each (t the
+// chunk's index) on the pool, then done().
+template <typename Rows, typename Done>
+xla::ffi::Future RunRowTasks(xla::ffi::ThreadPool& pool, int64_t m, int64_t c, Rows rows, Done done) {
+  const int64_t tasks = RowTasks(pool, m, c);
+  const int64_t chunk = (m + tasks - 1) / tasks;
+  return RunTasks(
+      pool, tasks, [=](int64_t t) { rows(t, t * chunk, std::min(m, (t + 1) * chunk)); }, done);
+}
+
+template <typename Rows>
+xla::ffi::Future RunRowTasks(xla::ffi::ThreadPool& pool, int64_t m, int64_t c, Rows rows) {
+  return RunRowTasks(pool, m, c, rows, [] {});
+}
+
+// Two per-column sums over the rows of an (m, c) array: rows(r0, r1, s0, s1) adds rows [r0, r1)'s sums into
+// its chunk's c doubles s0 and s1 (zero at first); once every chunk has run, the chunks' sums are added in
+// chunk order into out0 and out1 (c floats each), so the result does not depend on scheduling.
+template <typename Rows>
+xla::ffi::Future RunColumnSums(xla::ffi::ThreadPool& pool, int64_t m, int64_t c, float* out0, float* out1,
+                               Rows rows) {
+  const int64_t tasks = RowTasks(pool, m, c);
+  auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
+  auto chunk_sums = [=](int64_t t, int64_t r0, int64_t r1) {
+    double* mine = partial->data() + 2 * t * c;
+    rows(r0, r1, mine, mine + c);
+  };
+  auto add_chunks = [=]() {
+    for (int64_t k = 0; k < c; ++k) {
+      double total0 = 0.0, total1 = 0.0;
+      for (int64_t u = 0; u < tasks; ++u) {
+        total0 += (*partial)[2 * u * c + k];
+        total1 += (*partial)[2 * u * c + c + k];
+      }
+      out0[k] = static_cast<float>(total0);
+      out1[k] = static_cast<float>(total1);
+    }
+  };
+  return RunRowTasks(pool, m, c, chunk_sums, add_chunks);
 }
 
 }  // namespace medjax
