@@ -81,8 +81,8 @@ def available() -> bool:
     compiler = _compiler()
     if compiler is None:
         warnings.warn(
-            "medjax: no C++ compiler (g++ or $CXX) found, so depthwise convolutions, BatchNorm and "
-            "LayerNorm use the slower pure-XLA path; install one (e.g. `apt install g++`) to build medjax's "
+            "medjax: no C++ compiler (g++ or $CXX) found, so depthwise convolutions, BatchNorm, LayerNorm "
+            "and GELU use the slower pure-XLA path; install one (e.g. `apt install g++`) to build medjax's "
             "native kernels.",
             stacklevel=2,
         )
