@@ -45,8 +45,9 @@ MODEL_KWARGS = {
 }
 TORCH_IMPLS = ("eager", "compile")
 # The roofline case: one (n x n) @ (n x n) float32 product, 2 n^3 FLOPs (137 GFLOP), long enough (about a
-# second on 2 cores) for either library to reach its peak. A model step's XLA FLOPs per second against
-# XLA's own matmul peak, measured in the same round, says how much of the step is left to gain.
+# second on 2 cores) for either library to reach its peak. A model step's FLOPs per second against the
+# matmul peak of the library medjax trains with (oneMKL's sgemm where it is installed, else XLA's dot),
+# measured in the same round, says how much of the step is left to gain.
 ROOFLINE_N = 4096
 ROOFLINE_CASE = "medjax:matmul:roofline"
 # Per-case figures summarised over rounds (median, min, max).
@@ -141,16 +142,25 @@ def run_torch(args: argparse.Namespace, name: str, impl: str) -> dict:
 
 
 def run_roofline(args: argparse.Namespace, framework: str) -> dict:
-    """Seconds of each timed ``ROOFLINE_N``-square float32 matmul, in ``framework``'s own library (XLA's
-    jitted ``jnp.matmul`` or ``torch.mm``) on the case's cores."""
+    """Seconds of each timed ``ROOFLINE_N``-square float32 matmul, in the library ``framework`` trains with
+    (medjax's native oneMKL product where available, else XLA's jitted ``jnp.matmul``; ``torch.mm``) on
+    the case's cores."""
     n = ROOFLINE_N
     if framework == "medjax":
         import jax
         import jax.numpy as jnp
 
+        from medjax.models import native
+
         a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
-        matmul = jax.jit(jnp.matmul)
+        library = "oneMKL" if native.matmul_available() else "XLA"
+        matmul = jax.jit(native.matmul if library == "oneMKL" else jnp.matmul)
         run = lambda: jax.block_until_ready(matmul(a, b))  # noqa: E731
+        return {
+            "matmul_n": n,
+            "matmul_library": library,
+            "matmul_times_s": timing.timed(run, steps=max(args.steps, 5), warmup=1),
+        }
     else:
         import torch
 
@@ -248,7 +258,7 @@ def _key(case: dict) -> tuple:
 def summarise(cases: list[dict], rounds: list[list[dict]]) -> list[dict]:
     """Per case: :func:`timing.spread` of each figure over the rounds it succeeded in, its errors, the
     load averages it ran under, the ratios to the PyTorch peers under the same allocator, and the
-    fraction of XLA's matmul roofline (:data:`ROOFLINE_CASE`) each medjax step's FLOPs reach."""
+    fraction of medjax's matmul roofline (:data:`ROOFLINE_CASE`) each medjax step's FLOPs reach."""
     summary = []
     for case in cases:
         runs = [r for rnd in rounds for r in rnd if _key(r) == _key(case)]
@@ -258,7 +268,7 @@ def summarise(cases: list[dict], rounds: list[list[dict]]) -> list[dict]:
         if ok:
             row.update({f: timing.spread([r[f] for r in ok]) for f in FIGURES if f in ok[0]})
             first = ok[0]
-            for k in ("params", "gflops_per_step", "planned_mb", "allocator_active"):
+            for k in ("params", "gflops_per_step", "planned_mb", "allocator_active", "matmul_library"):
                 if k in first:
                     row[k] = first[k]
         summary.append(row)
@@ -281,7 +291,7 @@ def markdown(summary: list[dict]) -> str:
     """The summary as a table: each figure ``median [min-max]`` over the rounds."""
     head = (
         "| case | allocator | remat | XLA flags | train img/s | vs torch eager | vs torch compile "
-        "| GFLOP/s | of XLA matmul roofline | compile s | infer b1 ms | infer img/s | peak RSS MB "
+        "| GFLOP/s | of medjax matmul roofline | compile s | infer b1 ms | infer img/s | peak RSS MB "
         "| XLA planned MB | faults/step | load |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -292,6 +302,7 @@ def markdown(summary: list[dict]) -> str:
             rows.append("| " + " | ".join([*cells, f"error: {r['errors'][-1:]}"]) + " |")
             continue
         if r["case"].endswith(":roofline"):  # Its one figure is the matmul's GFLOP/s.
+            cells[0] += f" ({r['matmul_library']})" if "matmul_library" in r else ""
             cells += ["-"] * 3 + [timing.fmt(r["matmul_gflop_per_s"], 1)] + ["-"] * 6
             loads = [x for pair in r["load"] for x in pair]
             rows.append("| " + " | ".join([*cells, f"{min(loads):.1f}-{max(loads):.1f}"]) + " |")

@@ -6,6 +6,7 @@ function is compiled once and shared through fixtures.
 """
 
 import functools
+import importlib.metadata
 from types import SimpleNamespace
 
 import chex
@@ -17,7 +18,7 @@ import pytest
 import scipy.special
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from medjax.models import available_models, get_model, native
+from medjax.models import available_models, get_model, layers, native
 from medjax.models.convnext import Block
 from medjax.models.layers import BatchNorm, Conv, Dense, LayerNorm, gelu
 from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
@@ -390,14 +391,16 @@ def test_gelu_values_and_derivatives_match_float64_reference(native_impl):
     assert (native.GELU in differentiated) == (native_impl == "native")
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 48), (7, 19)])
-def test_dense_gelu_equals_flax_dense_then_gelu(native_impl, shape):
-    """``Dense(activation='gelu')`` is ``nn.gelu(nn.Dense(x))`` with ``nn.Dense``'s variables, its bias added
-    inside the GELU: same outputs and gradients for the kernel, the bias and the input, with either
-    implementation; feature counts a multiple of the native kernel's vector width and one that is not."""
+def test_dense_equals_flax_dense(native_impl, shape, activation):
+    """``Dense`` is ``nn.Dense`` with ``nn.Dense``'s variables, and ``Dense(activation='gelu')`` is
+    ``nn.gelu(nn.Dense(x))`` with the bias added inside the GELU: same outputs and gradients for the kernel,
+    the bias and the input, with either implementation (native matmul and GELU, or XLA); feature counts a
+    multiple of the native GELU's vector width and one that is not."""
     x = jax.random.normal(jax.random.key(1), shape)
     features = 2 * shape[-1] + shape[-1] % 2  # 96 and 39
-    ours, flax_dense = Dense(features, activation="gelu"), nn.Dense(features)
+    ours, flax_dense = Dense(features, activation=activation), nn.Dense(features)
     variables = ours.init(jax.random.key(0), x)
     chex.assert_trees_all_equal(variables, flax_dense.init(jax.random.key(0), x))
     variables = jax.tree.map(lambda v: v + 0.3, variables)  # a non-zero bias
@@ -407,7 +410,8 @@ def test_dense_gelu_equals_flax_dense_then_gelu(native_impl, shape):
         return jnp.sum(apply(variables, x) * weights)
 
     def reference(variables, x):
-        return jax.nn.gelu(flax_dense.apply(variables, x), approximate=False)
+        y = flax_dense.apply(variables, x)
+        return jax.nn.gelu(y, approximate=False) if activation else y
 
     np.testing.assert_allclose(ours.apply(variables, x), reference(variables, x), rtol=1e-5, atol=1e-6)
     ours_grads = jax.jit(jax.grad(functools.partial(loss, ours.apply), argnums=(0, 1)))(variables, x)
@@ -415,6 +419,80 @@ def test_dense_gelu_equals_flax_dense_then_gelu(native_impl, shape):
     chex.assert_trees_all_close(ours_grads, reference_grads, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="activation"):
         Dense(features, activation="relu").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(
+    ("transpose_a", "transpose_b"), [(False, False), (False, True), (True, False), (True, True)]
+)
+@pytest.mark.parametrize(("m", "k", "n"), [(37, 5, 3), (300, 96, 40), (70_000, 24, 16)])
+def test_native_matmul_equals_float64_products(m, k, n, transpose_a, transpose_b):
+    """``native.matmul`` is ``op(a) @ op(b)`` for each pair of transposes, checked against float64, from a
+    product too small to split to ones split across threads: by rows of the output, or (``transpose_a``,
+    a weight gradient) by the 70,000-long contraction, whose partial products are added in a fixed order,
+    so a second call gives the same bits."""
+    if not native.matmul_available():
+        pytest.skip("no native kernels, or no oneMKL")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((k, m) if transpose_a else (m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if transpose_b else (k, n), dtype=np.float32)
+    if transpose_a:  # the contraction runs over a's rows: make it the long side
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((n, m) if transpose_b else (m, n), dtype=np.float32)
+    product = jax.jit(functools.partial(native.matmul, transpose_a=transpose_a, transpose_b=transpose_b))
+    got = np.asarray(product(a, b))
+    a64, b64 = (a.T if transpose_a else a).astype(np.float64), (b.T if transpose_b else b).astype(np.float64)
+    expected = a64 @ b64
+    scale = np.sqrt(np.abs(a64) ** 2 @ np.abs(b64) ** 2)  # each entry's float32 rounding grows with this
+    assert got.shape == expected.shape
+    assert np.all(np.abs(got - expected) <= 1e-5 * scale + 1e-6)
+    np.testing.assert_array_equal(np.asarray(product(a, b)), got)
+    with pytest.raises(ValueError, match="inner sizes differ"):
+        native.matmul(
+            a, b[:, :-1] if transpose_b else b[:-1], transpose_a=transpose_a, transpose_b=transpose_b
+        )
+
+
+def test_matmul_is_xla_for_values_and_native_under_differentiation(native_impl):
+    """``layers.matmul``: its value and both gradients equal float64's with either implementation. Only the
+    differentiated program calls the native product, so evaluation and export carry no custom call, and
+    ``native.matmul_flops`` counts the three products XLA's cost analysis does not."""
+    rng = np.random.default_rng(1)
+    a, b, g = (rng.standard_normal(s, dtype=np.float32) for s in ((50, 7), (7, 9), (50, 9)))
+    loss = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(layers.matmul(a, b) * g), argnums=(0, 1)))
+    value, (da, db) = loss(a, b)
+    a64, b64, g64 = (x.astype(np.float64) for x in (a, b, g))
+    np.testing.assert_allclose(value, np.sum((a64 @ b64) * g64), rtol=1e-5)
+    np.testing.assert_allclose(da, g64 @ b64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, a64.T @ g64, rtol=1e-5, atol=1e-5)
+    native_path = native_impl == "native" and native.matmul_available()
+    assert native.MATMUL not in jax.jit(layers.matmul).lower(a, b).compile().as_text()
+    compiled = loss.lower(a, b).compile().as_text()
+    assert (native.MATMUL in compiled) == native_path
+    assert native.matmul_flops(compiled) == (3 * 2 * 50 * 7 * 9 if native_path else 0)
+
+
+def test_matmul_falls_back_to_xla_without_onemkl(monkeypatch):
+    """``MEDJAX_MKL=0`` turns the native product off; without the ``mkl`` package medjax says what that
+    costs and the fix, once, and dense layers still train (on XLA's dot)."""
+    monkeypatch.setenv("MEDJAX_MKL", "0")
+    assert not native.matmul_available()
+    monkeypatch.delenv("MEDJAX_MKL")
+
+    def no_package(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", no_package)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.platform, "system", lambda: "Linux")
+    native._mkl.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"oneMKL.*not installed.*pip install -r requirements.txt"):
+            assert native._mkl() is None
+        assert not native.matmul_available()
+        a = jnp.ones((4, 3))
+        np.testing.assert_allclose(jax.grad(lambda a: layers.matmul(a, a.T).sum())(a), 8 * np.ones((4, 3)))
+    finally:
+        native._mkl.cache_clear()
 
 
 @pytest.mark.parametrize(

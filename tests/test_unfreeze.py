@@ -74,13 +74,18 @@ def test_frozen_until_its_phase_then_trains_with_fresh_adam_in_one_compilation()
     assert not np.allclose(state.batch_stats["stem_bn"]["mean"], variables["batch_stats"]["stem_bn"]["mean"])
 
 
-def test_frozen_parameters_skip_the_backward_pass_with_the_same_updates():
+def test_frozen_parameters_skip_the_backward_pass_with_the_same_updates(monkeypatch):
     """The schedule's step as the loop runs it (phase static, frozen parameters behind stop_gradient)
     against the full backward pass with masked updates (phase traced), on a tiny MobileNetV2: the same
     state bit for bit after 2 head-only steps, and to float32 rounding after 2 more steps of the second
     phase (which trains the layers from block_16 up, so the backward pass stops inside the network).
     Rounding, not bits, there: XLA compiles the two programs' shared arithmetic differently (measured:
-    the batch-statistic means of the same forward pass and 3 kernels differ by 1-2 ulp, 3e-8)."""
+    the batch-statistic means of the same forward pass and 3 kernels differ by 1-2 ulp, 3e-8).
+
+    Both with XLA's matrix products (``MEDJAX_MKL=0``): oneMKL's run only under differentiation, so the
+    frozen layers' forward pass would be XLA's in one program and oneMKL's in the other, and BatchNorm
+    over this tiny batch's 1x1 head map turns their different roundings into different updates."""
+    monkeypatch.setenv("MEDJAX_MKL", "0")
     model = models.get_model("mobilenet_v2", num_classes=2, width_multiplier=0.35)
     variables = train_step.init_variables(model, rng=jax.random.key(0), image_shape=(16, 16, 3))
     schedule = (

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import lift
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from medjax.models import native
 from medjax.models.depthwise import DepthwiseConv
@@ -28,8 +29,14 @@ __all__ = [
     "LayerNorm",
     "SEVector",
     "gelu",
+    "matmul",
     "remat",
 ]
+
+# What a matrix product's output is named for ``jax.checkpoint`` policies: the native path is a custom call,
+# which ``dots_with_no_batch_dims_saveable`` would not recognise as a product worth keeping.
+MATMUL_NAME = "matmul_output"
+
 
 # ``train.remat``: what a rematerialised block keeps from its forward pass for the backward pass. The
 # block's input is always kept; 'block' recomputes everything inside it (least memory, one more forward
@@ -38,7 +45,10 @@ __all__ = [
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
-    "block_save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block_save_matmuls": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(MATMUL_NAME),
+    ),
 }
 
 
@@ -95,8 +105,48 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
     return nn.transforms.lift_transform(_checkpoint_in_backward, block, policy=REMAT_POLICIES[policy])
 
 
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` for 2-D ``a (m, k)`` and ``b (k, n)``: XLA's dot when only the value is needed (evaluation,
+    export), oneMKL's sgemm for the forward and both gradients under differentiation.
+
+    XLA CPU's dot took 1.2-2.2x oneMKL's time on the products of ConvNeXt's and MedNeXt's per-pixel MLPs
+    (one side 96-768 wide, the other up to 100,352 rows), weight gradients most of all
+    (:func:`native.matmul`). Float32 only, and only where oneMKL was found (:func:`native.matmul_available`);
+    otherwise XLA computes all three. The gradients have no gradients of their own on the native path: for
+    second-order differentiation set ``MEDJAX_MKL=0``.
+    """
+    return checkpoint_name(_matmul(a, b), MATMUL_NAME)
+
+
+def _native_matmul(*arrays: jax.Array) -> bool:
+    return all(x.dtype == jnp.float32 for x in arrays) and native.matmul_available()
+
+
+def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+    if _native_matmul(a, b):
+        return native.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+
+
+@jax.custom_vjp
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    return a @ b
+
+
+def _matmul_fwd(a, b):
+    return _product(a, b, False, False), (a, b)
+
+
+def _matmul_bwd(residuals, g):
+    a, b = residuals
+    return _product(g, b, False, True).astype(a.dtype), _product(a, g, True, False).astype(b.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x[..., K] @ kernel[K, F]`` as one 2-D matrix product over all leading axes.
+    """``x[..., K] @ kernel[K, F]`` as one 2-D matrix product over all leading axes (:func:`matmul`).
 
     XLA CPU runs the (N*H*W, K) x (K, F) product and its two gradients at matmul speed, but the same
     contraction written on a 4-D array (``nn.Dense``'s ``dot_general``, or a 1x1 ``conv_general_dilated``)
@@ -104,33 +154,40 @@ def _matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
     4-D dot_general 297 ms, 2-D matmul 61 ms.
     """
     lead = x.shape[:-1]
-    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])
+    return matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(*lead, kernel.shape[-1])
 
 
 class Dense(nn.Dense):
-    """``nn.Dense`` with the same parameters, computed as one 2-D matrix product.
+    """``nn.Dense`` with the same parameters, computed as one 2-D matrix product (:func:`matmul`).
 
     For the per-pixel MLPs of ConvNeXt and MedNeXt, applied to (N, H, W, C) maps. ``activation='gelu'``
-    returns ``gelu(x @ kernel + bias)`` with the bias added inside :func:`gelu`'s pass.
+    returns ``gelu(x @ kernel + bias)`` with the bias added inside :func:`gelu`'s pass. A ``precision``
+    other than the default computes with XLA's dot.
     """
 
     activation: str | None = None
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        lead = inputs.shape[:-1]
-        rows = inputs.reshape(-1, inputs.shape[-1])
-        if self.activation is None:
-            out = super().__call__(rows)
-        elif self.activation == "gelu" and self.use_bias:
-            kernel = self.param("kernel", self.kernel_init, (rows.shape[-1], self.features), self.param_dtype)
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            rows, kernel, bias = nn.dtypes.promote_dtype(rows, kernel, bias, dtype=self.dtype)
-            out = gelu(jnp.matmul(rows, kernel, precision=self.precision), bias)
-        else:
+        if self.activation not in (None, "gelu") or (self.activation == "gelu" and not self.use_bias):
             raise ValueError(
                 f"Dense: activation must be None, or 'gelu' with use_bias; got {self.activation!r}."
             )
+        lead = inputs.shape[:-1]
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        kernel = self.param("kernel", self.kernel_init, (rows.shape[-1], self.features), self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        )
+        rows, kernel, bias = nn.dtypes.promote_dtype(rows, kernel, bias, dtype=self.dtype)
+        if self.precision is None:
+            out = matmul(rows, kernel)
+        else:
+            out = jnp.matmul(rows, kernel, precision=self.precision)
+        if self.activation == "gelu":
+            out = gelu(out, bias)
+        elif bias is not None:
+            out = out + bias
         return out.reshape(*lead, self.features)
 
 

@@ -1,6 +1,6 @@
 """medjax's native CPU kernels: C++ sources built on first use and called through XLA's FFI.
 
-Five kernels, for what XLA CPU computes in many more passes than the arithmetic needs:
+Six kernels, for what XLA CPU computes in many more passes, or more slowly, than the arithmetic needs:
 
 - the depthwise convolution's kernel gradient (``csrc/depthwise_kernel_grad.cc``): XLA CPU can only express
   it as one small fusion per tap and output row, and dispatching those is most of a MobileNetV2 or MedNeXt
@@ -12,7 +12,10 @@ Five kernels, for what XLA CPU computes in many more passes than the arithmetic 
 - LayerNorm over the last axis, forward and backward (``csrc/layer_norm.cc``): XLA CPU reduces each row
   statistic in its own library call and materialises ``x - mean``, ``x_hat`` and ``g * scale`` between them;
 - the exact GELU and its derivative with a dense layer's bias added first (``csrc/gelu.cc``): XLA CPU's
-  expansions of erf and exp made that fusion 7.6x a ReLU's pass over ConvNeXt's widest map.
+  expansions of erf and exp made that fusion 7.6x a ReLU's pass over ConvNeXt's widest map;
+- float32 matrix products through oneMKL's sgemm (``csrc/matmul.cc``): XLA CPU's dot is 1.2-2.2x slower on
+  the narrow products of per-pixel MLPs and their weight gradients. oneMKL comes from the ``mkl`` wheel
+  (``requirements.txt``, x86-64 Linux); without it dense layers use XLA's dot (:func:`matmul_available`).
 
 The sources are compiled together once per machine with the system's C++ compiler (``$CXX``, else
 ``g++``/``c++``) for the CPU it runs on, into ``$MEDJAX_CACHE_DIR/native`` (default
@@ -23,7 +26,10 @@ why once; ``MEDJAX_NATIVE=0`` turns the native path off.
 
 import ctypes
 import functools
+import importlib.metadata
 import os
+import platform
+import re
 import warnings
 from pathlib import Path
 
@@ -37,7 +43,7 @@ from medjax.errors import MedjaxError
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(
     CSRC / f"{name}.cc"
-    for name in ("depthwise_forward", "depthwise_kernel_grad", "channel_sums", "layer_norm", "gelu")
+    for name in ("depthwise_forward", "depthwise_kernel_grad", "channel_sums", "layer_norm", "gelu", "matmul")
 )
 HEADERS = (CSRC / "simd.h", CSRC / "tasks.h")
 FORWARD = "medjax_depthwise_forward"
@@ -46,6 +52,7 @@ CHANNEL_SUMS = "medjax_channel_sums"
 LAYER_NORM = "medjax_layer_norm_forward"
 LAYER_NORM_BACKWARD = "medjax_layer_norm_backward"
 GELU = "medjax_gelu"
+MATMUL = "medjax_matmul"
 _SYMBOLS = {
     FORWARD: "MedjaxDepthwiseForward",
     KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
@@ -53,6 +60,7 @@ _SYMBOLS = {
     LAYER_NORM: "MedjaxLayerNormForward",
     LAYER_NORM_BACKWARD: "MedjaxLayerNormBackward",
     GELU: "MedjaxGelu",
+    MATMUL: "MedjaxMatmul",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
@@ -94,7 +102,60 @@ def available() -> bool:
         return False
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    if (mkl := _mkl()) is not None:
+        library.MedjaxSetSgemm(ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p))
     return True
+
+
+# oneMKL's runtime-dispatch library: its interface and threading layers are chosen by call, before use.
+_MKL_RUNTIME = "libmkl_rt.so"
+_MKL_INTERFACE_LP64 = 0  # 32-bit integers, as csrc/matmul.cc declares cblas_sgemm.
+_MKL_THREADING_SEQUENTIAL = 1  # csrc/matmul.cc splits the work across XLA's threads itself.
+
+
+def _mkl_path() -> Path | None:
+    """oneMKL's runtime library: ``$MEDJAX_MKL`` (unless it is 0), else the one the ``mkl`` wheel installed,
+    else None."""
+    if (path := os.environ.get("MEDJAX_MKL")) and path != "0":
+        return Path(path)
+    try:
+        files = importlib.metadata.files("mkl") or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [Path(f.locate()) for f in files if f.name.startswith(_MKL_RUNTIME)]
+    return min(found, key=lambda p: len(p.name)) if found else None
+
+
+@functools.cache
+def _mkl() -> ctypes.CDLL | None:
+    """oneMKL, loaded and set to LP64 and sequential, or None (having said why where it matters). Cached,
+    which also keeps the library loaded for as long as the kernels may call it."""
+    path = _mkl_path()
+    if path is None:
+        if platform.system() == "Linux" and platform.machine() == "x86_64":
+            warnings.warn(
+                "medjax: oneMKL (the `mkl` package in requirements.txt) is not installed, so dense layers "
+                "use XLA's dot, which trained ConvNeXt-Tiny about 15 % slower; `pip install -r "
+                "requirements.txt` brings it.",
+                stacklevel=3,
+            )
+        return None
+    try:
+        mkl = ctypes.CDLL(str(path))
+        mkl.MKL_Set_Interface_Layer(_MKL_INTERFACE_LP64)
+        mkl.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
+    except (OSError, AttributeError) as e:  # A speed-up, not a requirement: say why and fall back.
+        warnings.warn(
+            f"medjax: could not load oneMKL from {path} ({e}); dense layers use XLA's dot.", stacklevel=3
+        )
+        return None
+    return mkl
+
+
+def matmul_available() -> bool:
+    """Whether :func:`matmul` can run: the native kernels are available and oneMKL was loaded and its sgemm
+    handed to them. ``MEDJAX_MKL=0`` says no; ``MEDJAX_MKL=<path>`` names another ``libmkl_rt.so``."""
+    return available() and os.environ.get("MEDJAX_MKL") != "0" and _mkl() is not None
 
 
 def _call(target: str, out, *args: jax.Array, **attrs: int | float):
@@ -232,3 +293,35 @@ def gelu(x: jax.Array, bias: jax.Array):
     out = jax.ShapeDtypeStruct(rows.shape, jnp.float32)
     y, d = _call(GELU, (out, out), rows, jnp.broadcast_to(bias, (c,)))
     return y.reshape(x.shape), d.reshape(x.shape)
+
+
+def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+    """``op(a) @ op(b)`` of 2-D float32 arrays through oneMKL's sgemm, ``op`` transposing where asked (the
+    transposes are not materialised). Needs :func:`matmul_available`.
+
+    Args:
+      a: ``(m, k)``, or ``(k, m)`` with ``transpose_a``; b: ``(k, n)``, or ``(n, k)`` with ``transpose_b``.
+    Returns:
+      float32 ``(m, n)``.
+    """
+    m, k = a.shape[::-1] if transpose_a else a.shape
+    kb, n = b.shape[::-1] if transpose_b else b.shape
+    if k != kb:
+        raise ValueError(f"matmul: op(a) is {(m, k)} and op(b) is {(kb, n)}; the inner sizes differ.")
+    if not matmul_available():
+        raise MedjaxError("medjax's native matmul is unavailable (no native kernels, or no oneMKL).")
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    return _call(MATMUL, out, a, b, ta=int(transpose_a), tb=int(transpose_b))
+
+
+# A native matmul in compiled HLO text: the output's (m, n), then the first operand's shape.
+_MATMUL_IN_HLO = re.compile(
+    rf'= f32\[(\d+),(\d+)\]\S* custom-call\(.*?custom_call_target="{MATMUL}", '
+    r"operand_layout_constraints=\{f32\[(\d+),(\d+)\]"
+)
+
+
+def matmul_flops(hlo_text: str) -> float:
+    """The floating-point operations (2 m n k each) of the :func:`matmul` calls in a compiled program's HLO
+    text, which XLA's cost analysis counts as none."""
+    return float(sum(2 * int(n) * int(a0) * int(a1) for _, n, a0, a1 in _MATMUL_IN_HLO.findall(hlo_text)))
