@@ -48,8 +48,10 @@ def trained(smoke_run):
 
 
 # An artifact against the run in this process: the artifact computes depthwise convolutions in plain XLA, the
-# process with medjax's native kernels, so float32 sums run in another order (1.2e-6 seen in probabilities).
-ARTIFACT_ATOL = 5e-6
+# process with medjax's native kernels, so float32 sums run in another order. How far that moves a
+# probability depends on the trained weights: 1.2e-6 seen, then 5.1e-6 once the smoke run trained with
+# oneMKL's products (a wrong normalisation or layout moves them by 1e-2 and more).
+ARTIFACT_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
