@@ -7,6 +7,9 @@ function is compiled once and shared through fixtures.
 
 import functools
 import importlib.metadata
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import chex
@@ -469,6 +472,31 @@ def test_matmul_is_xla_for_values_and_native_under_differentiation(native_impl):
     compiled = loss.lower(a, b).compile().as_text()
     assert (native.MATMUL in compiled) == native_path
     assert native.matmul_flops(compiled) == (3 * 2 * 50 * 7 * 9 if native_path else 0)
+
+
+def test_native_kernels_stay_off_when_the_program_spans_several_devices():
+    """With 2 (simulated) CPU devices the native kernels are off, with a warning saying why: a custom call
+    in a partitioned program gets its operands all-gathered and computes the whole batch on every device.
+    The batch-sharded gradient then has neither a native call nor an all-gather."""
+    code = """
+import warnings
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from medjax.models import layers, native
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert not native.available()
+assert any("2 devices" in str(w.message) for w in caught), [str(w.message) for w in caught]
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh, P("data")))
+w = jax.device_put(jnp.ones((16, 8)), NamedSharding(mesh, P()))
+hlo = jax.jit(jax.grad(lambda w, x: jnp.sum(layers.matmul(x, w) ** 2))).lower(w, x).compile().as_text()
+assert "custom-call" not in hlo and "all-gather" not in hlo, hlo
+print("ok")
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_matmul_falls_back_to_xla_without_onemkl(monkeypatch):

@@ -83,8 +83,22 @@ def build(compiler: str) -> Path:
 
 @functools.cache
 def available() -> bool:
-    """Whether the native kernels are built and registered (building them on the first call)."""
-    if os.environ.get("MEDJAX_NATIVE", "1") == "0":
+    """Whether the native kernels are built and registered (building them on the first call).
+
+    Only on the CPU backend with one device in all: the kernels are CPU code, and a program partitioned
+    over several devices (simulated ones, or ``jax.distributed`` processes) would have XLA gather each
+    call's operands onto every device, which then computes the whole batch's call; XLA's own operations
+    partition. Seen with 4 simulated devices: a dense layer's product computed on all 64 rows of a batch
+    of 64 on each device, after an all-gather.
+    """
+    if os.environ.get("MEDJAX_NATIVE", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    if (devices := jax.device_count()) > 1:
+        warnings.warn(
+            f"medjax: {devices} devices, so its native CPU kernels are off (XLA would gather each call's "
+            "operands onto every device); the pure-XLA path partitions the work instead.",
+            stacklevel=2,
+        )
         return False
     compiler = _compiler()
     if compiler is None:
