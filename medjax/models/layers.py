@@ -109,11 +109,11 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b`` for 2-D ``a (m, k)`` and ``b (k, n)``: XLA's dot when only the value is needed (evaluation,
     export), oneMKL's sgemm for the forward and both gradients under differentiation.
 
-    XLA CPU's dot took 1.2-2.2x oneMKL's time on the products of ConvNeXt's and MedNeXt's per-pixel MLPs
-    (one side 96-768 wide, the other up to 100,352 rows), weight gradients most of all
-    (:func:`native.matmul`). Float32 only, and only where oneMKL was found (:func:`native.matmul_available`);
-    otherwise XLA computes all three. The gradients have no gradients of their own on the native path: for
-    second-order differentiation set ``MEDJAX_MKL=0``.
+    XLA CPU's dot took 1.1-1.4x oneMKL's time on a ConvNeXt-Tiny block's six MLP products (one side 96-768
+    wide, the other up to 100,352 rows), up to 1.85x on a weight gradient (:func:`native.matmul`). Float32
+    only, and only where oneMKL was found (:func:`native.matmul_available`); otherwise XLA computes all
+    three. The gradients have no gradients of their own on the native path: for second-order
+    differentiation set ``MEDJAX_MKL=0``.
     """
     return checkpoint_name(_matmul(a, b), MATMUL_NAME)
 

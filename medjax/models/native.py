@@ -13,9 +13,10 @@ Six kernels, for what XLA CPU computes in many more passes, or more slowly, than
   statistic in its own library call and materialises ``x - mean``, ``x_hat`` and ``g * scale`` between them;
 - the exact GELU and its derivative with a dense layer's bias added first (``csrc/gelu.cc``): XLA CPU's
   expansions of erf and exp made that fusion 7.6x a ReLU's pass over ConvNeXt's widest map;
-- float32 matrix products through oneMKL's sgemm (``csrc/matmul.cc``): XLA CPU's dot is 1.2-2.2x slower on
-  the narrow products of per-pixel MLPs and their weight gradients. oneMKL comes from the ``mkl`` wheel
-  (``requirements.txt``, x86-64 Linux); without it dense layers use XLA's dot (:func:`matmul_available`).
+- float32 matrix products through oneMKL's sgemm (``csrc/matmul.cc``): XLA CPU's dot took 1.1-1.4x its
+  time on the narrow products of per-pixel MLPs, up to 1.85x on their weight gradients. oneMKL comes from
+  the ``mkl`` wheel (``requirements.txt``, x86-64 Linux); without it dense layers use XLA's dot
+  (:func:`matmul_available`).
 
 The sources are compiled together once per machine with the system's C++ compiler (``$CXX``, else
 ``g++``/``c++``) for the CPU it runs on, into ``$MEDJAX_CACHE_DIR/native`` (default
@@ -149,7 +150,7 @@ def _mkl() -> ctypes.CDLL | None:
         if platform.system() == "Linux" and platform.machine() == "x86_64":
             warnings.warn(
                 "medjax: oneMKL (the `mkl` package in requirements.txt) is not installed, so dense layers "
-                "use XLA's dot, which trained ConvNeXt-Tiny about 15 % slower; `pip install -r "
+                "use XLA's dot, which trained ConvNeXt-Tiny about 11 % slower; `pip install -r "
                 "requirements.txt` brings it.",
                 stacklevel=3,
             )
