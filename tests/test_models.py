@@ -474,6 +474,19 @@ def test_matmul_is_xla_for_values_and_native_under_differentiation(native_impl):
     assert native.matmul_flops(compiled) == (3 * 2 * 50 * 7 * 9 if native_path else 0)
 
 
+def test_a_wrong_mkl_path_warns_naming_it_and_falls_back(monkeypatch, tmp_path):
+    """``MEDJAX_MKL`` naming a file that is not there: a warning naming the path, and XLA's dot."""
+    missing = tmp_path / "libmkl_rt.so.3"
+    monkeypatch.setenv("MEDJAX_MKL", str(missing))
+    native._mkl.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"could not load oneMKL from {missing}"):
+            assert native._mkl() is None
+        assert not native.matmul_available()
+    finally:
+        native._mkl.cache_clear()
+
+
 def test_native_kernels_stay_off_when_the_program_spans_several_devices():
     """With 2 (simulated) CPU devices the native kernels are off, with a warning saying why: a custom call
     in a partitioned program gets its operands all-gathered and computes the whole batch on every device.
