@@ -118,12 +118,13 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return checkpoint_name(_matmul(a, b), MATMUL_NAME)
 
 
-def _native_matmul(*arrays: jax.Array) -> bool:
-    return all(x.dtype == jnp.float32 for x in arrays) and native.matmul_available()
+def _native_float32(*arrays: jax.Array) -> bool:
+    """Whether the native kernels are built and every one of ``arrays`` is float32, which is all they take."""
+    return all(x.dtype == jnp.float32 for x in arrays) and native.available()
 
 
 def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    if _native_matmul(a, b):
+    if _native_float32(a, b) and native.matmul_available():
         return native.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
     return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
 
@@ -424,12 +425,8 @@ def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float)
     return _layer_norm_xla(x, scale, bias, epsilon)[0].astype(x.dtype)
 
 
-def _native_layer_norm(x: jax.Array) -> bool:
-    return x.dtype == jnp.float32 and native.available()
-
-
 def _layer_norm_fwd(x, scale, bias, epsilon):
-    if _native_layer_norm(x):
+    if _native_float32(x):
         y, mean, rstd = native.layer_norm(x, scale, bias, epsilon)
     else:
         y, mean, rstd = _layer_norm_xla(x, scale, bias, epsilon)
@@ -439,7 +436,7 @@ def _layer_norm_fwd(x, scale, bias, epsilon):
 def _layer_norm_bwd(epsilon, residuals, g):
     del epsilon
     x, scale, mean, rstd = residuals
-    if _native_layer_norm(x):
+    if _native_float32(x):
         return native.layer_norm_backward(g, x, scale, mean, rstd)
     g = g.astype(jnp.float32)
     x_hat = (x.astype(jnp.float32) - mean[..., None]) * rstd[..., None]
@@ -486,7 +483,7 @@ def _gelu(x: jax.Array, bias: jax.Array) -> jax.Array:
 @_gelu.defjvp
 def _gelu_jvp(primals, tangents):
     (x, bias), (dx, dbias) = primals, tangents
-    if x.dtype == jnp.float32 and bias.dtype == jnp.float32 and native.available():
+    if _native_float32(x, bias):
         y, derivative = native.gelu(x, bias)
     else:
         z = x + bias

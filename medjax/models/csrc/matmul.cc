@@ -6,8 +6,9 @@
 //
 // Why: XLA CPU's dot took 1.1-1.4x oneMKL's time on a ConvNeXt-Tiny block's six per-pixel MLP products,
 // where one side is narrow (96 to 768 columns) and the other has up to 100,352 rows; its weight gradients
-// (a^T @ g over all rows) were the slowest, 76 ms against oneMKL's 41 ms at the first stage. oneMKL runs single-threaded here (medjax selects its sequential layer) and the work is
-// split across XLA's intra-op thread pool, so the two never compete for cores:
+// (a^T @ g over all rows) were the slowest, 76 ms against oneMKL's 41 ms at the first stage. oneMKL runs
+// single-threaded here (medjax selects its sequential layer) and the work is split across XLA's intra-op
+// thread pool (medjax::RunRowTasks), so the two never compete for cores:
 //
 // - without ta, by rows of c: each task computes its rows of c from its rows of op(a);
 // - with ta (a weight gradient: the contraction runs over a's stored rows), by the contraction: each task
@@ -34,11 +35,9 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 std::atomic<Sgemm> sgemm{nullptr};
 
-// Splits a product whose every task does rows x (flops per row) of work: enough rows per task that a task
-// is at least about 2 MFLOP.
-int64_t ProductTasks(ffi::ThreadPool& pool, int64_t rows, int64_t flops_per_row) {
-  return medjax::RowTasks(pool, rows, std::max<int64_t>(1, flops_per_row / 32));
-}
+// The width RunRowTasks weighs a row of a product by, flops_per_row / 32: each task then does at least
+// about 2 MFLOP, so small products run as one call.
+int64_t RowWeight(int64_t flops_per_row) { return std::max<int64_t>(1, flops_per_row / 32); }
 
 ffi::Future Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                    ffi::ResultBuffer<ffi::F32> c, int64_t ta, int64_t tb) {
@@ -58,10 +57,7 @@ ffi::Future Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ff
   float* c_data = c->typed_data();
   const int op_a = ta ? kTrans : kNoTrans, op_b = tb ? kTrans : kNoTrans;
   if (!ta) {  // Rows of c, from the same rows of a.
-    const int64_t tasks = ProductTasks(pool, m, 2 * k * n);
-    const int64_t chunk = (m + tasks - 1) / tasks;
-    return medjax::RunTasks(pool, tasks, [=](int64_t t) {
-      const int64_t r0 = t * chunk, r1 = std::min(m, r0 + chunk);
+    return medjax::RunRowTasks(pool, m, RowWeight(2 * k * n), [=](int64_t, int64_t r0, int64_t r1) {
       if (r1 > r0) {
         gemm(kRowMajor, op_a, op_b, r1 - r0, n, k, 1.0f, a_data + r0 * lda, lda, b_data, ldb, 0.0f,
              c_data + r0 * n, n);
@@ -69,11 +65,10 @@ ffi::Future Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ff
     });
   }
   // The contraction runs over a's (and b's, untransposed) stored rows: split it, then add the partials.
-  const int64_t tasks = ProductTasks(pool, k, 2 * m * n);
-  const int64_t chunk = (k + tasks - 1) / tasks;
+  const int64_t weight = RowWeight(2 * m * n);
+  const int64_t tasks = medjax::RowTasks(pool, k, weight);
   auto partials = std::make_shared<std::vector<float>>((tasks - 1) * m * n);
-  auto partial_product = [=](int64_t t) {
-    const int64_t s0 = t * chunk, s1 = std::min(k, s0 + chunk);
+  auto partial_product = [=](int64_t t, int64_t s0, int64_t s1) {
     float* out = t == 0 ? c_data : partials->data() + (t - 1) * m * n;
     if (s1 <= s0) {
       std::fill(out, out + m * n, 0.0f);
@@ -89,7 +84,7 @@ ffi::Future Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ff
       for (int64_t i = 0; i < m * n; ++i) out[i] += p[i];
     }
   };
-  return medjax::RunTasks(pool, tasks, partial_product, add_partials);
+  return medjax::RunRowTasks(pool, k, weight, partial_product, add_partials);
 }
 
 }  // namespace
