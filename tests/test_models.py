@@ -427,12 +427,16 @@ def test_dense_equals_flax_dense(native_impl, shape, activation):
 @pytest.mark.parametrize(
     ("transpose_a", "transpose_b"), [(False, False), (False, True), (True, False), (True, True)]
 )
-@pytest.mark.parametrize(("m", "k", "n"), [(37, 5, 3), (300, 96, 40), (70_000, 24, 16)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(37, 5, 3), (300, 96, 40), (70_000, 24, 16), (50_000, 16, 40), (50, 96, 40)]
+)
 def test_native_matmul_equals_float64_products(m, k, n, transpose_a, transpose_b):
     """``native.matmul`` is ``op(a) @ op(b)`` for each pair of transposes, checked against float64, from a
     product too small to split to ones split across threads: by rows of the output, or (``transpose_a``,
     a weight gradient) by the 70,000-long contraction, whose partial products are added in a fixed order,
-    so a second call gives the same bits."""
+    so a second call gives the same bits. With ``transpose_a`` alone, the first three shapes take the
+    swapped product ``(b^T a)^T`` (output taller than wide, contraction at least twice its height), the
+    last two the direct one (wider than tall; a short contraction)."""
     if not native.matmul_available():
         pytest.skip("no native kernels, or no oneMKL")
     rng = np.random.default_rng(0)
