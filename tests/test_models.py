@@ -278,6 +278,25 @@ def test_depthwise_impls_agree(tiny):
     chex.assert_trees_all_close(tiny.evaluate(tiny.variables, tiny.x), reference, rtol=1e-4, atol=1e-5)
 
 
+def test_drop_path_keeps_or_zeroes_whole_examples_scaled_by_the_keep_rate():
+    """``DropPath(rate)`` in training: each example's branch is either all zero or ``x / (1 - rate)``, the
+    same for its gradient; over 2,000 examples about ``1 - rate`` survive. Outside training it is ``x``."""
+    rate = 0.25
+    x = jax.random.normal(jax.random.key(0), (2000, 3, 2, 4))
+    drop = layers.DropPath(rate)
+    rngs = {"dropout": jax.random.key(1)}
+    y = drop.apply({}, x, train=True, rngs=rngs)
+    g = jax.grad(lambda x: jnp.sum(drop.apply({}, x, train=True, rngs=rngs)))(x)
+    kept = np.asarray(jnp.all(y != 0, axis=(1, 2, 3)))
+    dropped = np.asarray(jnp.all(y == 0, axis=(1, 2, 3)))
+    assert np.all(kept | dropped)
+    np.testing.assert_allclose(y[kept], x[kept] / (1 - rate), rtol=1e-6)
+    np.testing.assert_array_equal(g[dropped], 0.0)
+    np.testing.assert_allclose(g[kept], 1 / (1 - rate), rtol=1e-6)
+    assert abs(kept.mean() - (1 - rate)) < 0.03
+    np.testing.assert_array_equal(drop.apply({}, x, train=False), x)
+
+
 def test_train_mode(tiny):
     """Dropout (MobileNetV2) / drop path (ConvNeXt) draw from the 'dropout' stream; BatchNorm learns.
 

@@ -496,7 +496,9 @@ class DropPath(nn.Module):
     """Stochastic depth: drops a whole residual branch per example with probability ``rate``.
 
     Survivors are scaled by ``1 / (1 - rate)`` so the expected value is unchanged (timm's ``drop_path``).
-    Uses the ``'dropout'`` RNG stream.
+    Uses the ``'dropout'`` RNG stream. The branch is multiplied by a per-example factor, as timm does: a
+    ``jnp.where`` against zeros made XLA CPU write a full-size constant map per block for its backward pass
+    (30 ms of ConvNeXt-Tiny's 224/batch 32 step).
     """
 
     rate: float = 0.0
@@ -508,7 +510,7 @@ class DropPath(nn.Module):
         keep = 1.0 - self.rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        return x * (mask.astype(x.dtype) / keep)
 
 
 class GlobalPool(nn.Module):
