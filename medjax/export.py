@@ -44,6 +44,7 @@ from flax import linen as nn
 from medjax import cli, run_dir
 from medjax.errors import MedjaxError
 from medjax.finite import check_outputs
+from medjax.models import native
 
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
@@ -162,14 +163,15 @@ def export_probabilities(
     dimension ``b >= 1``.
 
     ``platforms`` may name several, e.g. ('cpu', 'cuda'): lowering for a GPU needs no GPU (the weights
-    are stored once), running on it does. Depthwise convolutions are traced as plain XLA
-    (``depthwise_impl='loop'``, the same function to float rounding): medjax's native kernels are custom
+    are stored once), running on it does. The model is traced with XLA's operations only
+    (:func:`native.xla_only`, the same function to float rounding): medjax's native kernels are custom
     calls registered in the training process, which an artifact cannot carry to another process, machine
     or platform.
     """
     members = _as_members(members)
-    fn = jax.jit(_members_fn(members, input_dtype=input_dtype, depthwise_impl="loop"))
-    return jax.export.export(fn, platforms=tuple(platforms))(_input_spec(members, input_dtype, "b"))
+    fn = jax.jit(_members_fn(members, input_dtype=input_dtype))
+    with native.xla_only():
+        return jax.export.export(fn, platforms=tuple(platforms))(_input_spec(members, input_dtype, "b"))
 
 
 def save_params(variables: dict, directory: Path) -> None:
@@ -222,7 +224,8 @@ def export_onnx(
         raise MedjaxError(f"--onnx needs jax2onnx and onnxruntime ({e}); see medjax/export.py.") from e
     members = _as_members(members)
     fn = _members_fn(members, input_dtype=input_dtype, depthwise_impl="xla")
-    with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13 prints DEBUG lines per Conv.
+    # jax2onnx 0.13 prints DEBUG lines per Conv; native kernels are custom calls ONNX cannot carry.
+    with contextlib.redirect_stdout(io.StringIO()), native.xla_only():
         proto = jax2onnx.to_onnx(
             fn,
             inputs=[_input_spec(members, input_dtype, "batch")],

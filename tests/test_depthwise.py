@@ -157,24 +157,24 @@ def test_fast_is_native_when_it_builds_else_the_loop(monkeypatch):
     for target in (native.FORWARD, native.KERNEL_GRAD):
         assert (target in jaxpr) == native.available()
     monkeypatch.setenv("MEDJAX_NATIVE", "0")
-    native.available.cache_clear()
+    native._registered.cache_clear()
     try:
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: depthwise_conv2d(x, k, impl="fast").sum()))(kernel))
         assert "medjax_depthwise" not in jaxpr and "scan" in jaxpr  # The row loop.
         with pytest.raises(MedjaxError, match="MEDJAX_NATIVE=0"):
             jax.grad(lambda k: depthwise_conv2d(x, k, impl="native").sum())(kernel)
     finally:
-        native.available.cache_clear()
+        native._registered.cache_clear()
 
 
 def test_no_compiler_warns_and_falls_back(monkeypatch):
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    native.available.cache_clear()
+    native._registered.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
             assert not native.available()
     finally:
-        native.available.cache_clear()
+        native._registered.cache_clear()
 
 
 def test_failed_build_shows_the_compiler_output(tmp_path, monkeypatch):
@@ -188,9 +188,9 @@ def test_failed_build_shows_the_compiler_output(tmp_path, monkeypatch):
     with pytest.raises(MedjaxError, match=r"Building broken.cc failed .*\n.*error"):
         native.build(compiler)
     assert not list((tmp_path / "native").glob("*.so"))  # No half-written library is left to load.
-    native.available.cache_clear()
+    native._registered.cache_clear()
     try:  # Training goes on without the speed-up, and the warning carries the reason.
         with pytest.warns(UserWarning, match="native kernels unavailable.*Building broken.cc failed"):
             assert not native.available()
     finally:
-        native.available.cache_clear()
+        native._registered.cache_clear()

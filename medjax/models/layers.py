@@ -106,16 +106,16 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` for 2-D ``a (m, k)`` and ``b (k, n)``: XLA's dot when only the value is needed (evaluation,
-    export), oneMKL's sgemm for the forward and both gradients under differentiation.
+    """``a @ b`` for 2-D ``a (m, k)`` and ``b (k, n)`` through oneMKL's sgemm, the value and both gradients.
 
     XLA CPU's dot took 1.1-1.4x oneMKL's time on a ConvNeXt-Tiny block's six MLP products (one side 96-768
     wide, the other up to 100,352 rows), up to 1.85x on a weight gradient (:func:`native.matmul`). Float32
-    only, and only where oneMKL was found (:func:`native.matmul_available`); otherwise XLA computes all
-    three. The gradients have no gradients of their own on the native path: for second-order
-    differentiation set ``MEDJAX_MKL=0``.
+    only, and only where oneMKL was found and native kernels may run (:func:`native.matmul_available`;
+    not within :func:`native.xla_only`, which export uses); otherwise XLA computes all three. The gradients
+    have no gradients of their own on the native path: for second-order differentiation set
+    ``MEDJAX_MKL=0``.
     """
-    return checkpoint_name(_matmul(a, b), MATMUL_NAME)
+    return checkpoint_name(_matmul(a, b, _native_product(a, b)), MATMUL_NAME)
 
 
 def _native_float32(*arrays: jax.Array) -> bool:
@@ -123,22 +123,29 @@ def _native_float32(*arrays: jax.Array) -> bool:
     return all(x.dtype == jnp.float32 for x in arrays) and native.available()
 
 
+def _native_product(*arrays: jax.Array) -> bool:
+    return _native_float32(*arrays) and native.matmul_available()
+
+
 def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    if _native_float32(a, b) and native.matmul_available():
+    if _native_product(a, b):
         return native.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
     return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
 
 
-@jax.custom_vjp
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    return a @ b
+# ``native_value`` is decided by the caller when it is traced and passed as a static argument, so that a
+# trace under native.xla_only() never reuses a native one.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(a: jax.Array, b: jax.Array, native_value: bool) -> jax.Array:
+    return native.matmul(a, b) if native_value else a @ b
 
 
-def _matmul_fwd(a, b):
+def _matmul_fwd(a, b, native_value):
     return _product(a, b, False, False), (a, b)
 
 
-def _matmul_bwd(residuals, g):
+def _matmul_bwd(native_value, residuals, g):
+    del native_value
     a, b = residuals
     return _product(g, b, False, True).astype(a.dtype), _product(a, g, True, False).astype(b.dtype)
 
@@ -389,13 +396,13 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 class LayerNorm(nn.Module):
     """``nn.LayerNorm`` over the last axis (same ``scale`` and ``bias`` variables, so checkpoints and
-    ``init_from`` carry over) whose training pass is medjax's native kernel.
+    ``init_from`` carry over) computed by medjax's native kernel.
 
     Differentiated, XLA CPU spends on each LayerNorm two library reductions per direction that do not fuse
     their producers, plus materialised ``x - mean``, ``x_hat`` and ``g * scale``; in MedNeXt-tiny's step that
-    came to about a fifth of the time (profiled). Under differentiation the forward and the closed-form
-    backward are one native pass each (:func:`native.layer_norm`); evaluation, export and machines without
-    the native kernels compute the same function in XLA. The variance is taken about the mean (two passes
+    came to about a fifth of the time (profiled). The forward and the closed-form backward are one native
+    pass each (:func:`native.layer_norm`); export (:func:`native.xla_only`) and machines without the native
+    kernels compute the same function in XLA. The variance is taken about the mean (two passes
     over a row), not as ``nn.LayerNorm``'s ``E[x^2] - E[x]^2``: the two agree to float32 rounding on the
     models' activations, and far from zero (rows near 1000) the latter cancels to errors of 0.1 and more.
     """
@@ -409,7 +416,7 @@ class LayerNorm(nn.Module):
         features = (x.shape[-1],)
         scale = self.param("scale", self.scale_init, features, jnp.float32)
         bias = self.param("bias", self.bias_init, features, jnp.float32)
-        return _layer_norm(x, scale, bias, self.epsilon)
+        return _layer_norm(x, scale, bias, self.epsilon, _native_float32(x))
 
 
 def _layer_norm_xla(x, scale, bias, epsilon):
@@ -420,23 +427,25 @@ def _layer_norm_xla(x, scale, bias, epsilon):
     return centred * rstd[..., None] * scale + bias, mean, rstd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, native_value: bool):
+    if native_value:
+        return native.layer_norm(x, scale, bias, epsilon)[0].astype(x.dtype)
     return _layer_norm_xla(x, scale, bias, epsilon)[0].astype(x.dtype)
 
 
-def _layer_norm_fwd(x, scale, bias, epsilon):
-    if _native_float32(x):
+def _layer_norm_fwd(x, scale, bias, epsilon, native_value):
+    if native_value:
         y, mean, rstd = native.layer_norm(x, scale, bias, epsilon)
     else:
         y, mean, rstd = _layer_norm_xla(x, scale, bias, epsilon)
     return y.astype(x.dtype), (x, scale, mean, rstd)
 
 
-def _layer_norm_bwd(epsilon, residuals, g):
+def _layer_norm_bwd(epsilon, native_value, residuals, g):
     del epsilon
     x, scale, mean, rstd = residuals
-    if _native_float32(x):
+    if native_value:
         return native.layer_norm_backward(g, x, scale, mean, rstd)
     g = g.astype(jnp.float32)
     x_hat = (x.astype(jnp.float32) - mean[..., None]) * rstd[..., None]
@@ -460,9 +469,10 @@ def gelu(x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
 
     Differentiating ``nn.gelu`` keeps its erfc and exp intermediates as full-size residuals, and XLA CPU
     expands erfc and exp into long select chains: computing the value and derivative took 7.6x a ReLU's pass
-    over ConvNeXt's widest map. Under differentiation, float32 inputs get both from one native pass
-    (:func:`native.gelu`, erf approximated as XLA does); otherwise, and when only the value is needed
-    (evaluation, export), XLA computes them in one fusion. Either way one tensor, the derivative, is saved.
+    over ConvNeXt's widest map. Float32 inputs get the value, and under differentiation the derivative,
+    from one native pass (:func:`native.gelu`, erf approximated as XLA does; near erf = -1, values up to
+    6e-7 from XLA's erfc form); otherwise (export, :func:`native.xla_only`, or no native kernels) XLA
+    computes them in one fusion. Either way one tensor, the derivative, is saved.
     On the native path the derivative has no derivative of its own: for second-order differentiation set
     ``MEDJAX_NATIVE=0`` (LayerNorm's custom VJP has the same limit).
 
@@ -471,19 +481,22 @@ def gelu(x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
       bias: ``(C,)`` (or a scalar), added first; pass a dense layer's bias here (``Dense(activation='gelu')``
         does) and the addition joins the GELU's pass, which a native call could not share with XLA's fusion.
     """
-    return _gelu(x, jnp.zeros((), x.dtype) if bias is None else bias)
+    bias = jnp.zeros((), x.dtype) if bias is None else bias
+    return _gelu(x, bias, _native_float32(x, bias))
 
 
-@jax.custom_jvp
-def _gelu(x: jax.Array, bias: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _gelu(x: jax.Array, bias: jax.Array, native_value: bool) -> jax.Array:
+    if native_value:
+        return native.gelu(x, bias)[0]
     z = x + bias
     return 0.5 * z * lax.erfc(-z * _INV_SQRT2)
 
 
 @_gelu.defjvp
-def _gelu_jvp(primals, tangents):
+def _gelu_jvp(native_value, primals, tangents):
     (x, bias), (dx, dbias) = primals, tangents
-    if _native_float32(x, bias):
+    if native_value:
         y, derivative = native.gelu(x, bias)
     else:
         z = x + bias

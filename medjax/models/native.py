@@ -82,8 +82,25 @@ def build(compiler: str) -> Path:
     )
 
 
-@functools.cache
+# A jax.jit cache key: a function traced inside xla_only() is traced anew, never served a native trace.
+_XLA_ONLY = jax.make_user_context(default_value=False)
+
+
+def xla_only():
+    """A context within which medjax's layers trace XLA's operations only (:func:`available` says no): for
+    programs that leave this process, such as ``jax.export`` artifacts and ONNX graphs, which cannot carry
+    the custom calls registered here. Jitted functions called within it are traced again."""
+    return _XLA_ONLY(True)
+
+
 def available() -> bool:
+    """Whether medjax may call its native kernels: they are built and registered (on the first call, see
+    :func:`_registered`) and no :func:`xla_only` is in effect."""
+    return not _XLA_ONLY.value and _registered()
+
+
+@functools.cache
+def _registered() -> bool:
     """Whether the native kernels are built and registered (building them on the first call).
 
     Only on the CPU backend with one device in all: the kernels are CPU code, and a program partitioned
