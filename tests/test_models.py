@@ -412,6 +412,8 @@ def test_gelu_values_and_derivatives_match_float64_reference(native_impl):
     np.testing.assert_allclose(gelu(x32), jax.nn.gelu(x32, approximate=False), rtol=1e-6, atol=2 * atol)
     with native.xla_only():
         np.testing.assert_allclose(jax.jit(gelu)(x32), x * cdf, rtol=1e-6, atol=1e-7)
+    if native_impl == "native":  # the value-only kernel (evaluation) gives the same bits as the pair's value
+        np.testing.assert_array_equal(native.gelu_value(x32, 0.5), native.gelu(x32, 0.5)[0])
     _, tangent = jax.jvp(gelu, (x32,), (jnp.full_like(x32, 2.0),))  # forward mode works too
     np.testing.assert_allclose(tangent, 2 * (cdf + x * phi), rtol=1e-6, atol=2 * atol)
     differentiated = str(jax.make_jaxpr(jax.grad(lambda v: gelu(v).sum()))(x32))
@@ -528,7 +530,7 @@ def test_evaluation_is_native_and_xla_only_traces_none_with_the_same_outputs():
     variables = model.init(jax.random.key(1), x, train=False)
     evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
     native_hlo = evaluate.lower(variables, x).as_text()
-    targets = [native.LAYER_NORM, native.GELU] + ([native.MATMUL] if native.matmul_available() else [])
+    targets = [native.LAYER_NORM, native.GELU_VALUE] + ([native.MATMUL] if native.matmul_available() else [])
     assert all(target in native_hlo for target in targets)
     native_logits = evaluate(variables, x)
     with native.xla_only():

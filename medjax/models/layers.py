@@ -488,7 +488,7 @@ def gelu(x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _gelu(x: jax.Array, bias: jax.Array, native_value: bool) -> jax.Array:
     if native_value:
-        return native.gelu(x, bias)[0]
+        return native.gelu_value(x, bias).astype(x.dtype)
     z = x + bias
     return 0.5 * z * lax.erfc(-z * _INV_SQRT2)
 

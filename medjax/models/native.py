@@ -53,6 +53,7 @@ CHANNEL_SUMS = "medjax_channel_sums"
 LAYER_NORM = "medjax_layer_norm_forward"
 LAYER_NORM_BACKWARD = "medjax_layer_norm_backward"
 GELU = "medjax_gelu"
+GELU_VALUE = "medjax_gelu_value"
 MATMUL = "medjax_matmul"
 _SYMBOLS = {
     FORWARD: "MedjaxDepthwiseForward",
@@ -61,6 +62,7 @@ _SYMBOLS = {
     LAYER_NORM: "MedjaxLayerNormForward",
     LAYER_NORM_BACKWARD: "MedjaxLayerNormBackward",
     GELU: "MedjaxGelu",
+    GELU_VALUE: "MedjaxGeluValue",
     MATMUL: "MedjaxMatmul",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
@@ -325,6 +327,15 @@ def gelu(x: jax.Array, bias: jax.Array):
     out = jax.ShapeDtypeStruct(rows.shape, jnp.float32)
     y, d = _call(GELU, (out, out), rows, jnp.broadcast_to(bias, (c,)))
     return y.reshape(x.shape), d.reshape(x.shape)
+
+
+def gelu_value(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """:func:`gelu`'s ``y`` alone, in one pass that neither computes nor writes the derivative
+    (evaluation)."""
+    c = x.shape[-1] if x.ndim else 1
+    rows = x.reshape(-1, c)
+    y = _call(GELU_VALUE, jax.ShapeDtypeStruct(rows.shape, jnp.float32), rows, jnp.broadcast_to(bias, (c,)))
+    return y.reshape(x.shape)
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:

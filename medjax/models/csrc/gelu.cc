@@ -78,32 +78,48 @@ inline V<W> ExpNonPositive(V<W> v) {
   return e * scale;
 }
 
-template <int W>
+// y, and with kDerivative d, over W floats.
+template <int W, bool kDerivative>
 inline void GeluSpan(const float* __restrict x, const float* __restrict b, float* __restrict y,
                      float* __restrict d) {
   constexpr float kInvSqrt2 = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
   const V<W> z = medjax::Load<W>(x) + medjax::Load<W>(b);
   const V<W> cdf = 0.5f + 0.5f * Erf<W>(z * kInvSqrt2);
-  const V<W> pdf = kInvSqrt2Pi * ExpNonPositive<W>(-0.5f * z * z);
   medjax::Store<W>(y, z * cdf);
-  medjax::Store<W>(d, cdf + z * pdf);
+  if constexpr (kDerivative) {
+    const V<W> pdf = kInvSqrt2Pi * ExpNonPositive<W>(-0.5f * z * z);
+    medjax::Store<W>(d, cdf + z * pdf);
+  }
+}
+
+template <bool kDerivative>
+ffi::Future GeluRows(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& bias,
+                     float* y_data, float* d_data) {
+  const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
+  const float* x_data = x.typed_data();
+  const float* b_data = bias.typed_data();
+  return medjax::RunRowTasks(pool, m, c, [=](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * c;
+      float* d_row = kDerivative ? d_data + o : nullptr;
+      int64_t k = 0;
+      for (; k + kW <= c; k += kW)
+        GeluSpan<kW, kDerivative>(x_data + o + k, b_data + k, y_data + o + k, kDerivative ? d_row + k : nullptr);
+      for (; k < c; ++k)
+        GeluSpan<1, kDerivative>(x_data + o + k, b_data + k, y_data + o + k, kDerivative ? d_row + k : nullptr);
+    }
+  });
 }
 
 ffi::Future Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                  ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> d) {
-  const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
-  const float* x_data = x.typed_data();
-  const float* b_data = bias.typed_data();
-  float* y_data = y->typed_data();
-  float* d_data = d->typed_data();
-  return medjax::RunRowTasks(pool, m, c, [=](int64_t, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t o = r * c;
-      int64_t k = 0;
-      for (; k + kW <= c; k += kW) GeluSpan<kW>(x_data + o + k, b_data + k, y_data + o + k, d_data + o + k);
-      for (; k < c; ++k) GeluSpan<1>(x_data + o + k, b_data + k, y_data + o + k, d_data + o + k);
-    }
-  });
+  return GeluRows<true>(pool, x, bias, y->typed_data(), d->typed_data());
+}
+
+// The value alone, for evaluation: no derivative written (nor allocated by XLA).
+ffi::Future GeluValue(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  return GeluRows<false>(pool, x, bias, y->typed_data(), nullptr);
 }
 
 }  // namespace
@@ -114,4 +130,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxGelu, Gelu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxGeluValue, GeluValue,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
