@@ -127,8 +127,8 @@ def _native_product(*arrays: jax.Array) -> bool:
     return _native_float32(*arrays) and native.matmul_available()
 
 
-def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    if _native_product(a, b):
+def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, native_path: bool):
+    if native_path:
         return native.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
     return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
 
@@ -141,13 +141,13 @@ def _matmul(a: jax.Array, b: jax.Array, native_value: bool) -> jax.Array:
 
 
 def _matmul_fwd(a, b, native_value):
-    return _product(a, b, False, False), (a, b)
+    return _product(a, b, False, False, native_value), (a, b)
 
 
 def _matmul_bwd(native_value, residuals, g):
-    del native_value
     a, b = residuals
-    return _product(g, b, False, True).astype(a.dtype), _product(a, g, True, False).astype(b.dtype)
+    da = _product(g, b, False, True, native_value)  # g is float32 too: a cotangent has its primal's dtype.
+    return da.astype(a.dtype), _product(a, g, True, False, native_value).astype(b.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

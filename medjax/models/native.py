@@ -313,6 +313,12 @@ def layer_norm_backward(g: jax.Array, x: jax.Array, scale: jax.Array, mean: jax.
     return dx.reshape(x.shape), dscale, dbias
 
 
+def _gelu_rows(x: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` as ``(rows, C)`` and ``bias`` broadcast to ``(C,)``, the GELU kernels' operands."""
+    c = x.shape[-1] if x.ndim else 1
+    return x.reshape(-1, c), jnp.broadcast_to(bias, (c,))
+
+
 def gelu(x: jax.Array, bias: jax.Array):
     """The exact GELU of ``z = x + bias`` and its derivative: ``(z * Phi(z), Phi(z) + z * phi(z))``, with
     ``Phi`` the standard normal CDF (erf approximated as XLA does for float32) and ``phi`` its density.
@@ -322,20 +328,17 @@ def gelu(x: jax.Array, bias: jax.Array):
     Returns:
       float32 ``(y, d)``, each shaped as ``x``.
     """
-    c = x.shape[-1] if x.ndim else 1
-    rows = x.reshape(-1, c)
+    rows, bias = _gelu_rows(x, bias)
     out = jax.ShapeDtypeStruct(rows.shape, jnp.float32)
-    y, d = _call(GELU, (out, out), rows, jnp.broadcast_to(bias, (c,)))
+    y, d = _call(GELU, (out, out), rows, bias)
     return y.reshape(x.shape), d.reshape(x.shape)
 
 
 def gelu_value(x: jax.Array, bias: jax.Array) -> jax.Array:
     """:func:`gelu`'s ``y`` alone, in one pass that neither computes nor writes the derivative
     (evaluation)."""
-    c = x.shape[-1] if x.ndim else 1
-    rows = x.reshape(-1, c)
-    y = _call(GELU_VALUE, jax.ShapeDtypeStruct(rows.shape, jnp.float32), rows, jnp.broadcast_to(bias, (c,)))
-    return y.reshape(x.shape)
+    rows, bias = _gelu_rows(x, bias)
+    return _call(GELU_VALUE, jax.ShapeDtypeStruct(rows.shape, jnp.float32), rows, bias).reshape(x.shape)
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:

@@ -78,17 +78,17 @@ inline V<W> ExpNonPositive(V<W> v) {
   return e * scale;
 }
 
-// y, and with kDerivative d, over W floats.
+// y, and with kDerivative d[k...], over W floats.
 template <int W, bool kDerivative>
 inline void GeluSpan(const float* __restrict x, const float* __restrict b, float* __restrict y,
-                     float* __restrict d) {
+                     float* __restrict d, int64_t k) {
   constexpr float kInvSqrt2 = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
   const V<W> z = medjax::Load<W>(x) + medjax::Load<W>(b);
   const V<W> cdf = 0.5f + 0.5f * Erf<W>(z * kInvSqrt2);
   medjax::Store<W>(y, z * cdf);
   if constexpr (kDerivative) {
     const V<W> pdf = kInvSqrt2Pi * ExpNonPositive<W>(-0.5f * z * z);
-    medjax::Store<W>(d, cdf + z * pdf);
+    medjax::Store<W>(d + k, cdf + z * pdf);
   }
 }
 
@@ -101,12 +101,12 @@ ffi::Future GeluRows(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffe
   return medjax::RunRowTasks(pool, m, c, [=](int64_t, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * c;
-      float* d_row = kDerivative ? d_data + o : nullptr;
+      const float* x_row = x_data + o;
+      float* y_row = y_data + o;
+      float* d_row = kDerivative ? d_data + o : nullptr;  // Only read when kDerivative.
       int64_t k = 0;
-      for (; k + kW <= c; k += kW)
-        GeluSpan<kW, kDerivative>(x_data + o + k, b_data + k, y_data + o + k, kDerivative ? d_row + k : nullptr);
-      for (; k < c; ++k)
-        GeluSpan<1, kDerivative>(x_data + o + k, b_data + k, y_data + o + k, kDerivative ? d_row + k : nullptr);
+      for (; k + kW <= c; k += kW) GeluSpan<kW, kDerivative>(x_row + k, b_data + k, y_row + k, d_row, k);
+      for (; k < c; ++k) GeluSpan<1, kDerivative>(x_row + k, b_data + k, y_row + k, d_row, k);
     }
   });
 }
