@@ -635,18 +635,26 @@ def native_impl(request, monkeypatch):
     native._registered.cache_clear()
 
 
-def test_batch_norm_equals_flax_batch_norm(native_impl):
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_batch_norm_equals_flax_batch_norm(native_impl, activation):
     """``layers.BatchNorm`` is ``nn.BatchNorm`` with a closed-form backward: same variables, outputs,
-    running averages and gradients, in training and evaluation, with either implementation of its sums."""
+    running averages and gradients, in training and evaluation, with either implementation of its sums;
+    with ``activation``, ``nn.BatchNorm`` followed by ``jax.nn``'s ReLU or ReLU6, the clamp's mask inside
+    the native backward sums."""
     train = jax.make_jaxpr(lambda x: BatchNorm().init_with_output(jax.random.key(0), x, False))
     assert (native.CHANNEL_SUMS in str(train(jnp.ones((2, 3, 3, 4))))) == (native_impl == "native")
     x = 3.0 * jax.random.normal(jax.random.key(1), (4, 5, 6, 7)) + 2.0
-    ours, flax_bn = BatchNorm(momentum=0.9, epsilon=1e-3), nn.BatchNorm(momentum=0.9, epsilon=1e-3)
+    ours = BatchNorm(momentum=0.9, epsilon=1e-3, activation=activation)
+    flax_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-3)
+    act = {None: lambda y: y, "relu": jax.nn.relu, "relu6": jax.nn.relu6}[activation]
     variables = ours.init(jax.random.key(0), x, use_running_average=False)
     chex.assert_trees_all_equal(variables, flax_bn.init(jax.random.key(0), x, use_running_average=False))
     keys = jax.random.split(jax.random.key(2), 2)
-    variables = {
-        "params": {"scale": jax.random.normal(keys[0], (7,)), "bias": jax.random.normal(keys[1], (7,))},
+    variables = {  # scale 3 and bias 2 on average: outputs on both sides of 0 and of ReLU6's 6
+        "params": {
+            "scale": 3 + jax.random.normal(keys[0], (7,)),
+            "bias": 2 + jax.random.normal(keys[1], (7,)),
+        },
         "batch_stats": variables["batch_stats"],
     }
     weights = jax.random.normal(jax.random.key(3), x.shape)
@@ -655,22 +663,30 @@ def test_batch_norm_equals_flax_batch_norm(native_impl):
         y, updates = module.apply(
             {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"]
         )
+        if module is flax_bn:
+            y = act(y)
         return jnp.sum(jnp.tanh(y) * weights), (y, updates)
 
-    (_, (ours_y, ours_stats)), ours_grads = jax.value_and_grad(
-        functools.partial(loss, ours), argnums=(0, 1), has_aux=True
-    )(variables["params"], x)
+    ours_loss = functools.partial(loss, ours)
+    differentiated = str(jax.make_jaxpr(jax.grad(ours_loss, argnums=1, has_aux=True))(variables["params"], x))
+    clamped = native_impl == "native" and activation is not None
+    assert (native.CLAMPED_CHANNEL_SUMS in differentiated) == clamped
+    (_, (ours_y, ours_stats)), ours_grads = jax.value_and_grad(ours_loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x
+    )
     (_, (flax_y, flax_stats)), flax_grads = jax.value_and_grad(
         functools.partial(loss, flax_bn), argnums=(0, 1), has_aux=True
     )(variables["params"], x)
     np.testing.assert_allclose(ours_y, flax_y, rtol=1e-5, atol=1e-5)
+    if activation is not None:  # the clamp is active: some outputs at 0 (and at 6 for ReLU6)
+        assert np.mean(flax_y == 0) > 0.05 and (activation == "relu" or np.mean(flax_y == 6) > 0.05)
     chex.assert_trees_all_close(ours_stats, flax_stats, rtol=1e-6, atol=1e-6)
     assert not np.allclose(ours_stats["batch_stats"]["mean"], 0.0)  # the averages moved
     chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)
     stored = {**variables, "batch_stats": ours_stats["batch_stats"]}
     np.testing.assert_allclose(
         ours.apply(stored, x, use_running_average=True),
-        flax_bn.apply(stored, x, use_running_average=True),
+        act(flax_bn.apply(stored, x, use_running_average=True)),
         rtol=1e-6,
         atol=1e-6,
     )
@@ -724,6 +740,27 @@ def test_layer_norm_variance_is_taken_about_the_mean(native_impl):
     np.testing.assert_allclose(y, x_hat, atol=2e-3)  # x itself carries float32's 6e-5 at 1000
     np.testing.assert_allclose(dx, dx64, atol=2e-3)
     np.testing.assert_allclose(dv["params"]["scale"], (g64 * x_hat).sum(0), atol=2e-2)
+
+
+def test_native_clamped_channel_sums_equal_float64_sums():
+    """``native.clamped_channel_sums`` is ``(sum(gm), sum(gm * x))`` with ``gm`` the cotangent where the
+    BatchNorm's output lies strictly inside the clamp's bounds (float64 reference), for ReLU6 and for ReLU's
+    unbounded top; a 19-channel map (not a multiple of a vector) over 3 x 41 x 5 rows."""
+    if not native.available():
+        pytest.skip("no C++ compiler")
+    keys = jax.random.split(jax.random.key(0), 5)
+    g, x = (jax.random.normal(k, (3, 41, 5, 19)) for k in keys[:2])
+    mean, bias = (jax.random.normal(k, (19,)) for k in keys[2:4])
+    mul = 4 * jax.random.normal(keys[4], (19,))  # negative scales too: the mask then flips with x
+    g64, x64 = np.asarray(g, np.float64).reshape(-1, 19), np.asarray(x, np.float64).reshape(-1, 19)
+    z = (x64 - np.asarray(mean)) * np.asarray(mul) + np.asarray(bias)
+    for lo, hi in [(0.0, 6.0), (0.0, np.inf)]:
+        gm = np.where((z > lo) & (z < hi), g64, 0.0)
+        assert 0.2 < np.mean(gm != 0) < 0.8
+        sums = jax.jit(native.clamped_channel_sums, static_argnums=(5, 6))
+        total, dot = sums(g, x, mean, mul, bias, lo, hi)
+        np.testing.assert_allclose(total, gm.sum(0), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(dot, (gm * x64).sum(0), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler")

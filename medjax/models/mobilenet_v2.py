@@ -26,7 +26,7 @@ depthwise/project layers sit one index earlier (``features.1.conv.0.{0,1}``, ``f
 import flax.linen as nn
 import jax
 
-from medjax.models.layers import BatchNorm, Conv, DepthwiseConv, GlobalPool, remat
+from medjax.models.layers import Conv, DepthwiseConv, GlobalPool, batch_norm, remat
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper / torchvision.
 INVERTED_RESIDUAL_SETTINGS = (
@@ -92,11 +92,9 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
 
-        def bn(name: str) -> nn.Module:
-            # Training uses the closed-form backward; evaluation nn.BatchNorm itself (same variables), which
-            # jax2onnx converts to one ONNX BatchNormalization (it rejects the traced form).
-            return (BatchNorm if train else nn.BatchNorm)(
-                use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
+        def bn(name: str, activation: str | None = None):
+            return batch_norm(
+                train, activation, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
             )
 
         y = x
@@ -108,7 +106,7 @@ class InvertedResidual(nn.Module):
                 impl=self.depthwise_impl,
                 name="expand",
             )(y)
-            y = jax.nn.relu6(bn("expand_bn")(y))
+            y = bn("expand_bn", "relu6")(y)
         pad = conv_padding(y.shape[1:3], kernel=3, stride=self.stride, style=self.padding_style)
         y = DepthwiseConv(
             3,
@@ -119,7 +117,7 @@ class InvertedResidual(nn.Module):
             kernel_init=_conv_init,
             name="depthwise",
         )(y)
-        y = jax.nn.relu6(bn("depthwise_bn")(y))
+        y = bn("depthwise_bn", "relu6")(y)
         y = Conv(
             self.out_channels,
             use_bias=False,
@@ -174,7 +172,7 @@ class Model(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         if self.padding_style not in PADDING_STYLES:
             raise ValueError(f"padding_style must be one of {PADDING_STYLES}, got {self.padding_style!r}")
-        bn_kwargs = dict(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon)
+        bn_kwargs = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon)
         width = self.width_multiplier
 
         pad = conv_padding(x.shape[1:3], kernel=3, stride=2, style=self.padding_style)
@@ -188,7 +186,7 @@ class Model(nn.Module):
             impl=self.depthwise_impl,
             name="stem",
         )(x)
-        x = jax.nn.relu6((BatchNorm if train else nn.BatchNorm)(**bn_kwargs, name="stem_bn")(x))
+        x = batch_norm(train, "relu6", **bn_kwargs, name="stem_bn")(x)
 
         block = remat(InvertedResidual, self.remat)
         index = 0
@@ -210,7 +208,7 @@ class Model(nn.Module):
         x = Conv(
             last_channels, use_bias=False, kernel_init=_conv_init, impl=self.depthwise_impl, name="head_conv"
         )(x)
-        feature_map = jax.nn.relu6((BatchNorm if train else nn.BatchNorm)(**bn_kwargs, name="head_bn")(x))
+        feature_map = batch_norm(train, "relu6", **bn_kwargs, name="head_bn")(x)
         feature_map = feature_map if self.is_initializing() else self.perturb("feature_map", feature_map)
 
         features = GlobalPool(self.pooling, self.fusion)(feature_map)

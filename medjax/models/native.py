@@ -50,6 +50,7 @@ HEADERS = (CSRC / "simd.h", CSRC / "tasks.h")
 FORWARD = "medjax_depthwise_forward"
 KERNEL_GRAD = "medjax_depthwise_kernel_grad"
 CHANNEL_SUMS = "medjax_channel_sums"
+CLAMPED_CHANNEL_SUMS = "medjax_clamped_channel_sums"
 LAYER_NORM = "medjax_layer_norm_forward"
 LAYER_NORM_BACKWARD = "medjax_layer_norm_backward"
 GELU = "medjax_gelu"
@@ -59,6 +60,7 @@ _SYMBOLS = {
     FORWARD: "MedjaxDepthwiseForward",
     KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
     CHANNEL_SUMS: "MedjaxChannelSums",
+    CLAMPED_CHANNEL_SUMS: "MedjaxClampedChannelSums",
     LAYER_NORM: "MedjaxLayerNormForward",
     LAYER_NORM_BACKWARD: "MedjaxLayerNormBackward",
     GELU: "MedjaxGelu",
@@ -277,6 +279,24 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     c = a.shape[-1]
     out = jax.ShapeDtypeStruct((c,), jnp.float32)
     return _call(CHANNEL_SUMS, (out, out), a.reshape(-1, c), b.reshape(-1, c))
+
+
+def clamped_channel_sums(g, x, mean, mul, bias, lo: float, hi: float) -> tuple[jax.Array, jax.Array]:
+    """BatchNorm's backward sums through a clamp that follows it: ``(sum(gm), sum(gm * x))`` over every axis
+    but the last, ``gm = where(lo < z < hi, g, 0)`` with ``z = (x - mean) * mul + bias`` the BatchNorm's
+    output, recomputed from ``x`` (ReLU: ``lo, hi = 0, inf``; ReLU6: ``0, 6``). One pass over ``g`` and ``x``.
+
+    Args:
+      g, x: float32 arrays of one shape ``(..., C)``; mean, mul, bias: ``(C,)``.
+    Returns:
+      Two float32 ``(C,)`` arrays.
+    """
+    if g.shape != x.shape:
+        raise ValueError(f"clamped_channel_sums needs g and x of one shape, got {g.shape} and {x.shape}.")
+    c = x.shape[-1]
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    rows = (g.reshape(-1, c), x.reshape(-1, c))
+    return _call(CLAMPED_CHANNEL_SUMS, (out, out), *rows, mean, mul, bias, lo=float(lo), hi=float(hi))
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.layers import BatchNorm, Conv, ConvTranspose
+from medjax.models.layers import Conv, ConvTranspose, batch_norm
 
 NORMS = ("batch", "group", "none")
 UPSAMPLES = ("transposed", "bilinear")
@@ -57,15 +57,12 @@ class DoubleConv(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         for i in range(2):
             x = Conv(self.features, (3, 3), use_bias=self.norm == "none", impl=self.impl, name=f"conv{i}")(x)
-            if self.norm == "batch":
-                bn = BatchNorm if train else nn.BatchNorm  # hand-written backward for training, see layers
-                x = bn(
-                    use_running_average=not train,
-                    momentum=self.bn_momentum,
-                    epsilon=self.bn_epsilon,
-                    name=f"norm{i}",
+            if self.norm == "batch":  # the ReLU inside BatchNorm's hand-written backward (see layers)
+                x = batch_norm(
+                    train, "relu", momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=f"norm{i}"
                 )(x)
-            elif self.norm == "group":
+                continue
+            if self.norm == "group":
                 if self.features % self.groups:
                     raise ValueError(f"width {self.features} is not divisible by groups={self.groups}")
                 x = nn.GroupNorm(num_groups=self.groups, name=f"norm{i}")(x)

@@ -60,6 +60,54 @@ ffi::Future ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
                                });
 }
 
+// ClampedSums' rows [m0, m1): g where lo < z < hi (z = (x - mean) * mul + bias, the BatchNorm's output before
+// its clamp), summed, and times x, summed, into sg and sgx.
+void ClampedSumRows(const float* __restrict g, const float* __restrict x, const float* __restrict mean,
+                    const float* __restrict mul, const float* __restrict bias, float lo, float hi, int64_t c,
+                    int64_t m0, int64_t m1, double* __restrict sg, double* __restrict sgx) {
+  std::vector<float> block_g(c), block_gx(c);
+  float* __restrict pg = block_g.data();
+  float* __restrict pgx = block_gx.data();
+  for (int64_t r0 = m0; r0 < m1; r0 += kRowBlock) {
+    std::fill(block_g.begin(), block_g.end(), 0.0f);
+    std::fill(block_gx.begin(), block_gx.end(), 0.0f);
+    for (int64_t r = r0; r < std::min(m1, r0 + kRowBlock); ++r) {
+      const float* __restrict gr = g + r * c;
+      const float* __restrict xr = x + r * c;
+      for (int64_t k = 0; k < c; ++k) {
+        const float z = (xr[k] - mean[k]) * mul[k] + bias[k];
+        const float gm = (z > lo && z < hi) ? gr[k] : 0.0f;
+        pg[k] += gm;
+        pgx[k] += gm * xr[k];
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      sg[k] += pg[k];
+      sgx[k] += pgx[k];
+    }
+  }
+}
+
+// The backward sums of BatchNorm followed by a clamp to [lo, hi] (ReLU, ReLU6): sum(gm) and sum(gm * x) with
+// gm the clamp's input gradient, g where the BatchNorm's output z lies strictly inside (lo, hi), else 0.
+// The mask is recomputed from x, so the backward neither reads a saved z nor writes gm: XLA CPU wrote gm in
+// a pass of its own (a select over g and z) and then read it twice, for these sums and for dx.
+ffi::Future ClampedSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
+                        ffi::ResultBuffer<ffi::F32> sg, ffi::ResultBuffer<ffi::F32> sgx, float lo, float hi) {
+  const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
+  const float* g_data = g.typed_data();
+  const float* x_data = x.typed_data();
+  const float* mean_data = mean.typed_data();
+  const float* mul_data = mul.typed_data();
+  const float* bias_data = bias.typed_data();
+  return medjax::RunColumnSums(pool, m, c, sg->typed_data(), sgx->typed_data(),
+                               [=](int64_t r0, int64_t r1, double* s_g, double* s_gx) {
+                                 ClampedSumRows(g_data, x_data, mean_data, mul_data, bias_data, lo, hi, c, r0, r1,
+                                                s_g, s_gx);
+                               });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxChannelSums, ChannelSums,
@@ -69,3 +117,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxChannelSums, ChannelSums,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxClampedChannelSums, ClampedSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("lo")
+                                  .Attr<float>("hi"));
