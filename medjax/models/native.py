@@ -266,6 +266,16 @@ def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape, strides, pad
     return _call(KERNEL_GRAD, out, x, g, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl)
 
 
+def _column_sums(target: str, a: jax.Array, b: jax.Array, *params: jax.Array, **attrs: float):
+    """Two float32 ``(C,)`` sums over every axis but the last from ``target``, called on ``a`` and ``b`` (one
+    shape ``(..., C)``) as ``(rows, C)`` arrays, then ``params``."""
+    if a.shape != b.shape:
+        raise ValueError(f"{target} needs two arrays of one shape, got {a.shape} and {b.shape}.")
+    c = a.shape[-1]
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    return _call(target, (out, out), a.reshape(-1, c), b.reshape(-1, c), *params, **attrs)
+
+
 def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sum(a), sum(a * b))`` over every axis but the last, in one pass over both (accumulated in double).
 
@@ -274,11 +284,7 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     Returns:
       Two float32 ``(C,)`` arrays.
     """
-    if a.shape != b.shape:
-        raise ValueError(f"channel_sums needs two arrays of one shape, got {a.shape} and {b.shape}.")
-    c = a.shape[-1]
-    out = jax.ShapeDtypeStruct((c,), jnp.float32)
-    return _call(CHANNEL_SUMS, (out, out), a.reshape(-1, c), b.reshape(-1, c))
+    return _column_sums(CHANNEL_SUMS, a, b)
 
 
 def clamped_channel_sums(g, x, mean, mul, bias, lo: float, hi: float) -> tuple[jax.Array, jax.Array]:
@@ -291,12 +297,7 @@ def clamped_channel_sums(g, x, mean, mul, bias, lo: float, hi: float) -> tuple[j
     Returns:
       Two float32 ``(C,)`` arrays.
     """
-    if g.shape != x.shape:
-        raise ValueError(f"clamped_channel_sums needs g and x of one shape, got {g.shape} and {x.shape}.")
-    c = x.shape[-1]
-    out = jax.ShapeDtypeStruct((c,), jnp.float32)
-    rows = (g.reshape(-1, c), x.reshape(-1, c))
-    return _call(CLAMPED_CHANNEL_SUMS, (out, out), *rows, mean, mul, bias, lo=float(lo), hi=float(hi))
+    return _column_sums(CLAMPED_CHANNEL_SUMS, g, x, mean, mul, bias, lo=float(lo), hi=float(hi))
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):

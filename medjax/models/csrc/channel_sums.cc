@@ -10,7 +10,8 @@
 // by dropping them). Rows are split across XLA's intra-op thread pool; each task sums blocks of rows in
 // float32 vectors and adds each block's sums into double, and the last task to finish adds the tasks'
 // partial sums in a fixed order, so the result does not depend on scheduling (medjax::RunColumnSums in
-// tasks.h).
+// tasks.h). A second handler sums, in place of a, the cotangent of a clamp that follows a BatchNorm
+// (ClampedSums, below).
 
 #include <algorithm>
 #include <cstdint>
@@ -25,8 +26,11 @@ namespace {
 
 constexpr int64_t kRowBlock = 64;  // Rows summed in float32 before the block's sums go into double.
 
-// Adds the sums of rows [m0, m1) into sa and sab (C doubles each).
-void SumRows(const float* __restrict a, const float* __restrict b, int64_t c, int64_t m0, int64_t m1,
+// Adds the sums of rows [m0, m1) of a and of a * b into sa and sab (C doubles each). a(ar, br, k) gives row
+// r's value of a at channel k from a's row ar and b's row br: the array itself, or the clamp's masked
+// cotangent (ClampedSums).
+template <typename A>
+void SumRows(A a, const float* __restrict a_data, const float* __restrict b, int64_t c, int64_t m0, int64_t m1,
              double* __restrict sa, double* __restrict sab) {
   std::vector<float> block_a(c), block_ab(c);
   for (int64_t r0 = m0; r0 < m1; r0 += kRowBlock) {
@@ -35,11 +39,12 @@ void SumRows(const float* __restrict a, const float* __restrict b, int64_t c, in
     float* __restrict pa = block_a.data();
     float* __restrict pab = block_ab.data();
     for (int64_t r = r0; r < std::min(m1, r0 + kRowBlock); ++r) {
-      const float* __restrict ar = a + r * c;
+      const float* __restrict ar = a_data + r * c;
       const float* __restrict br = b + r * c;
       for (int64_t k = 0; k < c; ++k) {
-        pa[k] += ar[k];
-        pab[k] += ar[k] * br[k];
+        const float ak = a(ar, br, k);
+        pa[k] += ak;
+        pab[k] += ak * br[k];
       }
     }
     for (int64_t k = 0; k < c; ++k) {
@@ -56,36 +61,9 @@ ffi::Future ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
   const float* b_data = b.typed_data();
   return medjax::RunColumnSums(pool, m, c, sa->typed_data(), sab->typed_data(),
                                [=](int64_t r0, int64_t r1, double* s_a, double* s_ab) {
-                                 SumRows(a_data, b_data, c, r0, r1, s_a, s_ab);
+                                 const auto itself = [](const float* ar, const float*, int64_t k) { return ar[k]; };
+                                 SumRows(itself, a_data, b_data, c, r0, r1, s_a, s_ab);
                                });
-}
-
-// ClampedSums' rows [m0, m1): g where lo < z < hi (z = (x - mean) * mul + bias, the BatchNorm's output before
-// its clamp), summed, and times x, summed, into sg and sgx.
-void ClampedSumRows(const float* __restrict g, const float* __restrict x, const float* __restrict mean,
-                    const float* __restrict mul, const float* __restrict bias, float lo, float hi, int64_t c,
-                    int64_t m0, int64_t m1, double* __restrict sg, double* __restrict sgx) {
-  std::vector<float> block_g(c), block_gx(c);
-  float* __restrict pg = block_g.data();
-  float* __restrict pgx = block_gx.data();
-  for (int64_t r0 = m0; r0 < m1; r0 += kRowBlock) {
-    std::fill(block_g.begin(), block_g.end(), 0.0f);
-    std::fill(block_gx.begin(), block_gx.end(), 0.0f);
-    for (int64_t r = r0; r < std::min(m1, r0 + kRowBlock); ++r) {
-      const float* __restrict gr = g + r * c;
-      const float* __restrict xr = x + r * c;
-      for (int64_t k = 0; k < c; ++k) {
-        const float z = (xr[k] - mean[k]) * mul[k] + bias[k];
-        const float gm = (z > lo && z < hi) ? gr[k] : 0.0f;
-        pg[k] += gm;
-        pgx[k] += gm * xr[k];
-      }
-    }
-    for (int64_t k = 0; k < c; ++k) {
-      sg[k] += pg[k];
-      sgx[k] += pgx[k];
-    }
-  }
 }
 
 // The backward sums of BatchNorm followed by a clamp to [lo, hi] (ReLU, ReLU6): sum(gm) and sum(gm * x) with
@@ -103,8 +81,11 @@ ffi::Future ClampedSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buff
   const float* bias_data = bias.typed_data();
   return medjax::RunColumnSums(pool, m, c, sg->typed_data(), sgx->typed_data(),
                                [=](int64_t r0, int64_t r1, double* s_g, double* s_gx) {
-                                 ClampedSumRows(g_data, x_data, mean_data, mul_data, bias_data, lo, hi, c, r0, r1,
-                                                s_g, s_gx);
+                                 const auto masked = [=](const float* gr, const float* xr, int64_t k) {
+                                   const float z = (xr[k] - mean_data[k]) * mul_data[k] + bias_data[k];
+                                   return (z > lo && z < hi) ? gr[k] : 0.0f;
+                                 };
+                                 SumRows(masked, g_data, x_data, c, r0, r1, s_g, s_gx);
                                });
 }
 
