@@ -25,10 +25,16 @@ Arguments (``--config=configs/pretrain.py:method=distillation,model=mednext_plos
              of :data:`medjax.recipes.CPU_MODELS`.
   student    ``cpu`` (default, the reduced models above, for 64 px grey) or ``study``: the studies' full
              models (:data:`medjax.recipes.STUDY_MODELS`: ConvNeXt-Tiny with study A's head as in
-             ``configs/brain_mri.py``, MedNeXt-PLOS tiny as in ``configs/covid_ct.py:model=mednext_plos``).
+             ``configs/brain_mri.py``, MedNeXt-PLOS tiny as in ``configs/covid_ct.py:model=mednext_plos``);
+             or ``imagenet`` with ``model=mobilenet_v2,method=simsiam``: Self-Trans' order (He et al.
+             2020), SimSiam continued from the ImageNet MobileNetV2 (``init_from.path``, the weights file
+             of ``configs/chest_xray.py``) on RGB in [-1, 1], for the fine-tuning configs that start
+             from that file (``configs/ucsd_covid_ct.py``, ``configs/covid_ct.py``, with
+             ``--config.init_from.path=<this run>``).
   size       image side in pixels (64).
   channels   1 (grey, like the scratch/cpu classification configs) or 3 for a fine-tuning config that
-             reads RGB (the stem convolution's shape depends on it).
+             reads RGB (the stem convolution's shape depends on it); by default 1, and 3 for
+             ``student=imagenet``.
 
 Measured (``launch/pretrained_starts.py``, ``results/pretrained_starts_*.md``, README "Pretrain on your
 own unlabelled images"): on UCSD COVID-CT at 250 labels, distillation on the 425 training slices (100
@@ -69,18 +75,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         model="convnext",
         student="cpu",
         size=64,
-        channels=1,
+        channels=0,
     )
     students = {"cpu": recipes.CPU_MODELS, "study": recipes.STUDY_MODELS}
-    if args.model not in recipes.STUDY_MODELS or args.student not in students:
+    imagenet = (args.model, args.student, args.method) == ("mobilenet_v2", "imagenet", "simsiam")
+    if not imagenet and (args.model not in recipes.STUDY_MODELS or args.student not in students):
         raise ValueError(
-            f"model={args.model!r}, student={args.student!r}: pretrain students are model=convnext or "
-            "mednext_plos, student=cpu or study."
+            f"model={args.model!r}, student={args.student!r}, method={args.method!r}: pretrain students "
+            "are model=convnext or mednext_plos with student=cpu or study, or "
+            "model=mobilenet_v2,student=imagenet,method=simsiam."
         )
+    # 0: the student's own, grey for the reduced and study students, RGB for the ImageNet network.
+    args.channels = args.channels or (3 if imagenet else 1)
+    if imagenet and args.channels != 3:
+        raise ValueError(f"channels={args.channels}: the ImageNet MobileNetV2 takes 3 channels.")
     config = config_lib.base_config(task="pretrain")
     config.name = f"pretrain_{args.method}_{args.model}"
     config.model_name = args.model
-    config.model = config_lib.model_config(args.model, **students[args.student][args.model])
+    if not imagenet:
+        config.model = config_lib.model_config(args.model, **students[args.student][args.model])
 
     if args.variant == "real" and args.pool not in POOLS:
         raise ValueError(f"pool={args.pool!r}: the registered pools are {sorted(POOLS)}; use variant=folder.")
@@ -164,4 +177,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.pretrain.projection_dim = 16
         else:
             config.loss.distillation.teacher_image_size = None
+    if imagenet:  # Last: the file's network and input range, whatever the variant's data (smoke's too).
+        recipes.imagenet_mobilenet_v2_start(config)
+        config.data.normalize = ml_collections.ConfigDict(recipes.INPUT_RANGES["symmetric"])
     return config

@@ -43,6 +43,15 @@ def initial_variables(
     """
     if not config.init_from.path:
         return fresh
+    if isinstance(model, pretraining.Pretrainer):
+        # Self-supervision continued from a pretrained network (Self-Trans: ImageNet, then the target
+        # images): the source starts the student; the objectives' heads keep their fresh values.
+        started = initial_variables(config, model.student, pretraining.student_variables(fresh), image_shape)
+        variables = {collection: dict(tree) for collection, tree in fresh.items()}
+        for collection, tree in started.items():
+            if tree:
+                variables[collection]["student"] = tree
+        return variables
     path = Path(config.init_from.path).expanduser()
     if not path.exists():
         raise ConfigError(
@@ -89,6 +98,8 @@ def first_images(data_cfg: ml_collections.ConfigDict, num_images: int) -> Iterat
             if seen >= num_images:
                 return
             images = batch["image"][np.asarray(batch["mask"], bool)]
+            if images.ndim == 5:  # A pretraining run's augmented views: the first is enough for statistics.
+                images = images[:, 0]
             seen += len(images)
             yield images
 

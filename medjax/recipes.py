@@ -40,6 +40,26 @@ def mobilenet_v2_unfreeze(head_epochs: float) -> tuple[dict, ...]:
     )
 
 
+def imagenet_mobilenet_v2_start(config: ml_collections.ConfigDict) -> None:
+    """The model and weights of study C's start (in place): MobileNetV2 1.0 built to take the ImageNet
+    file's weights (its classifier re-initialised), on RGB input. Also the student of a pretraining run
+    that continues from ImageNet (``configs/pretrain.py:student=imagenet``)."""
+    config.model_name = "mobilenet_v2"
+    # Keras' MobileNetV2 pads stride-2 convolutions TensorFlow-style and uses BatchNorm epsilon 1e-3.
+    # Momentum 0.99 (Keras' 0.999 would take thousands of steps to adapt the statistics to a new task).
+    config.model = config_lib.model_config(
+        "mobilenet_v2",
+        width_multiplier=1.0,
+        dropout_rate=0.2,
+        padding_style="tf",
+        bn_epsilon=1e-3,
+        bn_momentum=0.99,
+    )
+    config.init_from.path = IMAGENET_MOBILENET_V2
+    config.init_from.reinit_head = True
+    config.data.channels = 3
+
+
 def imagenet_mobilenet_v2(
     config: ml_collections.ConfigDict,
     *,
@@ -59,21 +79,8 @@ def imagenet_mobilenet_v2(
     """
     if input_range not in INPUT_RANGES:
         raise ValueError(f"input_range must be one of {sorted(INPUT_RANGES)}, got {input_range!r}")
-    config.model_name = "mobilenet_v2"
-    # Keras' MobileNetV2 pads stride-2 convolutions TensorFlow-style and uses BatchNorm epsilon 1e-3.
-    # Momentum 0.99 (Keras' 0.999 would take thousands of steps to adapt the statistics to a new task).
-    config.model = config_lib.model_config(
-        "mobilenet_v2",
-        width_multiplier=1.0,
-        dropout_rate=0.2,
-        padding_style="tf",
-        bn_epsilon=1e-3,
-        bn_momentum=0.99,
-    )
-    config.init_from.path = IMAGENET_MOBILENET_V2
-    config.init_from.reinit_head = True
+    imagenet_mobilenet_v2_start(config)
     config.data.image_size = image_size
-    config.data.channels = 3
     config.data.normalize = ml_collections.ConfigDict(INPUT_RANGES[input_range])
     config.data.augment.hflip = True
     config.data.augment.rotation_degrees = 15.0

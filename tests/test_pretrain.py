@@ -147,6 +147,30 @@ def test_pretraining_run_starts_study_a_classifier(pretrain_run, tfds_data_dir):
     assert any(path[1] == "sevector" for path in started)  # Study A's head transfers with the backbone.
 
 
+def test_pretraining_run_continues_from_a_pretrained_student(pretrain_run):
+    """Self-Trans' order (a pretrained network, then self-supervision on the target's images): a
+    pretraining config's init_from starts the student only; the objectives' heads and the unused
+    classifier keep their fresh values."""
+    config, workdir, _ = pretrain_run
+    config = config.copy_and_resolve_references()
+    config.init_from.path = str(workdir)
+    task = tasks.get_task("pretrain")
+    student = models.get_model(config.model_name, num_classes=2, **config.model)
+    model = tasks.training_model(task, student, config)
+    image_shape = (32, 32, 1)
+    fresh = train_step.init_variables(model, rng=jax.random.key(7), image_shape=image_shape)
+    started = traverse_util.flatten_dict(init_from.initial_variables(config, model, fresh, image_shape))
+    source = traverse_util.flatten_dict(run_dir.load_run(workdir, predicts=False).variables)
+    fresh = traverse_util.flatten_dict(fresh)
+    assert started.keys() == fresh.keys()
+    copied = 0
+    for path, value in started.items():
+        from_source = path[1] == "student" and path[2] != "classifier"
+        np.testing.assert_array_equal(value, source[path] if from_source else fresh[path], "/".join(path))
+        copied += from_source and not np.array_equal(source[path], fresh[path])
+    assert copied > 10  # The source trained: its student differs from a fresh one.
+
+
 def test_probe_reads_the_students_features_of_a_pretraining_run(pretrain_run):
     config, workdir, _ = pretrain_run
     images = jnp.asarray(np.random.default_rng(0).random((3, 32, 32, 1), np.float32))
@@ -214,3 +238,39 @@ def test_distillation_from_the_imagenet_tflite_teacher(tfds_data_dir, tmp_path):
     head = teacher.variables["params"]["classifier"]
     labels = (folder / "imagenet_labels.txt").read_text().splitlines()
     assert labels[int(jnp.argmax(features @ head["kernel"] + head["bias"]))] == "Egyptian cat"
+
+
+@pytest.mark.skipif(not TFLITE_TEACHER.is_file(), reason=f"no ImageNet MobileNetV2 at {TFLITE_TEACHER}")
+def test_simsiam_continues_from_the_imagenet_mobilenet_v2(tfds_data_dir, tmp_path):
+    """configs/pretrain.py's ImageNet student: two SimSiam steps from the converted, calibrated .tflite
+    (its student is exactly the network the file's conversion gives before training), and the run then
+    starts the fine-tuning config it is meant for, configs/ucsd_covid_ct.py:cpu, array for array."""
+    spec = f"{ROOT}/configs/pretrain.py:smoke,model=mobilenet_v2,student=imagenet,method=simsiam"
+    config = smoke_config(tfds_data_dir, spec, num_epochs=2 / 8, eval_every_epochs=2 / 8)
+    config.init_from.path = str(TFLITE_TEACHER)
+    assert config.data.channels == 3 and dict(config.data.normalize) == recipes.INPUT_RANGES["symmetric"]
+
+    student = models.get_model(config.model_name, num_classes=2, **config.model)
+    model = tasks.training_model(tasks.get_task("pretrain"), student, config)
+    image_shape = (32, 32, 3)
+    fresh = train_step.init_variables(model, rng=jax.random.key(3), image_shape=image_shape)
+    started = init_from.initial_variables(config, model, fresh, image_shape)
+    converted = init_from.initial_variables(
+        config, student, pretraining.student_variables(fresh), image_shape
+    )
+    jax.tree.map(np.testing.assert_array_equal, pretraining.student_variables(started), converted)
+    heads = {name: tree for name, tree in started["params"].items() if name != "student"}
+    jax.tree.map(np.testing.assert_array_equal, heads, {name: fresh["params"][name] for name in heads})
+
+    report = train.train_and_evaluate(config, tmp_path / "run")
+    assert report["steps"] == 2 and 0.0 < report["validation"]["feature_std"] <= 1.0 + 1e-9
+
+    finetune = config_lib.load_config_file(f"{ROOT}/configs/ucsd_covid_ct.py:cpu")
+    finetune.init_from.path = str(tmp_path / "run")
+    classifier = models.get_model(finetune.model_name, num_classes=2, **finetune.model)
+    target = train_step.init_variables(classifier, rng=jax.random.key(4), image_shape=image_shape)
+    copied = init_from.initial_variables(finetune, classifier, target, image_shape)
+    source = pretraining.student_variables(run_dir.load_run(tmp_path / "run", predicts=False).variables)
+    np.testing.assert_array_equal(
+        copied["params"]["block_16"]["project"]["kernel"], source["params"]["block_16"]["project"]["kernel"]
+    )
