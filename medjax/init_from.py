@@ -91,15 +91,17 @@ def initial_variables(
 
 def first_images(data_cfg: ml_collections.ConfigDict, num_images: int) -> Iterator[np.ndarray]:
     """Batches of the first ``num_images`` (rounded up to whole batches) images of the training split,
-    with the evaluation preprocessing (TFDS stores a split shuffled); the split's padding is dropped."""
+    with the evaluation preprocessing (TFDS stores a split shuffled); the split's padding is dropped.
+    A pretraining run's augmented views (``data.views`` > 1) are not read: one plain view per image."""
+    if data_cfg.get("views", 1) > 1:
+        data_cfg = data_cfg.copy_and_resolve_references()
+        data_cfg.views = 1
     with contextlib.closing(pipeline.iterate_eval(data_cfg, split=data_cfg.train_split)) as batches:
         seen = 0
         for batch in batches:
             if seen >= num_images:
                 return
             images = batch["image"][np.asarray(batch["mask"], bool)]
-            if images.ndim == 5:  # A pretraining run's augmented views: the first is enough for statistics.
-                images = images[:, 0]
             seen += len(images)
             yield images
 
