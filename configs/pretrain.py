@@ -1,4 +1,5 @@
-"""Pretraining a ConvNeXt (study A's head) or MedNeXt backbone on unlabelled images, for ``init_from``.
+"""Pretraining a backbone on unlabelled images, for ``init_from``: ConvNeXt (study A's head) or MedNeXt
+from scratch, or the ImageNet MobileNetV2 continued on the target's images (``student=imagenet``).
 
 No ImageNet weights exist here for ConvNeXt or MedNeXt; this run gives them a start from images alone
 (:mod:`medjax.tasks.pretrain`, objectives in :mod:`medjax.pretraining`). Its run directory is what a
