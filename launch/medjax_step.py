@@ -24,6 +24,7 @@ class TrainStep:
     batch: dict
     key: jax.Array
     compile_s: float
+    lower: Callable  # ``lower()`` lowers the step again, for the current trace context.
 
     def run(self) -> None:
         """One step, blocking until it is done; the state advances as in training."""
@@ -36,17 +37,16 @@ class TrainStep:
 
         return memory.compiled_mb(self.compiled)
 
-    def gflops(self) -> float | None:
-        """Floating-point operations of one step, in GFLOP: XLA's count, plus medjax's native matrix
-        products, which XLA's cost analysis does not see into."""
+    def gflops(self) -> float:
+        """The model's floating-point operations per step, in GFLOP: XLA's cost analysis of this same step
+        compiled with XLA's own operations only (``native.xla_only``). XLA's analysis sees no work inside
+        medjax's native kernels, so counting the step as it runs would make the count depend on which
+        kernels compute it: each operation moved into a native kernel would shrink it."""
+        from medjax.evaluate import model_card
         from medjax.models import native
 
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        if not cost:
-            return None
-        counted = getattr(native, "matmul_flops", lambda hlo: 0.0)  # Older checkouts have no such call.
-        return (cost.get("flops", 0.0) + counted(self.compiled.as_text())) / 1e9
+        with native.xla_only():
+            return model_card.compiled_gflops(self.lower().compile())
 
 
 def compile_train_step(
@@ -69,6 +69,10 @@ def compile_train_step(
     }
     phases = optim_cfg.get("unfreeze")
     phase_arg = {"phase": len(phases) - 1} if phases else {}
+
+    def lower():
+        return p_train.lower(state, batch, key, **phase_arg)
+
     start = time.perf_counter()
-    compiled = p_train.lower(state, batch, key, **phase_arg).compile()
-    return TrainStep(compiled, p_eval, state, batch, key, time.perf_counter() - start)
+    compiled = lower().compile()
+    return TrainStep(compiled, p_eval, state, batch, key, time.perf_counter() - start, lower)

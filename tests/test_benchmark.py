@@ -133,3 +133,36 @@ def test_studies_table_projects_each_recipe_from_the_benchmark_rates():
     assert "1.2 [0.7-2.2]; measured 1.5 | 0.29 | 1.00x |" in studies_table.markdown([medjax_row], {"C": 1.5})
     with pytest.raises(ValueError, match="data.image_size is 224, the benchmark ran 160"):
         studies_table.rows({**bench, "meta": {"argv": ["launch/benchmark.py", "--size=160"]}})
+
+
+def test_step_flops_are_the_models_whichever_kernels_run_it(monkeypatch):
+    """``TrainStep.gflops`` is XLA's count of the step traced with XLA's operations only: the same whether
+    the step runs medjax's native kernels or not, where XLA's count of the native step misses the work
+    inside them (its products, depthwise convolutions, LayerNorm and GELU)."""
+    import medjax_step
+
+    from medjax import config_lib, losses, models
+    from medjax.evaluate import model_card
+    from medjax.models import native
+
+    def tiny_step():
+        model = models.get_model("convnext", num_classes=2, depths=(1, 1, 1, 1), widths=(8, 8, 16, 16))
+        return medjax_step.compile_train_step(
+            model,
+            optim_cfg=config_lib.base_config().optim,
+            loss_fn=losses.make_loss_fn({"cross_entropy": {"weight": 1.0}}),
+            batch_size=2,
+            image_shape=(32, 32, 3),
+            num_classes=2,
+        )
+
+    as_run = tiny_step()
+    with monkeypatch.context() as patch:
+        patch.setenv("MEDJAX_NATIVE", "0")
+        native._registered.cache_clear()
+        xla_run = tiny_step()
+    native._registered.cache_clear()
+    assert as_run.gflops() == pytest.approx(xla_run.gflops(), rel=1e-9)
+    assert model_card.compiled_gflops(xla_run.compiled) == pytest.approx(xla_run.gflops(), rel=1e-9)
+    if native.available():
+        assert model_card.compiled_gflops(as_run.compiled) < 0.9 * as_run.gflops()

@@ -488,7 +488,7 @@ def test_native_matmul_equals_float64_products(m, k, n, transpose_a, transpose_b
 def test_matmul_is_native_unless_xla_only(native_impl):
     """``layers.matmul``: its value and both gradients equal float64's with either implementation. The
     value and both gradients are native products where oneMKL is, none within ``native.xla_only()`` (what
-    export traces under), and ``native.matmul_flops`` counts those XLA's cost analysis does not."""
+    export traces under)."""
     rng = np.random.default_rng(1)
     a, b, g = (rng.standard_normal(s, dtype=np.float32) for s in ((50, 7), (7, 9), (50, 9)))
     loss = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(layers.matmul(a, b) * g), argnums=(0, 1)))
@@ -499,9 +499,9 @@ def test_matmul_is_native_unless_xla_only(native_impl):
     np.testing.assert_allclose(db, a64.T @ g64, rtol=1e-5, atol=1e-5)
     native_path = native_impl == "native" and native.matmul_available()
     value_only = jax.jit(lambda a, b: layers.matmul(a, b)).lower(a, b).compile().as_text()
-    assert native.matmul_flops(value_only) == (2 * 50 * 7 * 9 if native_path else 0)
+    assert value_only.count(f'custom_call_target="{native.MATMUL}"') == (1 if native_path else 0)
     compiled = loss.lower(a, b).compile().as_text()
-    assert native.matmul_flops(compiled) == (3 * 2 * 50 * 7 * 9 if native_path else 0)
+    assert compiled.count(f'custom_call_target="{native.MATMUL}"') == (3 if native_path else 0)
     with native.xla_only():  # the same jitted function, traced again
         assert "custom_call" not in loss.lower(a, b).as_text()
 

@@ -30,7 +30,6 @@ import functools
 import importlib.metadata
 import os
 import platform
-import re
 import warnings
 from pathlib import Path
 
@@ -384,16 +383,3 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
         return _call(MATMUL, jax.ShapeDtypeStruct((n, m), jnp.float32), b, a, ta=1, tb=0).T
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)
     return _call(MATMUL, out, a, b, ta=int(transpose_a), tb=int(transpose_b))
-
-
-# A native matmul in compiled HLO text: the output's (m, n), then the first operand's shape.
-_MATMUL_IN_HLO = re.compile(
-    rf'= f32\[(\d+),(\d+)\]\S* custom-call\(.*?custom_call_target="{MATMUL}", '
-    r"operand_layout_constraints=\{f32\[(\d+),(\d+)\]"
-)
-
-
-def matmul_flops(hlo_text: str) -> float:
-    """The floating-point operations (2 m n k each) of the :func:`matmul` calls in a compiled program's HLO
-    text, which XLA's cost analysis counts as none."""
-    return float(sum(2 * int(n) * int(a0) * int(a1) for _, n, a0, a1 in _MATMUL_IN_HLO.findall(hlo_text)))
