@@ -130,7 +130,11 @@ def test_unknown_impl_raises():
     # splits into chunks on two threads. Width 15 holds a full 8-column tile of the forward's interior.
     # 13 is wider than the kernel gradient's compiled widths (up to 11): one tap column at a time.
     # A 2x2 map under a 7x7 kernel (ConvNeXt's last stage at 64 px) has no interior column at all.
+    # Stride 1 and dilation 1 over whole 16-channel vectors take the sliding tiles: width 37 is two
+    # 16-column tiles, a 4-column and a single one; 48 channels give the kernel gradient's two threads a
+    # pair of vectors and a single one.
     [
+        ((9, 37), 48, 7, 1, 1),
         ((17, 15), 16, 3, 1, 1),
         ((17, 15), 83, 3, 2, 1),
         ((17, 15), 91, 7, 1, 3),
@@ -148,6 +152,19 @@ def test_native_equals_the_loop(hw, channels, k, stride, dil):
     native_out, loop_out = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("native", "loop"))
     for name, a, b in zip(("output", "input gradient", "kernel gradient"), native_out, loop_out, strict=True):
         assert _rel_err(a, b) < RTOL, name
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("padding", [((0, 0), (4, 0)), ((2, 2), (0, 4)), ((0, 0), (0, 0))])
+def test_native_sliding_tiles_at_uneven_edges(padding):
+    """The sliding tiles' edges (a tile reading left or right padding) under asymmetric and no padding,
+    against XLA's convolution."""
+    x = jax.random.normal(jax.random.key(8), (2, 6, 29, 32))
+    kernel = jax.random.normal(jax.random.key(9), (5, 5, 1, 32))
+    conv = dict(strides=(1, 1), padding=padding, dilation=(1, 1))
+    native_out, xla_out = (_jit_fwd_and_grads(impl, x, kernel, **conv) for impl in ("native", "xla"))
+    for name, a, b in zip(("output", "input gradient", "kernel gradient"), native_out, xla_out, strict=True):
+        assert a.shape == b.shape and _rel_err(a, b) < RTOL, name
 
 
 def test_fast_is_native_when_it_builds_else_the_loop(monkeypatch):
