@@ -89,8 +89,10 @@ def run_medjax(args: argparse.Namespace, name: str, impl: str) -> dict:
     }
     if not args.train_only:
         result.update(_timed_inference(step, args))
-    # The FLOP count compiles the step once more; its memory is not training's, so the peak is read first.
-    return {**result, "peak_rss_mb": timing.peak_rss_mb(), "gflops_per_step": step.gflops()}
+    result["peak_rss_mb"] = timing.peak_rss_mb()
+    if args.count_flops:  # Compiles the step once more: its memory is not training's, so read after the peak.
+        result["gflops_per_step"] = step.gflops()
+    return result
 
 
 def _timed_inference(step, args: argparse.Namespace) -> dict:
@@ -188,14 +190,16 @@ def _worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(raw), flush=True)
 
 
-def _spawn(args: argparse.Namespace, case: dict) -> dict:
-    """Runs ``case`` in a fresh interpreter under its allocator, with its flags in ``XLA_FLAGS``."""
+def _spawn(args: argparse.Namespace, case: dict, gflops: float | None = None) -> dict:
+    """Runs ``case`` in a fresh interpreter under its allocator, with its flags in ``XLA_FLAGS``. A medjax
+    case counts its step's FLOPs unless ``gflops`` (an earlier round's count, the same step) is given."""
     env = allocator.environment(case["allocator"], dict(os.environ, JAX_PLATFORMS="cpu"))
     env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {case['xla_flags']}".strip()
     forwarded = [
         f"--{n}={getattr(args, n)}" for n in ("batch", "size", "num_classes", "steps", "warmup", "threads")
     ]
     forwarded += ["--train_only"] if args.train_only else []
+    forwarded += ["--count_flops"] if gflops is None else []
     cmd = [sys.executable, __file__, "--worker", case["case"], f"--remat={case['remat']}", *forwarded]
     load_before = timing.load_average()
     start = time.perf_counter()
@@ -221,6 +225,8 @@ def _spawn(args: argparse.Namespace, case: dict) -> dict:
         record["infer_b1_ms"] = 1e3 * med(raw["infer_b1_times_s"])
         record["infer_images_per_s"] = args.batch / med(raw["infer_batch_times_s"])
     record["train_images_per_s"] = args.batch / med(raw["train_step_times_s"])
+    if gflops is not None:
+        raw.setdefault("gflops_per_step", gflops)
     if raw.get("gflops_per_step"):
         record["gflop_per_s"] = raw["gflops_per_step"] * record["train_images_per_s"] / args.batch
     return {**record, **raw}
@@ -355,6 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip_torch_compile", action="store_true")
     parser.add_argument("--out", type=Path, help="JSON path; default results/benchmark_<UTC time>.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # framework:model:impl, set by the parent.
+    parser.add_argument("--count_flops", action="store_true", help=argparse.SUPPRESS)  # Set by the parent.
     args = parser.parse_args(argv)
     args.xla_flags = args.xla_flags or [""]
     args.remat = args.remat or ["none"]
@@ -369,11 +376,13 @@ def main() -> None:
         _worker(args)
         return
     cases = make_cases(args, with_torch=not args.skip_torch and _torch_available())
-    rounds = []
+    rounds, gflops = [], {}  # A case's FLOPs per step, counted in the first round that ran it.
     for index in range(args.rounds):
         rounds.append([])
         for case in timing.rotated(cases, index):
-            result = {**case, "round": index, **_spawn(args, case)}
+            result = {**case, "round": index, **_spawn(args, case, gflops.get(_key(case)))}
+            if result.get("gflops_per_step"):
+                gflops[_key(case)] = result["gflops_per_step"]
             rounds[-1].append(result)
             if "matmul_gflop_per_s" in result:
                 speed = f"{result['matmul_gflop_per_s']:.1f} GFLOP/s"
