@@ -167,6 +167,32 @@ def test_native_sliding_tiles_at_uneven_edges(padding):
         assert a.shape == b.shape and _rel_err(a, b) < RTOL, name
 
 
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler")
+@pytest.mark.parametrize(("k", "stride", "padding"), [(3, 2, ((1, 1), (1, 1))), (7, 1, ((3, 3), (3, 3)))])
+def test_native_normalized_kernels_equal_xla_on_the_normalized_map(k, stride, padding):
+    """The normalized forward and kernel gradient are XLA's convolution and kernel gradient of
+    ``clip((x - mean) * mul + bias, 0, 6)``; a NaN in ``x`` reaches the outputs that read it, as it does
+    through XLA's clamp (a diverged run must not look finite)."""
+    keys = jax.random.split(jax.random.key(10), 6)
+    x = 3.0 * jax.random.normal(keys[0], (2, 10, 13, 37))
+    mean, mul, bias = jax.random.normal(keys[1], (3, 37))
+    kernel = jax.random.normal(keys[2], (k, k, 1, 37))
+    conv = dict(strides=(stride, stride), padding=padding)
+    normalized = jnp.clip((x - mean) * mul + bias, 0.0, 6.0)
+    y = depthwise_conv2d(normalized, kernel, impl="xla", **conv)
+    g = jax.random.normal(keys[3], y.shape)
+    dk = jax.grad(lambda kk: jnp.sum(depthwise_conv2d(normalized, kk, impl="xla", **conv) * g))(kernel)
+    args = (x, mean, mul, bias)
+    assert _rel_err(native.normalized_depthwise_forward(*args, kernel, *conv.values(), 0.0, 6.0), y) < RTOL
+    native_dk = native.normalized_depthwise_kernel_grad(*args, g, kernel.shape, *conv.values(), 0.0, 6.0)
+    assert _rel_err(native_dk, dk) < RTOL
+    poisoned = x.at[1, 4, 5, 3].set(jnp.nan)
+    y_nan = native.normalized_depthwise_forward(poisoned, mean, mul, bias, kernel, *conv.values(), 0.0, 6.0)
+    assert bool(jnp.isnan(y_nan[1, :, :, 3]).any()) and not bool(jnp.isnan(y_nan[0]).any())
+    with pytest.raises(ValueError, match="normalized_supports"):
+        native._normalized_attrs(kernel.shape, conv["strides"], padding, (2, 2), 0.0, 6.0)
+
+
 def test_fast_is_native_when_it_builds_else_the_loop(monkeypatch):
     x = jax.random.normal(jax.random.key(6), (2, 6, 6, 4))
     kernel = jax.random.normal(jax.random.key(7), (3, 3, 1, 4))

@@ -23,7 +23,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from medjax.models import available_models, get_model, layers, native
 from medjax.models.convnext import Block
-from medjax.models.layers import BatchNorm, Conv, Dense, LayerNorm, gelu
+from medjax.models.layers import BatchNorm, Conv, Dense, DepthwiseConv, LayerNorm, batch_norm, gelu
 from medjax.models.mobilenet_v2 import InvertedResidual, conv_padding, make_divisible
 
 IMPROVED = {"pooling": "avg+max", "fusion": "concat", "sevector_ratio": 16}  # study A's head
@@ -690,6 +690,72 @@ def test_batch_norm_equals_flax_batch_norm(native_impl, activation):
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+class _NormThenDepthwise(nn.Module):
+    """``batch_norm(train, activation)`` then a depthwise convolution: ``fused`` passes the convolution as
+    the BatchNorm's ``then``, otherwise they are called one after the other."""
+
+    fused: bool
+    activation: str | None
+    kernel: int
+    stride: int
+    padding: tuple
+    dilation: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = DepthwiseConv(
+            self.kernel, strides=self.stride, padding=self.padding, dilation=self.dilation, name="conv"
+        )
+        if self.fused:
+            return batch_norm(train, self.activation, conv, momentum=0.9, name="bn")(x)
+        return conv(batch_norm(train, self.activation, momentum=0.9, name="bn")(x))
+
+
+@pytest.mark.parametrize("activation", [None, "relu6"])
+@pytest.mark.parametrize(
+    ("channels", "kernel", "stride", "padding", "dilation"),
+    [
+        (37, 3, 1, ((1, 1), (1, 1)), 1),  # channel tails of 16-, 8- and 1-wide vectors
+        (48, 3, 2, ((0, 1), (0, 1)), 1),  # TensorFlow-style stride 2 (MobileNetV2's 'tf' padding)
+        (32, 7, 1, ((3, 3), (3, 3)), 1),  # the sliding tiles of 7-wide kernels
+        (16, 3, 1, ((2, 2), (2, 2)), 2),  # dilated: not fused, the two run one after the other
+    ],
+)
+def test_batch_norm_then_depthwise_equals_one_after_the_other(
+    native_impl, activation, channels, kernel, stride, padding, dilation
+):
+    """``batch_norm(..., then=conv)`` computes what the BatchNorm and then the convolution compute: the same
+    variables, outputs, running averages and gradients in training and evaluation. Fused into the native
+    kernels where they take the geometry, with the BatchNorm's output never materialised."""
+    x = 3.0 * jax.random.normal(jax.random.key(1), (3, 9, 11, channels)) + 1.0
+    geometry = dict(activation=activation, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    fused, plain = _NormThenDepthwise(fused=True, **geometry), _NormThenDepthwise(fused=False, **geometry)
+    variables = fused.init(jax.random.key(0), x, False)
+    chex.assert_trees_all_equal(variables, plain.init(jax.random.key(0), x, False))
+    variables["params"]["bn"] = {  # outputs on both sides of ReLU6's 0 and 6
+        "scale": 3 + jax.random.normal(jax.random.key(2), (channels,)),
+        "bias": 2 + jax.random.normal(jax.random.key(3), (channels,)),
+    }
+
+    def loss(module, params, x):
+        y, updates = module.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+        return jnp.sum(jnp.tanh(y) * jnp.cos(jnp.arange(y.size).reshape(y.shape))), (y, updates)
+
+    differentiate = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)
+    program = str(jax.make_jaxpr(functools.partial(differentiate, fused))(variables["params"], x))
+    normalized = native_impl == "native" and dilation == 1
+    for target in (native.NORMALIZED_FORWARD, native.NORMALIZED_KERNEL_GRAD):
+        assert (target in program) == normalized
+    (_, (fused_y, fused_stats)), fused_grads = differentiate(fused, variables["params"], x)
+    (_, (plain_y, plain_stats)), plain_grads = differentiate(plain, variables["params"], x)
+    np.testing.assert_allclose(fused_y, plain_y, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(fused_stats, plain_stats, rtol=1e-6, atol=1e-6)
+    # Kernel gradients are sums of ~100 products of size 30: an absolute tolerance on that scale.
+    chex.assert_trees_all_close(fused_grads, plain_grads, rtol=1e-5, atol=1e-4)
+    stored = {**variables, "batch_stats": fused_stats["batch_stats"]}
+    np.testing.assert_array_equal(fused.apply(stored, x, False), plain.apply(stored, x, False))
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 96), (4, 3, 3, 17), (6, 40)])

@@ -56,7 +56,9 @@ def test_remat_keeps_the_parameter_tree(name):
 # ConvNeXt with two blocks a stage: with one, remat='block' saved nothing at this size once LayerNorm and
 # GELU were native (planned 1.12x 'none'; not analysed, perhaps the tie to the cotangent costs a copy where
 # a custom call, which cannot fuse it, reads a saved input). At 224 px, batch 32: 1.37 GB against 3.94 GB.
-PLANNED_TEMPORARIES_RATIO = {"convnext": 0.8, "mobilenet_v2": 0.5}  # Measured: 0.66 (0.39 pure XLA), 0.45.
+# Measured: ConvNeXt 0.66 (0.39 pure XLA); MobileNetV2 0.56 (1.26 MB against 0.71 MB remat), which was 0.45
+# (1.71 MB against 0.76 MB) before BatchNorm went into the depthwise kernels and stopped keeping its output.
+PLANNED_TEMPORARIES_RATIO = {"convnext": 0.8, "mobilenet_v2": 0.6}
 MEMORY_TEST_MODELS = {**TINY, "convnext": {**TINY["convnext"], "depths": (2, 2, 2, 2)}}
 
 

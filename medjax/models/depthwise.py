@@ -265,6 +265,21 @@ IMPLEMENTATIONS = {
 }
 
 
+class Geometry(NamedTuple):
+    """A depthwise convolution's arguments other than input and kernel (:func:`depthwise_conv2d`'s)."""
+
+    strides: tuple[int, int]
+    padding: Pairs
+    dilation: tuple[int, int]
+    impl: str
+
+
+def native_input_grad(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int], strides, padding) -> jax.Array:
+    """dL/dx of an undilated depthwise convolution with native kernels: the forward kernel on the cotangent
+    (for fused operations that own their VJP, as ``depthwise_conv2d_native``'s does)."""
+    return _grad_input(g, kernel, in_hw, strides, padding, (1, 1), _forward_native)
+
+
 def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), impl="fast"):
     """Depthwise convolution dispatching to ``impl`` (a key of ``IMPLEMENTATIONS``)."""
     if impl not in IMPLEMENTATIONS:
@@ -295,19 +310,21 @@ class DepthwiseConv(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, fused_input: Callable | None = None):
+        """The convolution of ``x``; with ``fused_input``, of a transform of ``x`` that ``fused_input``
+        computes jointly with the convolution: ``fused_input(x, kernel, geometry) -> (y, aux)``
+        (``geometry`` a :class:`Geometry`), and the call returns ``(y, aux)``.
+        :class:`medjax.models.layers.BatchNorm` passes one (its ``then=``) so that its normalized map is
+        never written out whole."""
         ks, st, dl = _pair(self.kernel_size), _pair(self.strides), _pair(self.dilation)
         channels = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (*ks, 1, channels), jnp.float32)
         dtype = self.dtype or x.dtype
-        y = depthwise_conv2d(
-            x.astype(dtype),
-            kernel.astype(dtype),
-            strides=st,
-            padding=resolve_padding(self.padding, ks, dl),
-            dilation=dl,
-            impl=self.impl,
-        )
+        geometry = Geometry(st, resolve_padding(self.padding, ks, dl), dl, self.impl)
+        if fused_input is None:
+            y, aux = depthwise_conv2d(x.astype(dtype), kernel.astype(dtype), **geometry._asdict()), None
+        else:
+            y, aux = fused_input(x.astype(dtype), kernel.astype(dtype), geometry)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (channels,), jnp.float32).astype(dtype)
-        return y
+        return y if fused_input is None else (y, aux)

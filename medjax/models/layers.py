@@ -16,7 +16,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from medjax.models import native
-from medjax.models.depthwise import DepthwiseConv
+from medjax.models.depthwise import DepthwiseConv, Geometry, depthwise_conv2d, native_input_grad
 
 __all__ = [
     "BatchNorm",
@@ -348,7 +348,13 @@ class BatchNorm(nn.Module):
     activation: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, then: DepthwiseConv | None = None
+    ) -> jax.Array:
+        """The normalized (and activated) ``x``; with ``then``, that depthwise convolution of it, which in
+        training is computed with the normalization inside the convolution's native kernels where they take
+        it (:func:`_batch_norm_depthwise`): the normalized map is never written out whole nor kept for the
+        backward pass, which recomputes it row by row from ``x``."""
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -364,26 +370,40 @@ class BatchNorm(nn.Module):
             shape = (1,) * (x.ndim - 1) + features
             mul = (lax.rsqrt(ra_var.value + self.epsilon) * scale).reshape(shape)
             y = ((x - ra_mean.value.reshape(shape)) * mul + bias.reshape(shape)).astype(x.dtype)
-            return y if self.activation is None else _BN_ACTIVATIONS[self.activation][2](y)
-        y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.activation)
+            y = y if self.activation is None else _BN_ACTIVATIONS[self.activation][2](y)
+            return y if then is None else then(y)
+        if then is None:
+            y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.activation)
+        else:
+            fused = functools.partial(
+                _batch_norm_depthwise,
+                scale=scale,
+                bias=bias,
+                epsilon=self.epsilon,
+                activation=self.activation,
+            )
+            y, (mean, var) = then(x, fused_input=fused)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * lax.stop_gradient(mean)
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * lax.stop_gradient(var)
         return y
 
 
-def batch_norm(train: bool, activation: str | None = None, **kwargs) -> Callable[[jax.Array], jax.Array]:
-    """A BatchNorm followed by ``activation`` (None, 'relu', 'relu6'), as a model should build it: in training
-    :class:`BatchNorm` with the activation inside its backward; in evaluation ``nn.BatchNorm`` (the same
-    variables) and then the activation, which jax2onnx converts to one ONNX BatchNormalization (it rejects
-    the traced form). Call it within a compact method; ``kwargs`` (``name``, ``momentum``, ``epsilon``) go to
-    the BatchNorm."""
+def batch_norm(
+    train: bool, activation: str | None = None, then: DepthwiseConv | None = None, **kwargs
+) -> Callable[[jax.Array], jax.Array]:
+    """A BatchNorm followed by ``activation`` (None, 'relu', 'relu6') and optionally by the depthwise
+    convolution ``then``, as a model should build it: in training :class:`BatchNorm` with the activation
+    inside its backward (and ``then`` fused with it); in evaluation ``nn.BatchNorm`` (the same variables) and
+    then the activation and ``then``, which jax2onnx converts to one ONNX BatchNormalization (it rejects the
+    traced form). Call it within a compact method; ``kwargs`` (``name``, ``momentum``, ``epsilon``) go to the
+    BatchNorm."""
     if train:
-        return BatchNorm(use_running_average=False, activation=activation, **kwargs)
+        norm = BatchNorm(use_running_average=False, activation=activation, **kwargs)
+        return functools.partial(norm, then=then)
     norm = nn.BatchNorm(use_running_average=True, **kwargs)
-    if activation is None:
-        return norm
-    return lambda x: _BN_ACTIVATIONS[activation][2](norm(x))
+    steps = [norm, *([_BN_ACTIVATIONS[activation][2]] if activation else []), *([then] if then else [])]
+    return functools.reduce(lambda f, g: lambda x: g(f(x)), steps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -403,13 +423,18 @@ def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(a, axes), jnp.sum(a * b, axes)
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon, activation):
-    xf = x.astype(jnp.float32)
-    count = math.prod(x.shape[:-1])
+def _batch_statistics(xf: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-channel ``(mean, var, rstd)`` of a float32 map, as ``nn.BatchNorm`` computes them in training."""
+    count = math.prod(xf.shape[:-1])
     total, total_sq = _channel_sums(xf, xf)
     mean = total / count
     var = jnp.maximum(total_sq / count - mean * mean, 0.0)  # nn.BatchNorm's fast variance
-    rstd = lax.rsqrt(var + epsilon)
+    return mean, var, lax.rsqrt(var + epsilon)
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, activation):
+    xf = x.astype(jnp.float32)
+    mean, var, rstd = _batch_statistics(xf, epsilon)
     y = (xf - mean) * (rstd * scale) + bias
     if activation is not None:
         lower, upper, _ = _BN_ACTIVATIONS[activation]
@@ -442,6 +467,61 @@ def _batch_norm_train_bwd(epsilon, activation, residuals, cotangents):
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def _batch_norm_depthwise(x, kernel, geometry: Geometry, *, scale, bias, epsilon, activation):
+    """``(depthwise(act(BatchNorm(x))), (mean, var))`` in training, for :class:`BatchNorm`'s ``then``.
+
+    With native kernels, float32 and an undilated kernel they take, the normalization and activation run
+    inside the convolution's forward and kernel-gradient kernels
+    (:func:`native.normalized_depthwise_forward`), which read the BatchNorm's input; the input gradient is
+    the convolution's, then the BatchNorm's backward (:func:`_batch_norm_train_bwd`). The values and
+    gradients equal the unfused ones. Otherwise the two run one after the other.
+    """
+    fusable = (
+        geometry.impl in ("fast", "native")
+        and _native_float32(x, kernel)
+        and native.normalized_supports(kernel.shape, geometry.padding, geometry.dilation)
+    )
+    if not fusable:
+        y, mean, var = _batch_norm_train(x, scale, bias, epsilon, activation)
+        return depthwise_conv2d(y, kernel, **geometry._asdict()), (mean, var)
+    y, mean, var = _batch_norm_depthwise_native(
+        x, scale, bias, kernel, epsilon, activation, geometry.strides, geometry.padding
+    )
+    return y, (mean, var)
+
+
+def _clamp_bounds(activation: str | None) -> tuple[float, float]:
+    return (-math.inf, math.inf) if activation is None else _BN_ACTIVATIONS[activation][:2]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _batch_norm_depthwise_native(x, scale, bias, kernel, epsilon, activation, strides, padding):
+    return _batch_norm_depthwise_native_fwd(x, scale, bias, kernel, epsilon, activation, strides, padding)[0]
+
+
+def _batch_norm_depthwise_native_fwd(x, scale, bias, kernel, epsilon, activation, strides, padding):
+    mean, var, rstd = _batch_statistics(x, epsilon)
+    y = native.normalized_depthwise_forward(
+        x, mean, rstd * scale, bias, kernel, strides, padding, *_clamp_bounds(activation)
+    )
+    return (y, mean, var), (x, mean, rstd, scale, bias, kernel)
+
+
+def _batch_norm_depthwise_native_bwd(epsilon, activation, strides, padding, residuals, cotangents):
+    x, mean, rstd, scale, bias, kernel = residuals
+    g = cotangents[0]  # mean's and var's cotangents are zero (stop_gradient)
+    dk = native.normalized_depthwise_kernel_grad(
+        x, mean, rstd * scale, bias, g, kernel.shape, strides, padding, *_clamp_bounds(activation)
+    )
+    g_normalized = native_input_grad(g, kernel, x.shape[1:3], strides, padding)
+    bn_residuals = (x, mean, rstd, scale, bias)
+    dx, dscale, dbias = _batch_norm_train_bwd(epsilon, activation, bn_residuals, (g_normalized, None, None))
+    return dx, dscale, dbias, dk
+
+
+_batch_norm_depthwise_native.defvjp(_batch_norm_depthwise_native_fwd, _batch_norm_depthwise_native_bwd)
 
 
 class LayerNorm(nn.Module):

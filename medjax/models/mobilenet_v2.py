@@ -92,23 +92,13 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
 
-        def bn(name: str, activation: str | None = None):
+        def bn(name: str, activation: str | None = None, then: DepthwiseConv | None = None):
             return batch_norm(
-                train, activation, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
+                train, activation, then, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
             )
 
-        y = x
-        if self.expansion != 1:
-            y = Conv(
-                in_channels * self.expansion,
-                use_bias=False,
-                kernel_init=_conv_init,
-                impl=self.depthwise_impl,
-                name="expand",
-            )(y)
-            y = bn("expand_bn", "relu6")(y)
-        pad = conv_padding(y.shape[1:3], kernel=3, stride=self.stride, style=self.padding_style)
-        y = DepthwiseConv(
+        pad = conv_padding(x.shape[1:3], kernel=3, stride=self.stride, style=self.padding_style)
+        depthwise = DepthwiseConv(
             3,
             strides=self.stride,
             padding=pad,
@@ -116,7 +106,19 @@ class InvertedResidual(nn.Module):
             impl=self.depthwise_impl,
             kernel_init=_conv_init,
             name="depthwise",
-        )(y)
+        )
+        if self.expansion == 1:
+            y = depthwise(x)
+        else:
+            y = Conv(
+                in_channels * self.expansion,
+                use_bias=False,
+                kernel_init=_conv_init,
+                impl=self.depthwise_impl,
+                name="expand",
+            )(x)
+            # The normalized map goes straight into the depthwise convolution (BatchNorm's `then`).
+            y = bn("expand_bn", "relu6", then=depthwise)(y)
         y = bn("depthwise_bn", "relu6")(y)
         y = Conv(
             self.out_channels,

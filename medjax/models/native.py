@@ -7,6 +7,9 @@ Six kernels, for what XLA CPU computes in many more passes, or more slowly, than
   backward pass (profiled);
 - its forward pass, which also serves as the input gradient (``csrc/depthwise_forward.cc``): XLA CPU sums
   kh*kw strided slices of a padded copy, 2.4x PyTorch's time on ConvNeXt's 7x7 at 56x56x96;
+- both again for a convolution whose input is a training-mode BatchNorm's clamped output, normalizing that
+  input a row at a time inside the kernel (``csrc/normalized_rows.h``): MobileNetV2's widest maps, its
+  expansions' outputs, are then neither written out nor kept for the backward pass (6 % of its step);
 - per-channel sums of ``a`` and ``a * b`` in one pass (``csrc/channel_sums.cc``), BatchNorm's statistics
   and backward reductions: XLA CPU materialises the product and reduces each sum separately;
 - LayerNorm over the last axis, forward and backward (``csrc/layer_norm.cc``): XLA CPU reduces each row
@@ -45,9 +48,11 @@ SOURCES = tuple(
     CSRC / f"{name}.cc"
     for name in ("depthwise_forward", "depthwise_kernel_grad", "channel_sums", "layer_norm", "gelu", "matmul")
 )
-HEADERS = (CSRC / "simd.h", CSRC / "tasks.h")
+HEADERS = (CSRC / "simd.h", CSRC / "tasks.h", CSRC / "normalized_rows.h")
 FORWARD = "medjax_depthwise_forward"
 KERNEL_GRAD = "medjax_depthwise_kernel_grad"
+NORMALIZED_FORWARD = "medjax_normalized_depthwise_forward"
+NORMALIZED_KERNEL_GRAD = "medjax_normalized_depthwise_kernel_grad"
 CHANNEL_SUMS = "medjax_channel_sums"
 CLAMPED_CHANNEL_SUMS = "medjax_clamped_channel_sums"
 LAYER_NORM = "medjax_layer_norm_forward"
@@ -58,6 +63,8 @@ MATMUL = "medjax_matmul"
 _SYMBOLS = {
     FORWARD: "MedjaxDepthwiseForward",
     KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
+    NORMALIZED_FORWARD: "MedjaxNormalizedDepthwiseForward",
+    NORMALIZED_KERNEL_GRAD: "MedjaxNormalizedDepthwiseKernelGrad",
     CHANNEL_SUMS: "MedjaxChannelSums",
     CLAMPED_CHANNEL_SUMS: "MedjaxClampedChannelSums",
     LAYER_NORM: "MedjaxLayerNormForward",
@@ -235,16 +242,66 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, strides, padding, dilatio
             f"The native depthwise forward does not compute kernel {kernel.shape}, strides {strides}, "
             f"padding {padding}, input dilation {input_dilation}: see native.forward_supports."
         )
-    (kh, kw), (sh, sw), (dh, dw), (eh, ew) = kernel.shape[:2], strides, dilation, input_dilation
+    (sh, sw), (dh, dw), (eh, ew) = strides, dilation, input_dilation
+    out = _forward_shape(x.shape, kernel.shape, strides, padding, dilation, input_dilation)
+    (pt, _), (pl, _) = padding
+    return _call(FORWARD, out, x, kernel, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl, eh=eh, ew=ew)
+
+
+def _forward_shape(x_shape, kernel_shape, strides, padding, dilation, input_dilation) -> jax.ShapeDtypeStruct:
     out_hw = [
         ((size - 1) * e + 1 + lo + hi - (k - 1) * d - 1) // s + 1
         for size, (lo, hi), k, d, s, e in zip(
-            x.shape[1:3], padding, (kh, kw), (dh, dw), (sh, sw), (eh, ew), strict=True
+            x_shape[1:3], padding, kernel_shape[:2], dilation, strides, input_dilation, strict=True
         )
     ]
-    out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), jnp.float32)
-    (pt, _), (pl, _) = padding
-    return _call(FORWARD, out, x, kernel, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl, eh=eh, ew=ew)
+    return jax.ShapeDtypeStruct((x_shape[0], *out_hw, x_shape[3]), jnp.float32)
+
+
+def normalized_supports(kernel_shape, padding, dilation) -> bool:
+    """Whether :func:`normalized_depthwise_forward` and its kernel gradient compute this geometry: an
+    undilated kernel (``csrc/normalized_rows.h`` caches the consecutive rows it reads) that
+    :func:`forward_supports` takes."""
+    return tuple(dilation) == (1, 1) and forward_supports(kernel_shape, (1, 1), padding, (1, 1))
+
+
+def _normalized_attrs(kernel_shape, strides, padding, dilation, lo: float, hi: float) -> dict:
+    if not normalized_supports(kernel_shape, padding, dilation):
+        raise ValueError(
+            f"The normalized depthwise kernels do not compute kernel {tuple(kernel_shape)}, padding "
+            f"{padding}, dilation {dilation}: see native.normalized_supports."
+        )
+    (sh, sw), ((pt, _), (pl, _)) = strides, padding
+    return dict(sh=sh, sw=sw, pt=pt, pl=pl, lo=float(lo), hi=float(hi))
+
+
+def normalized_depthwise_forward(x, mean, mul, bias, kernel, strides, padding, lo: float, hi: float):
+    """:func:`depthwise_forward` (undilated) of ``clip((x - mean) * mul + bias, lo, hi)``, a training-mode
+    BatchNorm and the clamp after it (ReLU6: ``0, 6``; ReLU: ``0, inf``), computed from ``x`` a row at a time
+    inside the kernel, never written out whole.
+
+    Args:
+      x: ``(N, H, W, C)`` BatchNorm input; mean, mul, bias: ``(C,)``; kernel: ``(kh, kw, 1, C)``; strides:
+        a pair; padding: ``((top, bottom), (left, right))`` of the normalized map, at least 0.
+    Returns:
+      float32 ``(N, H', W', C)``.
+    """
+    attrs = _normalized_attrs(kernel.shape, strides, padding, (1, 1), lo, hi)
+    out = _forward_shape(x.shape, kernel.shape, strides, padding, (1, 1), (1, 1))
+    return _call(NORMALIZED_FORWARD, out, x, mean, mul, bias, kernel, **attrs)
+
+
+def normalized_depthwise_kernel_grad(x, mean, mul, bias, g, kernel_shape, strides, padding, lo, hi):
+    """:func:`depthwise_kernel_grad` (undilated) with the input of :func:`normalized_depthwise_forward`,
+    normalized and clamped from ``x`` inside the kernel.
+
+    Returns:
+      float32 ``kernel_shape``.
+    """
+    attrs = _normalized_attrs(kernel_shape, strides, padding, (1, 1), lo, hi)
+    out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+    kh, kw = kernel_shape[:2]
+    return _call(NORMALIZED_KERNEL_GRAD, out, x, mean, mul, bias, g, kh=kh, kw=kw, **attrs)
 
 
 def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation) -> jax.Array:

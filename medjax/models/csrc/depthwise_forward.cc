@@ -19,8 +19,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
+#include "normalized_rows.h"
 #include "simd.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
@@ -205,17 +207,26 @@ RowKernel SlidingKernel(const Geometry& s) {
 }
 
 // Output rows [r0, r1) of the flattened (n, oh) index, all channels: pairs of 16-float vectors (8 columns x 2
-// vectors = 16 accumulators of the 32 AVX-512 registers), then single vectors of 16, 8 and 1 floats.
-void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, int64_t r0, int64_t r1) {
+// vectors = 16 accumulators of the 32 AVX-512 registers), then single vectors of 16, 8 and 1 floats. With a
+// normalization, the tap rows are read from its cache (the kernels address rows as image + source * W * C,
+// so the image becomes the cache and the source the slot).
+void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, const medjax::Normalization* norm,
+                 int64_t r0, int64_t r1) {
   std::vector<Phase> phases;
   for (int64_t q = 0; q < std::min(s.ew, s.wo); ++q) phases.push_back(MakePhase(s, q));
   std::vector<Tap> rows(s.kh);
   const RowKernel sliding = SlidingKernel(s);
+  std::optional<medjax::NormalizedRows> normalized;
+  if (norm != nullptr) normalized.emplace(x, s.h, s.w, s.c, *norm, s.kh, 0, s.c);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / s.ho, oh = r % s.ho;
     const float* x_img = x + n * s.h * s.w * s.c;
     float* y_row = y + r * s.wo * s.c;
     const int64_t n_rows = RowTaps(s, oh, rows.data());
+    if (normalized) {
+      for (int64_t i = 0; i < n_rows; ++i) rows[i].source = normalized->Slot(n, rows[i].source);
+      x_img = normalized->data();
+    }
     for (const Phase& ph : phases) {
       int64_t c0 = 0;
       if (sliding != nullptr) {
@@ -229,26 +240,44 @@ void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, in
   }
 }
 
-ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
-                    int64_t pl, int64_t eh, int64_t ew) {
-  auto xd = x.dimensions();
-  auto kd = k.dimensions();
-  auto yd = y->dimensions();
-  const Geometry s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, dh, dw, pt, pl, eh, ew};
+ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* k_data, float* y_data, const Geometry& s,
+                std::optional<medjax::Normalization> norm) {
   // Contiguous chunks of output rows, one per thread.
   const int64_t rows = s.n * s.ho;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunk = std::max<int64_t>(1, (rows + threads - 1) / threads);
   const int64_t tasks = (rows + chunk - 1) / chunk;
-
   if (s.wo == 0 || s.c == 0) return medjax::RunTasks(pool, 0, [](int64_t) {});
-  const float* x_data = x.typed_data();
-  const float* k_data = k.typed_data();
-  float* y_data = y->typed_data();
   return medjax::RunTasks(pool, tasks, [=](int64_t t) {
-    ForwardRows(x_data, k_data, y_data, s, t * chunk, std::min(rows, (t + 1) * chunk));
+    ForwardRows(x_data, k_data, y_data, s, norm ? &*norm : nullptr, t * chunk, std::min(rows, (t + 1) * chunk));
   });
+}
+
+Geometry MakeGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& k,
+                      ffi::ResultBuffer<ffi::F32>& y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
+                      int64_t pl, int64_t eh, int64_t ew) {
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  auto yd = y->dimensions();
+  return Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, dh, dw, pt, pl, eh, ew};
+}
+
+ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
+                    int64_t pl, int64_t eh, int64_t ew) {
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, eh, ew);
+  return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, std::nullopt);
+}
+
+// The forward pass of a depthwise convolution whose input is clamp(BatchNorm(x)) (normalized_rows.h), from x.
+// Undilated kernels without input dilation only (NormalizedRows' slots).
+ffi::Future NormalizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                              ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> k,
+                              ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                              float lo, float hi) {
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, 1, 1, pt, pl, 1, 1);
+  const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
+  return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, norm);
 }
 
 }  // namespace
@@ -267,3 +296,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseForward, Forward,
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("eh")
                                   .Attr<int64_t>("ew"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxNormalizedDepthwiseForward, NormalizedForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<float>("lo")
+                                  .Attr<float>("hi"));

@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
+#include "normalized_rows.h"
 #include "simd.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
@@ -190,18 +192,23 @@ RowFn RowFor(const Geometry& s, int64_t width) {
   return s.kw < 12 ? kByWidth[s.kw] : nullptr;
 }
 
-// dk for channels [c0, c1): a private (kh*kw, width) accumulator, written out at the end.
-void KernelGradChannels(const float* x, const float* g, float* dk, const Geometry& s, int64_t c0, int64_t c1) {
+// dk for channels [c0, c1): a private (kh*kw, width) accumulator, written out at the end. With a
+// normalization, the input rows are its (normalized_rows.h), each computed once for this task's channels.
+void KernelGradChannels(const float* x, const float* g, float* dk, const Geometry& s,
+                        const medjax::Normalization* norm, int64_t c0, int64_t c1) {
   const int64_t width = c1 - c0;
   std::unique_ptr<float[]> acc(new float[s.kh * s.kw * width]());
   const RowFn row_fn = RowFor(s, width);
+  std::optional<medjax::NormalizedRows> normalized;
+  if (norm != nullptr) normalized.emplace(x, s.h, s.w, s.c, *norm, s.kh, c0, c1);
   for (int64_t n = 0; n < s.n; ++n) {
     for (int64_t oh = 0; oh < s.ho; ++oh) {
       const float* g_row = g + ((n * s.ho + oh) * s.wo) * s.c + c0;
       for (int64_t i = 0; i < s.kh; ++i) {
         const int64_t ih = oh * s.sh + i * s.dh - s.pt;
         if (ih < 0 || ih >= s.h) continue;  // The tap row is in the padding.
-        const float* x_row = x + ((n * s.h + ih) * s.w) * s.c + c0;
+        const float* x_row = normalized ? normalized->data() + normalized->Slot(n, ih) * s.w * s.c + c0
+                                        : x + ((n * s.h + ih) * s.w) * s.c + c0;
         float* acc_row = acc.get() + i * s.kw * width;
         if (row_fn != nullptr) {
           row_fn(x_row, g_row, acc_row, s, width, 0);
@@ -216,24 +223,39 @@ void KernelGradChannels(const float* x, const float* g, float* dk, const Geometr
   }
 }
 
+ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* g_data, float* dk_data, const Geometry& s,
+                std::optional<medjax::Normalization> norm) {
+  // Channel chunks of whole blocks, at most one per thread (the last may be shorter).
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t blocks = (s.c + kBlock - 1) / kBlock;
+  const int64_t chunk = kBlock * ((blocks + threads - 1) / threads);
+  const int64_t tasks = (s.c + chunk - 1) / chunk;
+  return medjax::RunTasks(pool, tasks, [=](int64_t t) {
+    KernelGradChannels(x_data, g_data, dk_data, s, norm ? &*norm : nullptr, t * chunk,
+                       std::min(s.c, (t + 1) * chunk));
+  });
+}
+
 ffi::Future KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                        ffi::ResultBuffer<ffi::F32> dk, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                        int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions();
   auto gd = g.dimensions();
   const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, dh, dw, pt, pl};
-  // Channel chunks of whole blocks, at most one per thread (the last may be shorter).
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t blocks = (s.c + kBlock - 1) / kBlock;
-  const int64_t chunk = kBlock * ((blocks + threads - 1) / threads);
-  const int64_t tasks = (s.c + chunk - 1) / chunk;
+  return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), s, std::nullopt);
+}
 
-  const float* x_data = x.typed_data();
-  const float* g_data = g.typed_data();
-  float* dk_data = dk->typed_data();
-  return medjax::RunTasks(pool, tasks, [=](int64_t t) {
-    KernelGradChannels(x_data, g_data, dk_data, s, t * chunk, std::min(s.c, (t + 1) * chunk));
-  });
+// The kernel gradient of a depthwise convolution whose input is clamp(BatchNorm(x)) (normalized_rows.h), from
+// x. Undilated kernels only (NormalizedRows' slots).
+ffi::Future NormalizedKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                                 ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> g,
+                                 ffi::ResultBuffer<ffi::F32> dk, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                 int64_t pt, int64_t pl, float lo, float hi) {
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
+  const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, 1, 1, pt, pl};
+  const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
+  return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), s, norm);
 }
 
 }  // namespace
@@ -252,3 +274,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseKernelGrad, KernelGrad,
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxNormalizedDepthwiseKernelGrad, NormalizedKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<float>("lo")
+                                  .Attr<float>("hi"));
