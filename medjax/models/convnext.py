@@ -77,9 +77,13 @@ class Block(nn.Module):
         y = DepthwiseConv(7, padding=3, impl=self.depthwise_impl, kernel_init=_init, name="dwconv")(x)
         y = LayerNorm(epsilon=LN_EPSILON, name="norm")(y)
         y = Dense(4 * channels, kernel_init=_init, activation="gelu", name="pwconv1")(y)
-        y = Dense(channels, kernel_init=_init, name="pwconv2")(y)
+        # gamma * (y + bias) as gamma * y + gamma * bias: one fusion with the residual (Dense's defer_bias).
+        y, bias = Dense(channels, kernel_init=_init, name="pwconv2", defer_bias=True)(y)
         if self.layer_scale_init > 0:
-            y = y * self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,))
+            gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,))
+            y = y * gamma + bias * gamma
+        else:
+            y = y + bias
         return x + DropPath(self.drop_path_rate)(y, train=train)
 
 

@@ -170,17 +170,25 @@ class Dense(nn.Dense):
     """``nn.Dense`` with the same parameters, computed as one 2-D matrix product (:func:`matmul`).
 
     For the per-pixel MLPs of ConvNeXt and MedNeXt, applied to (N, H, W, C) maps. ``activation='gelu'``
-    returns ``gelu(x @ kernel + bias)`` with the bias added inside :func:`gelu`'s pass. A ``precision``
-    other than the default computes with XLA's dot.
+    returns ``gelu(x @ kernel + bias)`` with the bias added inside :func:`gelu`'s pass. ``defer_bias``
+    returns ``(x @ kernel, bias)`` for the caller to add the bias where XLA fuses it with what follows:
+    ConvNeXt's layer scale ``gamma * (p + bias)`` differentiated keeps ``p + bias`` for ``gamma``'s gradient,
+    a map XLA writes in a pass of its own, where ``gamma * p + gamma * bias`` keeps the product ``p`` that
+    exists anyway. A ``precision`` other than the default computes with XLA's dot.
     """
 
     activation: str | None = None
+    defer_bias: bool = False
 
     @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array | None]:
         if self.activation not in (None, "gelu") or (self.activation == "gelu" and not self.use_bias):
             raise ValueError(
                 f"Dense: activation must be None, or 'gelu' with use_bias; got {self.activation!r}."
+            )
+        if self.defer_bias and self.activation is not None:
+            raise ValueError(
+                "Dense: defer_bias returns the product before the bias, so it takes no activation."
             )
         lead = inputs.shape[:-1]
         rows = inputs.reshape(-1, inputs.shape[-1])
@@ -193,6 +201,8 @@ class Dense(nn.Dense):
             out = matmul(rows, kernel)
         else:
             out = jnp.matmul(rows, kernel, precision=self.precision)
+        if self.defer_bias:
+            return out.reshape(*lead, self.features), bias
         if self.activation == "gelu":
             out = gelu(out, bias)
         elif bias is not None:
