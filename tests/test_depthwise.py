@@ -84,6 +84,31 @@ def test_rectangular_kernel_and_mixed_strides(impl):
         assert _rel_err(a, b) < RTOL
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize(("k", "stride", "channels"), [(7, 1, 37), (3, 2, 48)])
+def test_bias_and_its_gradient_match_xla(impl, k, stride, channels):
+    """A bias given to the convolution (the native forward starts its sums at it, and the kernel gradient
+    sums the cotangent for it) equals XLA's convolution plus the bias, in value and all three gradients;
+    37 channels take every vector width of the kernels."""
+    keys = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(keys[0], (2, 9, 10, channels))
+    kernel = jax.random.normal(keys[1], (k, k, 1, channels))
+    bias = jax.random.normal(keys[2], (channels,))
+    conv = dict(strides=(stride, stride), padding=resolve_padding("SAME", (k, k), (1, 1)))
+
+    def fwd_and_grads(impl):
+        y, vjp = jax.vjp(lambda *a: depthwise_conv2d(*a[:2], bias=a[2], impl=impl, **conv), x, kernel, bias)
+        return (y, *vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)))
+
+    ours, ref = jax.jit(lambda: fwd_and_grads(impl))(), fwd_and_grads("xla")
+    for name, a, b in zip(("y", "dx", "dkernel", "dbias"), ours, ref, strict=True):
+        assert a.shape == b.shape and _rel_err(a, b) < RTOL, (name, _rel_err(a, b))
+    program = str(jax.make_jaxpr(lambda: fwd_and_grads(impl))())
+    native_path = impl == "native"
+    assert (native.FORWARD_WITH_BIAS in program) == native_path
+    assert (native.KERNEL_AND_BIAS_GRAD in program) == native_path
+
+
 def test_hand_computed_value():
     """A 2x2 all-ones kernel on a 3x3 ramp sums each 2x2 window: pins the correlation orientation."""
     x = jnp.arange(9.0).reshape(1, 3, 3, 1)

@@ -48,17 +48,18 @@ def resolve_padding(
     return tuple(tuple(p) for p in padding)
 
 
-def depthwise_conv2d_xla(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def depthwise_conv2d_xla(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), bias=None):
     """Reference depthwise convolution through ``lax.conv_general_dilated``.
 
     Args:
       x: ``(N, H, W, C)`` input.
       kernel: ``(kh, kw, 1, C)`` filters.
       strides, padding, dilation: per spatial axis; padding explicit pairs.
+      bias: ``(C,)``, added to every output, or None.
     Returns:
       ``(N, H', W', C)`` output.
     """
-    return lax.conv_general_dilated(
+    y = lax.conv_general_dilated(
         x,
         kernel,
         window_strides=strides,
@@ -67,6 +68,7 @@ def depthwise_conv2d_xla(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=x.shape[-1],
     )
+    return y if bias is None else y + bias
 
 
 # --- impl='fast' -------------------------------------------------------------------------------------------
@@ -116,26 +118,32 @@ def _pad(x: jax.Array, padding: Pairs, interior: tuple[int, int] = (0, 0)) -> ja
     return lax.pad(x, zero, ((0, 0, 0), (*padding[0], interior[0]), (*padding[1], interior[1]), (0, 0, 0)))
 
 
-def _forward(x: jax.Array, kernel: jax.Array, strides, padding: Pairs, dilation, input_dilation=(1, 1)):
+def _forward(
+    x: jax.Array, kernel: jax.Array, strides, padding: Pairs, dilation, input_dilation=(1, 1), bias=None
+):
     """The depthwise correlation of ``x``, dilated by ``input_dilation`` (zeros between its elements: the
-    input gradient of a strided convolution) and padded by ``padding`` (pairs; negative ones crop)."""
+    input gradient of a strided convolution) and padded by ``padding`` (pairs; negative ones crop), plus
+    ``bias`` (``(C,)``) if given."""
     xp = _pad(x, padding, interior=(input_dilation[0] - 1, input_dilation[1] - 1))
     out_hw = tuple(
         _out_len(xp.shape[1 + a], kernel.shape[a], strides[a], dilation[a], (0, 0)) for a in (0, 1)
     )
-    return _shifted_sum(xp, kernel, out_hw, strides, dilation)
+    out = _shifted_sum(xp, kernel, out_hw, strides, dilation)
+    return out if bias is None else out + bias.astype(out.dtype)
 
 
-def _forward_native(x, kernel, strides, padding: Pairs, dilation, input_dilation=(1, 1)):
+def _forward_native(x, kernel, strides, padding: Pairs, dilation, input_dilation=(1, 1), bias=None):
     """:func:`_forward` by medjax's native kernel (:mod:`medjax.models.native`), which skips the taps that
-    fall in the padding or between dilated elements instead of reading a padded copy. It accumulates in
-    float32 (as ``_forward`` does for lower precisions), so float64 inputs, and the geometries the kernel
-    does not take (cropping; see ``native.forward_supports``), take ``_forward``."""
+    fall in the padding or between dilated elements instead of reading a padded copy, and starts its sums
+    at the bias instead of adding it in a pass of its own. It accumulates in float32 (as ``_forward`` does
+    for lower precisions), so float64 inputs, and the geometries the kernel does not take (cropping; see
+    ``native.forward_supports``), take ``_forward``."""
     if _acc_dtype(x.dtype) != jnp.float32 or not native.forward_supports(
         kernel.shape, strides, padding, input_dilation
     ):
-        return _forward(x, kernel, strides, padding, dilation, input_dilation)
-    return native.depthwise_forward(x, kernel, strides, padding, dilation, input_dilation).astype(x.dtype)
+        return _forward(x, kernel, strides, padding, dilation, input_dilation, bias)
+    y = native.depthwise_forward(x, kernel, strides, padding, dilation, input_dilation, bias=bias)
+    return y.astype(x.dtype)
 
 
 def _grad_input(g, kernel, in_hw: tuple[int, int], strides, padding, dilation, correlate):
@@ -152,8 +160,9 @@ def _grad_input(g, kernel, in_hw: tuple[int, int], strides, padding, dilation, c
     return correlate(g, kernel[::-1, ::-1], (1, 1), tuple(edges), dilation, strides)
 
 
-def _grad_kernel(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation) -> jax.Array:
-    """dL/dkernel[i, j, c] = sum over (n, oh, ow) of tap(x, i, j) * g, accumulated one output row at a time.
+def _grad_kernel(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation, with_bias=False):
+    """``(dL/dkernel, dL/dbias or None)``: dL/dkernel[i, j, c] = sum over (n, oh, ow) of tap(x, i, j) * g,
+    accumulated one output row at a time; with ``with_bias``, the bias's, ``g`` summed per channel.
 
     Each loop step multiplies the kh input rows of one output row by that cotangent row and adds each tap's
     product into its own (W', C) accumulator; the W' axis is summed once after the loop. One accumulator
@@ -182,58 +191,66 @@ def _grad_kernel(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dil
 
     zeros = tuple(jnp.zeros((wo, c), acc_dtype) for _ in range(kh * kw))
     acc = lax.fori_loop(0, n, image, zeros)
-    return jnp.stack([jnp.sum(a, axis=0) for a in acc]).reshape(kernel_shape)
+    dk = jnp.stack([jnp.sum(a, axis=0) for a in acc]).reshape(kernel_shape)
+    return dk, (jnp.sum(g.astype(acc_dtype), axis=(0, 1, 2)) if with_bias else None)
 
 
-def _grad_kernel_native(x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation) -> jax.Array:
-    """The same kernel gradient from medjax's native kernel (:mod:`medjax.models.native`): one pass over
-    the input and cotangent with the accumulators in registers, the padding skipped rather than copied.
-    It accumulates in float32, so float64 inputs take the loop."""
+def _grad_kernel_native(
+    x: jax.Array, g: jax.Array, kernel_shape, strides, padding, dilation, with_bias=False
+):
+    """The same gradients from medjax's native kernel (:mod:`medjax.models.native`): one pass over the input
+    and cotangent with the accumulators in registers, the padding skipped rather than copied, the bias's
+    sums taken from the cotangent rows it reads anyway. It accumulates in float32, so float64 inputs take
+    the loop."""
     if _acc_dtype(g.dtype) != jnp.float32:
-        return _grad_kernel(x, g, kernel_shape, strides, padding, dilation)
+        return _grad_kernel(x, g, kernel_shape, strides, padding, dilation, with_bias)
     crops = tuple((min(lo, 0), min(hi, 0)) for lo, hi in padding)  # Negative padding crops: done here.
     pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
-    return native.depthwise_kernel_grad(_pad(x, crops), g, kernel_shape, strides, pads, dilation)
+    args = (_pad(x, crops), g, kernel_shape, strides, pads, dilation)
+    if with_bias:
+        return native.depthwise_kernel_and_bias_grad(*args)
+    return native.depthwise_kernel_grad(*args), None
 
 
 class _Kernels(NamedTuple):
     """The two computations behind a depthwise convolution with a hand-written VJP."""
 
-    # (x, kernel, strides, padding, dilation, input_dilation) -> y: the forward pass and input gradient.
+    # (x, kernel, strides, padding, dilation, input_dilation, bias) -> y: the forward pass and input gradient.
     correlate: Callable
-    kernel_grad: Callable  # (x, g, kernel_shape, strides, padding, dilation) -> dL/dkernel.
+    # (x, g, kernel_shape, strides, padding, dilation, with_bias) -> (dL/dkernel, dL/dbias or None).
+    kernel_grad: Callable
 
 
 _LOOP = _Kernels(_forward, _grad_kernel)
 _NATIVE = _Kernels(_forward_native, _grad_kernel_native)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _depthwise_fast(x, kernel, strides, padding, dilation, kernels):
-    return kernels.correlate(x, kernel, strides, padding, dilation)
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _depthwise_fast(x, kernel, bias, strides, padding, dilation, kernels):
+    return kernels.correlate(x, kernel, strides, padding, dilation, bias=bias)
 
 
-def _depthwise_fast_fwd(x, kernel, strides, padding, dilation, kernels):
-    return kernels.correlate(x, kernel, strides, padding, dilation), (x, kernel)
+def _depthwise_fast_fwd(x, kernel, bias, strides, padding, dilation, kernels):
+    return kernels.correlate(x, kernel, strides, padding, dilation, bias=bias), (x, kernel, bias)
 
 
 def _depthwise_fast_bwd(strides, padding, dilation, kernels, residuals, g):
-    x, kernel = residuals
+    x, kernel, bias = residuals
     dx = _grad_input(g, kernel, x.shape[1:3], strides, padding, dilation, kernels.correlate)
-    dk = kernels.kernel_grad(x, g, kernel.shape, strides, padding, dilation)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    dk, db = kernels.kernel_grad(x, g, kernel.shape, strides, padding, dilation, bias is not None)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype), None if bias is None else db.astype(bias.dtype)
 
 
 _depthwise_fast.defvjp(_depthwise_fast_fwd, _depthwise_fast_bwd)
 
 
-def _shifted(x, kernel, strides, padding, dilation, kernels: _Kernels):
+def _shifted(x, kernel, strides, padding, dilation, kernels: _Kernels, bias=None):
     strides, dilation = _pair(strides), _pair(dilation)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _depthwise_fast(x, kernel, strides, padding, dilation, kernels)
+    return _depthwise_fast(x, kernel, bias, strides, padding, dilation, kernels)
 
 
-def depthwise_conv2d_loop(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def depthwise_conv2d_loop(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), bias=None):
     """Depthwise convolution as shifted multiply-adds with a hand-written VJP, its kernel gradient the
     pure-XLA row loop; same contract as the reference.
 
@@ -241,14 +258,16 @@ def depthwise_conv2d_loop(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0))
     to float rounding (tests/test_depthwise.py), forward+backward 5-19x faster on CPU
     (launch/bench_depthwise.py). bfloat16 inputs are accumulated in float32.
     """
-    return _shifted(x, kernel, strides, padding, dilation, _LOOP)
+    return _shifted(x, kernel, strides, padding, dilation, _LOOP, bias)
 
 
-def depthwise_conv2d_native(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def depthwise_conv2d_native(
+    x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), bias=None
+):
     """Depthwise convolution by medjax's native kernels (built with the system's C++ compiler,
-    :mod:`medjax.models.native`): the forward pass, the input gradient (the same kernel on the cotangent)
-    and the kernel gradient; same contract as the reference."""
-    return _shifted(x, kernel, strides, padding, dilation, _NATIVE)
+    :mod:`medjax.models.native`): the forward pass (its sums starting at the bias), the input gradient (the
+    same kernel on the cotangent) and the kernel's and bias's gradients; same contract as the reference."""
+    return _shifted(x, kernel, strides, padding, dilation, _NATIVE, bias)
 
 
 def depthwise_conv2d_fast(x, kernel, **kwargs):
@@ -280,11 +299,14 @@ def native_input_grad(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int], s
     return _grad_input(g, kernel, in_hw, strides, padding, (1, 1), _forward_native)
 
 
-def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), impl="fast"):
-    """Depthwise convolution dispatching to ``impl`` (a key of ``IMPLEMENTATIONS``)."""
+def depthwise_conv2d(
+    x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), impl="fast", bias=None
+):
+    """Depthwise convolution dispatching to ``impl`` (a key of ``IMPLEMENTATIONS``), plus ``bias`` (``(C,)``)
+    if given: the native kernels add it inside their passes."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"depthwise_impl must be one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
-    return IMPLEMENTATIONS[impl](x, kernel, strides=strides, padding=padding, dilation=dilation)
+    return IMPLEMENTATIONS[impl](x, kernel, strides=strides, padding=padding, dilation=dilation, bias=bias)
 
 
 class DepthwiseConv(nn.Module):
@@ -320,11 +342,14 @@ class DepthwiseConv(nn.Module):
         channels = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (*ks, 1, channels), jnp.float32)
         dtype = self.dtype or x.dtype
+        bias = (
+            self.param("bias", self.bias_init, (channels,), jnp.float32).astype(dtype)
+            if self.use_bias
+            else None
+        )
         geometry = Geometry(st, resolve_padding(self.padding, ks, dl), dl, self.impl)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
         if fused_input is None:
-            y, aux = depthwise_conv2d(x.astype(dtype), kernel.astype(dtype), **geometry._asdict()), None
-        else:
-            y, aux = fused_input(x.astype(dtype), kernel.astype(dtype), geometry)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (channels,), jnp.float32).astype(dtype)
-        return y if fused_input is None else (y, aux)
+            return depthwise_conv2d(x, kernel, bias=bias, **geometry._asdict())
+        y, aux = fused_input(x, kernel, geometry)
+        return (y if bias is None else y + bias), aux

@@ -6,7 +6,9 @@ Six kernels, for what XLA CPU computes in many more passes, or more slowly, than
   it as one small fusion per tap and output row, and dispatching those is most of a MobileNetV2 or MedNeXt
   backward pass (profiled);
 - its forward pass, which also serves as the input gradient (``csrc/depthwise_forward.cc``): XLA CPU sums
-  kh*kw strided slices of a padded copy, 2.4x PyTorch's time on ConvNeXt's 7x7 at 56x56x96;
+  kh*kw strided slices of a padded copy, 2.4x PyTorch's time on ConvNeXt's 7x7 at 56x56x96. The forward
+  starts its sums at the layer's bias and the kernel gradient also returns the bias's, so neither is an XLA
+  pass of its own;
 - both again for a convolution whose input is a training-mode BatchNorm's clamped output, normalizing that
   input a row at a time inside the kernel (``csrc/normalized_rows.h``): MobileNetV2's widest maps, its
   expansions' outputs, are then neither written out nor kept for the backward pass (6 % of its step);
@@ -51,6 +53,8 @@ SOURCES = tuple(
 HEADERS = (CSRC / "simd.h", CSRC / "tasks.h", CSRC / "normalized_rows.h")
 FORWARD = "medjax_depthwise_forward"
 KERNEL_GRAD = "medjax_depthwise_kernel_grad"
+FORWARD_WITH_BIAS = "medjax_depthwise_forward_with_bias"
+KERNEL_AND_BIAS_GRAD = "medjax_depthwise_kernel_and_bias_grad"
 NORMALIZED_FORWARD = "medjax_normalized_depthwise_forward"
 NORMALIZED_KERNEL_GRAD = "medjax_normalized_depthwise_kernel_grad"
 CHANNEL_SUMS = "medjax_channel_sums"
@@ -63,6 +67,8 @@ MATMUL = "medjax_matmul"
 _SYMBOLS = {
     FORWARD: "MedjaxDepthwiseForward",
     KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
+    FORWARD_WITH_BIAS: "MedjaxDepthwiseForwardWithBias",
+    KERNEL_AND_BIAS_GRAD: "MedjaxDepthwiseKernelAndBiasGrad",
     NORMALIZED_FORWARD: "MedjaxNormalizedDepthwiseForward",
     NORMALIZED_KERNEL_GRAD: "MedjaxNormalizedDepthwiseKernelGrad",
     CHANNEL_SUMS: "MedjaxChannelSums",
@@ -223,7 +229,15 @@ def forward_supports(kernel_shape, strides, padding, input_dilation) -> bool:
     )
 
 
-def depthwise_forward(x: jax.Array, kernel: jax.Array, strides, padding, dilation, input_dilation=(1, 1)):
+def depthwise_forward(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides,
+    padding,
+    dilation,
+    input_dilation=(1, 1),
+    bias: jax.Array | None = None,
+):
     """``y[n, oh, ow, c] = sum over (i, j) of xe[n, oh*sh + i*dh - top, ow*sw + j*dw - left, c] * k[i, j, c]``
     with ``xe`` the input dilated by ``input_dilation`` (zeros between its elements) and read as zero outside
     its bounds: the forward pass of a depthwise convolution, and with the stride as ``input_dilation`` the
@@ -234,6 +248,7 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, strides, padding, dilatio
       kernel: ``(kh, kw, 1, C)``.
       strides, dilation, input_dilation: pairs; padding: ``((top, bottom), (left, right))``; the geometry
         must pass :func:`forward_supports`.
+      bias: ``(C,)`` added to every output, as the sums' starting value (not with ``input_dilation``).
     Returns:
       float32 ``(N, H', W', C)``.
     """
@@ -245,7 +260,11 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, strides, padding, dilatio
     (sh, sw), (dh, dw), (eh, ew) = strides, dilation, input_dilation
     out = _forward_shape(x.shape, kernel.shape, strides, padding, dilation, input_dilation)
     (pt, _), (pl, _) = padding
-    return _call(FORWARD, out, x, kernel, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl, eh=eh, ew=ew)
+    if bias is None:
+        return _call(FORWARD, out, x, kernel, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl, eh=eh, ew=ew)
+    if (eh, ew) != (1, 1):
+        raise ValueError("The native depthwise forward adds a bias only without input dilation.")
+    return _call(FORWARD_WITH_BIAS, out, x, kernel, bias, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl)
 
 
 def _forward_shape(x_shape, kernel_shape, strides, padding, dilation, input_dilation) -> jax.ShapeDtypeStruct:
@@ -315,11 +334,31 @@ def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape, strides, pad
     Returns:
       float32 ``kernel_shape``.
     """
+    out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+    return _call(KERNEL_GRAD, out, x, g, **_kernel_grad_attrs(kernel_shape, strides, padding, dilation))
+
+
+def depthwise_kernel_and_bias_grad(x, g, kernel_shape, strides, padding, dilation):
+    """:func:`depthwise_kernel_grad` and the bias's gradient, ``db[c] = sum over (n, oh, ow) of g[n, oh, ow,
+    c]``, from one pass.
+
+    Returns:
+      float32 ``(dk, db)``, shaped ``kernel_shape`` and ``(C,)``.
+    """
+    out = (
+        jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+        jax.ShapeDtypeStruct((g.shape[-1],), jnp.float32),
+    )
+    return _call(
+        KERNEL_AND_BIAS_GRAD, out, x, g, **_kernel_grad_attrs(kernel_shape, strides, padding, dilation)
+    )
+
+
+def _kernel_grad_attrs(kernel_shape, strides, padding, dilation) -> dict[str, int]:
     if min(min(p) for p in padding) < 0:
         raise ValueError(f"The native depthwise kernel gradient pads, it does not crop: padding {padding}.")
     (kh, kw), (sh, sw), (dh, dw), ((pt, _), (pl, _)) = kernel_shape[:2], strides, dilation, padding
-    out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
-    return _call(KERNEL_GRAD, out, x, g, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl)
+    return dict(kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, pt=pt, pl=pl)
 
 
 def _column_sums(target: str, a: jax.Array, b: jax.Array, *params: jax.Array, **attrs: float):

@@ -37,7 +37,14 @@ using medjax::Vec;
 
 struct Geometry {
   int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, dh, dw, pt, pl, eh, ew;
+  const float* bias;  // Where each channel's sum starts: the layer's bias (C floats), or nullptr for zero.
 };
+
+// The starting value of the sums of channels [c0, c0 + W): the bias, or zero.
+template <int W>
+inline Vec<W> Start(const Geometry& s, int64_t c0) {
+  return s.bias != nullptr ? Load<W>(s.bias + c0) : Vec<W>{};
+}
 
 // Floor division and its remainder for a possibly negative numerator and a positive divisor.
 inline int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -89,7 +96,11 @@ template <int W, int T, int COLS>
 inline void InteriorTile(const float* __restrict x_img, const float* __restrict k, float* __restrict y_row,
                          const Geometry& s, const Tap* rows, int64_t n_rows, const Phase& ph, int64_t m0,
                          int64_t c0) {
-  Vec<W> acc[COLS][T] = {};
+  Vec<W> acc[COLS][T];
+  for (int t = 0; t < T; ++t) {
+    const Vec<W> start = Start<W>(s, c0 + t * W);
+    for (int o = 0; o < COLS; ++o) acc[o][t] = start;
+  }
   const int64_t col_step = s.sw * s.c;
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* x_row = x_img + rows[r].source * s.w * s.c + c0;
@@ -111,7 +122,8 @@ inline void InteriorTile(const float* __restrict x_img, const float* __restrict 
 template <int W, int T>
 inline void EdgeColumn(const float* __restrict x_img, const float* __restrict k, float* __restrict y_row,
                        const Geometry& s, const Tap* rows, int64_t n_rows, const Phase& ph, int64_t m, int64_t c0) {
-  Vec<W> acc[T] = {};
+  Vec<W> acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Start<W>(s, c0 + t * W);
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* x_row = x_img + rows[r].source * s.w * s.c + c0;
     const float* k_row = k + rows[r].index * s.c + c0;
@@ -145,7 +157,8 @@ template <int W, int KW, int COLS, bool kChecked>
 inline void SlidingTile(const float* __restrict x_img, const float* __restrict k, float* __restrict y_row,
                         const Geometry& s, const Tap* rows, int64_t n_rows, const Phase& ph, int64_t m0,
                         int64_t c0) {
-  Vec<W> acc[COLS] = {};
+  Vec<W> acc[COLS];
+  for (int o = 0; o < COLS; ++o) acc[o] = Start<W>(s, c0);
   const int64_t first = ph.tap[0].source + m0;  // The input column of tap 0 at output m0.
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* x = x_img + (rows[r].source * s.w + first) * s.c + c0;
@@ -255,17 +268,25 @@ ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* k_data,
 
 Geometry MakeGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& k,
                       ffi::ResultBuffer<ffi::F32>& y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
-                      int64_t pl, int64_t eh, int64_t ew) {
+                      int64_t pl, int64_t eh, int64_t ew, const float* bias) {
   auto xd = x.dimensions();
   auto kd = k.dimensions();
   auto yd = y->dimensions();
-  return Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, dh, dw, pt, pl, eh, ew};
+  return Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, dh, dw, pt, pl, eh, ew, bias};
 }
 
 ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                     ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
                     int64_t pl, int64_t eh, int64_t ew) {
-  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, eh, ew);
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, eh, ew, nullptr);
+  return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, std::nullopt);
+}
+
+// The forward pass with the layer's bias as the sums' starting value: no pass of its own to add it.
+ffi::Future ForwardWithBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
+                            int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, 1, 1, bias.typed_data());
   return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, std::nullopt);
 }
 
@@ -275,7 +296,7 @@ ffi::Future NormalizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
                               ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> k,
                               ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                               float lo, float hi) {
-  const Geometry s = MakeGeometry(x, k, y, sh, sw, 1, 1, pt, pl, 1, 1);
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, 1, 1, pt, pl, 1, 1, nullptr);
   const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
   return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, norm);
 }
@@ -312,3 +333,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxNormalizedDepthwiseForward, NormalizedForwar
                                   .Attr<int64_t>("pl")
                                   .Attr<float>("lo")
                                   .Attr<float>("hi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseForwardWithBias, ForwardWithBias,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));

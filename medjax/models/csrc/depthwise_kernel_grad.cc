@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "normalized_rows.h"
 #include "simd.h"
@@ -192,18 +193,32 @@ RowFn RowFor(const Geometry& s, int64_t width) {
   return s.kw < 12 ? kByWidth[s.kw] : nullptr;
 }
 
-// dk for channels [c0, c1): a private (kh*kw, width) accumulator, written out at the end. With a
+// Adds the sums over one output row's columns of its cotangent, channels [0, width), into db.
+void AddRowSums(const float* __restrict g_row, const Geometry& s, int64_t width, double* __restrict db) {
+  std::vector<float> row(width, 0.0f);
+  float* __restrict sums = row.data();
+  for (int64_t ow = 0; ow < s.wo; ++ow) {
+    const float* __restrict gv = g_row + ow * s.c;
+    for (int64_t k = 0; k < width; ++k) sums[k] += gv[k];
+  }
+  for (int64_t k = 0; k < width; ++k) db[k] += sums[k];
+}
+
+// dk for channels [c0, c1): a private (kh*kw, width) accumulator, written out at the end; with db, the
+// bias's gradient too, the cotangent's sums (per output row in float, then in double). With a
 // normalization, the input rows are its (normalized_rows.h), each computed once for this task's channels.
-void KernelGradChannels(const float* x, const float* g, float* dk, const Geometry& s,
+void KernelGradChannels(const float* x, const float* g, float* dk, float* db, const Geometry& s,
                         const medjax::Normalization* norm, int64_t c0, int64_t c1) {
   const int64_t width = c1 - c0;
   std::unique_ptr<float[]> acc(new float[s.kh * s.kw * width]());
+  std::vector<double> bias_sums(db != nullptr ? width : 0, 0.0);
   const RowFn row_fn = RowFor(s, width);
   std::optional<medjax::NormalizedRows> normalized;
   if (norm != nullptr) normalized.emplace(x, s.h, s.w, s.c, *norm, s.kh, c0, c1);
   for (int64_t n = 0; n < s.n; ++n) {
     for (int64_t oh = 0; oh < s.ho; ++oh) {
       const float* g_row = g + ((n * s.ho + oh) * s.wo) * s.c + c0;
+      if (db != nullptr) AddRowSums(g_row, s, width, bias_sums.data());
       for (int64_t i = 0; i < s.kh; ++i) {
         const int64_t ih = oh * s.sh + i * s.dh - s.pt;
         if (ih < 0 || ih >= s.h) continue;  // The tap row is in the padding.
@@ -221,17 +236,18 @@ void KernelGradChannels(const float* x, const float* g, float* dk, const Geometr
   for (int64_t t = 0; t < s.kh * s.kw; ++t) {
     std::copy(acc.get() + t * width, acc.get() + (t + 1) * width, dk + t * s.c + c0);
   }
+  for (int64_t k = 0; k < static_cast<int64_t>(bias_sums.size()); ++k) db[c0 + k] = static_cast<float>(bias_sums[k]);
 }
 
-ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* g_data, float* dk_data, const Geometry& s,
-                std::optional<medjax::Normalization> norm) {
+ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* g_data, float* dk_data, float* db_data,
+                const Geometry& s, std::optional<medjax::Normalization> norm) {
   // Channel chunks of whole blocks, at most one per thread (the last may be shorter).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t blocks = (s.c + kBlock - 1) / kBlock;
   const int64_t chunk = kBlock * ((blocks + threads - 1) / threads);
   const int64_t tasks = (s.c + chunk - 1) / chunk;
   return medjax::RunTasks(pool, tasks, [=](int64_t t) {
-    KernelGradChannels(x_data, g_data, dk_data, s, norm ? &*norm : nullptr, t * chunk,
+    KernelGradChannels(x_data, g_data, dk_data, db_data, s, norm ? &*norm : nullptr, t * chunk,
                        std::min(s.c, (t + 1) * chunk));
   });
 }
@@ -242,7 +258,18 @@ ffi::Future KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   auto xd = x.dimensions();
   auto gd = g.dimensions();
   const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, dh, dw, pt, pl};
-  return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), s, std::nullopt);
+  return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), nullptr, s, std::nullopt);
+}
+
+// The kernel gradient and the bias's, the cotangent's per-channel sums, from the cotangent rows the kernel
+// gradient reads anyway (XLA reduced them in a pass of their own).
+ffi::Future KernelAndBiasGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                              ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db, int64_t kh,
+                              int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
+  const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, dh, dw, pt, pl};
+  return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), db->typed_data(), s, std::nullopt);
 }
 
 // The kernel gradient of a depthwise convolution whose input is clamp(BatchNorm(x)) (normalized_rows.h), from
@@ -255,7 +282,7 @@ ffi::Future NormalizedKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   auto gd = g.dimensions();
   const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, 1, 1, pt, pl};
   const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
-  return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), s, norm);
+  return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), nullptr, s, norm);
 }
 
 }  // namespace
@@ -292,3 +319,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxNormalizedDepthwiseKernelGrad, NormalizedKer
                                   .Attr<int64_t>("pl")
                                   .Attr<float>("lo")
                                   .Attr<float>("hi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseKernelAndBiasGrad, KernelAndBiasGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
