@@ -252,12 +252,17 @@ ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* g_data,
   });
 }
 
+Geometry MakeGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& g, int64_t kh, int64_t kw,
+                      int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
+  return Geometry{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, dh, dw, pt, pl};
+}
+
 ffi::Future KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                        ffi::ResultBuffer<ffi::F32> dk, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                        int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
-  auto xd = x.dimensions();
-  auto gd = g.dimensions();
-  const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, dh, dw, pt, pl};
+  const Geometry s = MakeGeometry(x, g, kh, kw, sh, sw, dh, dw, pt, pl);
   return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), nullptr, s, std::nullopt);
 }
 
@@ -266,9 +271,7 @@ ffi::Future KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 ffi::Future KernelAndBiasGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                               ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db, int64_t kh,
                               int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
-  auto xd = x.dimensions();
-  auto gd = g.dimensions();
-  const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, dh, dw, pt, pl};
+  const Geometry s = MakeGeometry(x, g, kh, kw, sh, sw, dh, dw, pt, pl);
   return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), db->typed_data(), s, std::nullopt);
 }
 
@@ -278,9 +281,7 @@ ffi::Future NormalizedKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
                                  ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> g,
                                  ffi::ResultBuffer<ffi::F32> dk, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                                  int64_t pt, int64_t pl, float lo, float hi) {
-  auto xd = x.dimensions();
-  auto gd = g.dimensions();
-  const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3], kh, kw, sh, sw, 1, 1, pt, pl};
+  const Geometry s = MakeGeometry(x, g, kh, kw, sh, sw, 1, 1, pt, pl);
   const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
   return Run(pool, x.typed_data(), g.typed_data(), dk->typed_data(), nullptr, s, norm);
 }
