@@ -218,6 +218,28 @@ def test_native_normalized_kernels_equal_xla_on_the_normalized_map(k, stride, pa
         native._normalized_attrs(kernel.shape, conv["strides"], padding, (2, 2), 0.0, 6.0)
 
 
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler")
+def test_native_input_gradient_with_clamped_sums_equals_the_two_calls():
+    """The input gradient that also sums BatchNorm's clamped backward sums of what it writes equals the
+    plain forward kernel followed by ``native.clamped_channel_sums``: a stride-2 input gradient (the
+    cotangent dilated by 2) over 37 channels, the sums ordered per task and summed in double."""
+    keys = jax.random.split(jax.random.key(12), 4)
+    g = jax.random.normal(keys[0], (3, 5, 6, 37))
+    kernel = jax.random.normal(keys[1], (3, 3, 1, 37))
+    bn_input = 3.0 * jax.random.normal(keys[2], (3, 10, 12, 37))
+    mean, mul, bias = jax.random.normal(keys[3], (3, 37)) + jnp.array([[0.0], [1.0], [2.0]])
+    padding, dilation = ((1, 2), (1, 2)), (2, 2)
+    y, sg, sgx = native.depthwise_forward_clamped_sums(
+        g, kernel, padding, dilation, bn_input, mean, mul, bias, 0, 6
+    )
+    y_ref = native.depthwise_forward(g, kernel, (1, 1), padding, (1, 1), dilation)
+    sg_ref, sgx_ref = native.clamped_channel_sums(y_ref, bn_input, mean, mul, bias, 0.0, 6.0)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(sg, sg_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sgx, sgx_ref, rtol=1e-5, atol=1e-4)
+    assert float(jnp.mean(jnp.abs(sg))) > 0 and not np.allclose(sg, jnp.sum(y_ref, axis=(0, 1, 2)))  # masked
+
+
 def test_fast_is_native_when_it_builds_else_the_loop(monkeypatch):
     x = jax.random.normal(jax.random.key(6), (2, 6, 6, 4))
     kernel = jax.random.normal(jax.random.key(7), (3, 3, 1, 4))

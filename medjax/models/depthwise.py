@@ -293,10 +293,25 @@ class Geometry(NamedTuple):
     impl: str
 
 
-def native_input_grad(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int], strides, padding) -> jax.Array:
-    """dL/dx of an undilated depthwise convolution with native kernels: the forward kernel on the cotangent
-    (for fused operations that own their VJP, as ``depthwise_conv2d_native``'s does)."""
-    return _grad_input(g, kernel, in_hw, strides, padding, (1, 1), _forward_native)
+def native_input_grad(
+    g, kernel, in_hw: tuple[int, int], strides, padding, batch_norm
+) -> tuple[jax.Array, ...]:
+    """``(dL/dx, sum(gm), sum(gm * x_bn))`` of an undilated depthwise convolution whose input was a clamped
+    training BatchNorm's output: the input gradient by the native forward kernel on the cotangent, and the
+    BatchNorm's backward sums (:func:`native.clamped_channel_sums`) of it, ``gm`` it where the BatchNorm's
+    output lay inside the clamp, taken as it writes each row (:func:`native.depthwise_forward_clamped_sums`).
+    ``batch_norm`` is ``(x_bn, mean, mul, bias, (lo, hi))``. For fused operations that own their VJP."""
+    x_bn, mean, mul, bias, (lo, hi) = batch_norm
+
+    def correlate(g, kernel, strides, padding, dilation, input_dilation):
+        if native.forward_supports(kernel.shape, strides, padding, input_dilation):
+            return native.depthwise_forward_clamped_sums(
+                g, kernel, padding, input_dilation, x_bn, mean, mul, bias, lo, hi
+            )
+        y = _forward_native(g, kernel, strides, padding, dilation, input_dilation)  # cropping: XLA's
+        return (y, *native.clamped_channel_sums(y, x_bn, mean, mul, bias, lo, hi))
+
+    return _grad_input(g, kernel, in_hw, strides, padding, (1, 1), correlate)
 
 
 def depthwise_conv2d(

@@ -454,18 +454,27 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, activation):
 
 def _batch_norm_train_bwd(epsilon, activation, residuals, cotangents):
     del epsilon
+    return _batch_norm_backward(activation, residuals, cotangents[0])  # mean's and var's are zero
+
+
+def _batch_norm_backward(activation, residuals, g, sums=None):
+    """``(dx, dscale, dbias)`` of a training BatchNorm (and ``activation``) for its output's cotangent ``g``;
+    ``sums``, when a caller already has them, are ``(sum(gm), sum(gm * x))`` with ``gm`` the activation's
+    masked cotangent (or ``g``)."""
     x, mean, rstd, scale, bias = residuals
-    g = cotangents[0].astype(jnp.float32)  # mean's and var's cotangents are zero (stop_gradient)
+    g = g.astype(jnp.float32)
     count = math.prod(x.shape[:-1])
     xf = x.astype(jnp.float32)
     if activation is None:
-        dbias, g_dot_x = _channel_sums(g, xf)
+        dbias, g_dot_x = _channel_sums(g, xf) if sums is None else sums
     else:
         lower, upper, _ = _BN_ACTIVATIONS[activation]
         mul = rstd * scale
         z = (xf - mean) * mul + bias  # the forward's expression, so the mask is the forward's
         masked = jnp.where((z > lower) & (z < upper), g, 0.0)
-        if native.available():  # the mask again inside the sums: only dx's fusion below reads ``masked``
+        if sums is not None:
+            dbias, g_dot_x = sums
+        elif native.available():  # the mask again inside the sums: only dx's fusion below reads ``masked``
             dbias, g_dot_x = native.clamped_channel_sums(g, xf, mean, mul, bias, lower, upper)
         else:
             dbias, g_dot_x = _channel_sums(masked, xf)
@@ -521,13 +530,17 @@ def _batch_norm_depthwise_native_fwd(x, scale, bias, kernel, epsilon, activation
 
 def _batch_norm_depthwise_native_bwd(epsilon, activation, strides, padding, residuals, cotangents):
     x, mean, rstd, scale, bias, kernel = residuals
+    del epsilon
     g = cotangents[0]  # mean's and var's cotangents are zero (stop_gradient)
+    mul, bounds = rstd * scale, _clamp_bounds(activation)
     dk = native.normalized_depthwise_kernel_grad(
-        x, mean, rstd * scale, bias, g, kernel.shape, strides, padding, *_clamp_bounds(activation)
+        x, mean, mul, bias, g, kernel.shape, strides, padding, *bounds
     )
-    g_normalized = native_input_grad(g, kernel, x.shape[1:3], strides, padding)
-    bn_residuals = (x, mean, rstd, scale, bias)
-    dx, dscale, dbias = _batch_norm_train_bwd(epsilon, activation, bn_residuals, (g_normalized, None, None))
+    # The BatchNorm's backward sums are taken as the input gradient writes its rows.
+    g_normalized, *sums = native_input_grad(
+        g, kernel, x.shape[1:3], strides, padding, (x, mean, mul, bias, bounds)
+    )
+    dx, dscale, dbias = _batch_norm_backward(activation, (x, mean, rstd, scale, bias), g_normalized, sums)
     return dx, dscale, dbias, dk
 
 

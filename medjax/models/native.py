@@ -11,7 +11,9 @@ Six kernels, for what XLA CPU computes in many more passes, or more slowly, than
   pass of its own;
 - both again for a convolution whose input is a training-mode BatchNorm's clamped output, normalizing that
   input a row at a time inside the kernel (``csrc/normalized_rows.h``): MobileNetV2's widest maps, its
-  expansions' outputs, are then neither written out nor kept for the backward pass (6 % of its step);
+  expansions' outputs, are then neither written out nor kept for the backward pass (6 % of its step); and
+  the input gradient that takes BatchNorm's backward sums of each row it writes, instead of reading it back
+  (3 %);
 - per-channel sums of ``a`` and ``a * b`` in one pass (``csrc/channel_sums.cc``), BatchNorm's statistics
   and backward reductions: XLA CPU materialises the product and reduces each sum separately;
 - LayerNorm over the last axis, forward and backward (``csrc/layer_norm.cc``): XLA CPU reduces each row
@@ -55,6 +57,7 @@ FORWARD = "medjax_depthwise_forward"
 KERNEL_GRAD = "medjax_depthwise_kernel_grad"
 FORWARD_WITH_BIAS = "medjax_depthwise_forward_with_bias"
 KERNEL_AND_BIAS_GRAD = "medjax_depthwise_kernel_and_bias_grad"
+INPUT_GRAD_CLAMPED_SUMS = "medjax_depthwise_input_grad_clamped_sums"
 NORMALIZED_FORWARD = "medjax_normalized_depthwise_forward"
 NORMALIZED_KERNEL_GRAD = "medjax_normalized_depthwise_kernel_grad"
 CHANNEL_SUMS = "medjax_channel_sums"
@@ -69,6 +72,7 @@ _SYMBOLS = {
     KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
     FORWARD_WITH_BIAS: "MedjaxDepthwiseForwardWithBias",
     KERNEL_AND_BIAS_GRAD: "MedjaxDepthwiseKernelAndBiasGrad",
+    INPUT_GRAD_CLAMPED_SUMS: "MedjaxDepthwiseInputGradClampedSums",
     NORMALIZED_FORWARD: "MedjaxNormalizedDepthwiseForward",
     NORMALIZED_KERNEL_GRAD: "MedjaxNormalizedDepthwiseKernelGrad",
     CHANNEL_SUMS: "MedjaxChannelSums",
@@ -275,6 +279,30 @@ def _forward_shape(x_shape, kernel_shape, strides, padding, dilation, input_dila
         )
     ]
     return jax.ShapeDtypeStruct((x_shape[0], *out_hw, x_shape[3]), jnp.float32)
+
+
+def depthwise_forward_clamped_sums(x, kernel, padding, input_dilation, bn_input, mean, mul, bias, lo, hi):
+    """:func:`depthwise_forward` at stride 1 with an undilated kernel (an input gradient: ``x`` the cotangent,
+    the kernel flipped, the stride as ``input_dilation``) and :func:`clamped_channel_sums` of its output
+    with ``bn_input``, summed from each output row while it is in cache.
+
+    Args:
+      bn_input: the clamped BatchNorm's input, shaped as the output; mean, mul, bias: ``(C,)``; lo, hi: the
+        clamp.
+    Returns:
+      float32 ``(y, sum(ym), sum(ym * bn_input))``, ``ym`` the output where the BatchNorm's output lies in
+      ``(lo, hi)``.
+    """
+    out = _forward_shape(x.shape, kernel.shape, (1, 1), padding, (1, 1), input_dilation)
+    if not forward_supports(kernel.shape, (1, 1), padding, input_dilation) or out.shape != bn_input.shape:
+        raise ValueError(
+            f"The native depthwise input gradient does not compute kernel {kernel.shape}, padding {padding}, "
+            f"input dilation {input_dilation} into {bn_input.shape}: see native.forward_supports."
+        )
+    (pt, _), (pl, _), (eh, ew) = *padding, input_dilation
+    sums = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    attrs = dict(pt=pt, pl=pl, eh=eh, ew=ew, lo=float(lo), hi=float(hi))
+    return _call(INPUT_GRAD_CLAMPED_SUMS, (out, sums, sums), x, kernel, bn_input, mean, mul, bias, **attrs)
 
 
 def normalized_supports(kernel_shape, padding, dilation) -> bool:

@@ -19,7 +19,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "normalized_rows.h"
@@ -219,12 +221,46 @@ RowKernel SlidingKernel(const Geometry& s) {
   return nullptr;
 }
 
+// BatchNorm's backward sums through the clamp after it (ClampedSums in channel_sums.cc) over the rows this
+// kernel writes, when they are the clamp's cotangent: an input gradient of a depthwise convolution whose
+// input was clamp(BatchNorm(bn_input)). Each row is summed while it is in cache, instead of read back.
+struct ClampedRowSums {
+  const float* bn_input;  // Shaped as the output.
+  medjax::Normalization norm;
+  double* sg;   // C doubles: sum of the masked cotangent, added into.
+  double* sgx;  // C doubles: sum of the masked cotangent times bn_input.
+};
+
+// Adds one output row's clamped sums (its wo columns) into sums, in float over the row, then in double.
+void AddClampedRow(const float* __restrict g_row, const float* __restrict x_row, int64_t wo, int64_t c,
+                   const ClampedRowSums& sums, float* __restrict row_g, float* __restrict row_gx) {
+  const float* __restrict mean = sums.norm.mean;
+  const float* __restrict mul = sums.norm.mul;
+  const float* __restrict bias = sums.norm.bias;
+  const float lo = sums.norm.lo, hi = sums.norm.hi;
+  std::fill(row_g, row_g + c, 0.0f);
+  std::fill(row_gx, row_gx + c, 0.0f);
+  for (int64_t w = 0; w < wo; ++w, g_row += c, x_row += c) {
+    for (int64_t k = 0; k < c; ++k) {
+      const float z = (x_row[k] - mean[k]) * mul[k] + bias[k];
+      const float gm = (z > lo && z < hi) ? g_row[k] : 0.0f;
+      row_g[k] += gm;
+      row_gx[k] += gm * x_row[k];
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    sums.sg[k] += row_g[k];
+    sums.sgx[k] += row_gx[k];
+  }
+}
+
 // Output rows [r0, r1) of the flattened (n, oh) index, all channels: pairs of 16-float vectors (8 columns x 2
 // vectors = 16 accumulators of the 32 AVX-512 registers), then single vectors of 16, 8 and 1 floats. With a
 // normalization, the tap rows are read from its cache (the kernels address rows as image + source * W * C,
-// so the image becomes the cache and the source the slot).
+// so the image becomes the cache and the source the slot). With sums, each finished row is added to them.
 void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, const medjax::Normalization* norm,
-                 int64_t r0, int64_t r1) {
+                 const ClampedRowSums* sums, int64_t r0, int64_t r1) {
+  std::vector<float> row_sums(sums != nullptr ? 2 * s.c : 0);
   std::vector<Phase> phases;
   for (int64_t q = 0; q < std::min(s.ew, s.wo); ++q) phases.push_back(MakePhase(s, q));
   std::vector<Tap> rows(s.kh);
@@ -250,19 +286,29 @@ void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, co
       for (; c0 + 8 <= s.c; c0 += 8) RowChannels<8, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
       for (; c0 < s.c; ++c0) RowChannels<1, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
     }
+    if (sums != nullptr) {
+      AddClampedRow(y_row, sums->bn_input + r * s.wo * s.c, s.wo, s.c, *sums, row_sums.data(),
+                    row_sums.data() + s.c);
+    }
   }
+}
+
+// Output rows in contiguous chunks, one per thread: (tasks, rows per task).
+std::pair<int64_t, int64_t> Chunks(ffi::ThreadPool& pool, const Geometry& s) {
+  const int64_t rows = s.n * s.ho;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(1, (rows + threads - 1) / threads);
+  return {(rows + chunk - 1) / chunk, chunk};
 }
 
 ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* k_data, float* y_data, const Geometry& s,
                 std::optional<medjax::Normalization> norm) {
-  // Contiguous chunks of output rows, one per thread.
-  const int64_t rows = s.n * s.ho;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(1, (rows + threads - 1) / threads);
-  const int64_t tasks = (rows + chunk - 1) / chunk;
   if (s.wo == 0 || s.c == 0) return medjax::RunTasks(pool, 0, [](int64_t) {});
+  const auto [tasks, chunk] = Chunks(pool, s);
+  const int64_t rows = s.n * s.ho;
   return medjax::RunTasks(pool, tasks, [=](int64_t t) {
-    ForwardRows(x_data, k_data, y_data, s, norm ? &*norm : nullptr, t * chunk, std::min(rows, (t + 1) * chunk));
+    ForwardRows(x_data, k_data, y_data, s, norm ? &*norm : nullptr, nullptr, t * chunk,
+                std::min(rows, (t + 1) * chunk));
   });
 }
 
@@ -299,6 +345,47 @@ ffi::Future NormalizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const Geometry s = MakeGeometry(x, k, y, sh, sw, 1, 1, pt, pl, 1, 1, nullptr);
   const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
   return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, norm);
+}
+
+// The forward kernel as an input gradient (the cotangent x, dilated by the stride, and the flipped kernel),
+// with the clamped BatchNorm sums of what it writes: each task sums its rows into its own doubles, and the
+// last to finish adds the tasks' sums in task order, so the result does not depend on scheduling.
+ffi::Future InputGradClampedSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                                 ffi::Buffer<ffi::F32> bn_input, ffi::Buffer<ffi::F32> mean,
+                                 ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
+                                 ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> sg,
+                                 ffi::ResultBuffer<ffi::F32> sgx, int64_t pt, int64_t pl, int64_t eh, int64_t ew,
+                                 float lo, float hi) {
+  const Geometry s = MakeGeometry(x, k, y, 1, 1, 1, 1, pt, pl, eh, ew, nullptr);
+  const auto [tasks, chunk] = Chunks(pool, s);
+  const int64_t rows = s.n * s.ho, c = s.c;
+  auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
+  const float* x_data = x.typed_data();
+  const float* k_data = k.typed_data();
+  float* y_data = y->typed_data();
+  float* sg_data = sg->typed_data();
+  float* sgx_data = sgx->typed_data();
+  const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
+  const float* bn_data = bn_input.typed_data();
+  auto add_tasks = [=]() {
+    for (int64_t q = 0; q < c; ++q) {
+      double total_g = 0.0, total_gx = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) {
+        total_g += (*partial)[2 * t * c + q];
+        total_gx += (*partial)[2 * t * c + c + q];
+      }
+      sg_data[q] = static_cast<float>(total_g);
+      sgx_data[q] = static_cast<float>(total_gx);
+    }
+  };
+  return medjax::RunTasks(
+      pool, tasks,
+      [=](int64_t t) {
+        double* mine = partial->data() + 2 * t * c;
+        const ClampedRowSums sums{bn_data, norm, mine, mine + c};
+        ForwardRows(x_data, k_data, y_data, s, nullptr, &sums, t * chunk, std::min(rows, (t + 1) * chunk));
+      },
+      add_tasks);
 }
 
 }  // namespace
@@ -347,3 +434,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseForwardWithBias, ForwardWithBias,
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseInputGradClampedSums, InputGradClampedSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("eh")
+                                  .Attr<int64_t>("ew")
+                                  .Attr<float>("lo")
+                                  .Attr<float>("hi"));
