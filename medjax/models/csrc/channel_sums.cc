@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "normalized_rows.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -76,14 +77,11 @@ ffi::Future ClampedSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buff
   const int64_t m = x.dimensions()[0], c = x.dimensions()[1];
   const float* g_data = g.typed_data();
   const float* x_data = x.typed_data();
-  const float* mean_data = mean.typed_data();
-  const float* mul_data = mul.typed_data();
-  const float* bias_data = bias.typed_data();
+  const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
   return medjax::RunColumnSums(pool, m, c, sg->typed_data(), sgx->typed_data(),
                                [=](int64_t r0, int64_t r1, double* s_g, double* s_gx) {
                                  const auto masked = [=](const float* gr, const float* xr, int64_t k) {
-                                   const float z = (xr[k] - mean_data[k]) * mul_data[k] + bias_data[k];
-                                   return (z > lo && z < hi) ? gr[k] : 0.0f;
+                                   return norm.Masked(gr[k], xr[k], k);
                                  };
                                  SumRows(masked, g_data, x_data, c, r0, r1, s_g, s_gx);
                                });

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -234,16 +233,12 @@ struct ClampedRowSums {
 // Adds one output row's clamped sums (its wo columns) into sums, in float over the row, then in double.
 void AddClampedRow(const float* __restrict g_row, const float* __restrict x_row, int64_t wo, int64_t c,
                    const ClampedRowSums& sums, float* __restrict row_g, float* __restrict row_gx) {
-  const float* __restrict mean = sums.norm.mean;
-  const float* __restrict mul = sums.norm.mul;
-  const float* __restrict bias = sums.norm.bias;
-  const float lo = sums.norm.lo, hi = sums.norm.hi;
+  const medjax::Normalization norm = sums.norm;  // A local copy: its fields stay in registers.
   std::fill(row_g, row_g + c, 0.0f);
   std::fill(row_gx, row_gx + c, 0.0f);
   for (int64_t w = 0; w < wo; ++w, g_row += c, x_row += c) {
     for (int64_t k = 0; k < c; ++k) {
-      const float z = (x_row[k] - mean[k]) * mul[k] + bias[k];
-      const float gm = (z > lo && z < hi) ? g_row[k] : 0.0f;
+      const float gm = norm.Masked(g_row[k], x_row[k], k);
       row_g[k] += gm;
       row_gx[k] += gm * x_row[k];
     }
@@ -358,34 +353,18 @@ ffi::Future InputGradClampedSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
                                  float lo, float hi) {
   const Geometry s = MakeGeometry(x, k, y, 1, 1, 1, 1, pt, pl, eh, ew, nullptr);
   const auto [tasks, chunk] = Chunks(pool, s);
-  const int64_t rows = s.n * s.ho, c = s.c;
-  auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
+  const int64_t rows = s.n * s.ho;
   const float* x_data = x.typed_data();
   const float* k_data = k.typed_data();
   float* y_data = y->typed_data();
-  float* sg_data = sg->typed_data();
-  float* sgx_data = sgx->typed_data();
-  const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
   const float* bn_data = bn_input.typed_data();
-  auto add_tasks = [=]() {
-    for (int64_t q = 0; q < c; ++q) {
-      double total_g = 0.0, total_gx = 0.0;
-      for (int64_t t = 0; t < tasks; ++t) {
-        total_g += (*partial)[2 * t * c + q];
-        total_gx += (*partial)[2 * t * c + c + q];
-      }
-      sg_data[q] = static_cast<float>(total_g);
-      sgx_data[q] = static_cast<float>(total_gx);
-    }
-  };
-  return medjax::RunTasks(
-      pool, tasks,
-      [=](int64_t t) {
-        double* mine = partial->data() + 2 * t * c;
-        const ClampedRowSums sums{bn_data, norm, mine, mine + c};
-        ForwardRows(x_data, k_data, y_data, s, nullptr, &sums, t * chunk, std::min(rows, (t + 1) * chunk));
-      },
-      add_tasks);
+  const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
+  return medjax::RunTaskSums(pool, tasks, s.c, sg->typed_data(), sgx->typed_data(),
+                             [=](int64_t t, double* s_g, double* s_gx) {
+                               const ClampedRowSums sums{bn_data, norm, s_g, s_gx};
+                               ForwardRows(x_data, k_data, y_data, s, nullptr, &sums, t * chunk,
+                                           std::min(rows, (t + 1) * chunk));
+                             });
 }
 
 }  // namespace

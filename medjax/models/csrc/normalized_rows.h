@@ -6,8 +6,9 @@
 // computed from the BatchNorm's input x a row at a time into a small per-task cache, where the convolution
 // reads it. Why: unfused, XLA writes the whole of a (in MobileNetV2 the widest maps, 32x112x112x96 at 224)
 // and the convolution reads it back, and the backward pass keeps it; a row of it here stays in the cache
-// between the few output rows that read it. The expression is ClampedSums' (channel_sums.cc), so the
-// backward pass's mask agrees with the values used here.
+// between the few output rows that read it. ClampedSums (channel_sums.cc) and the input gradient's sums
+// (depthwise_forward.cc) take their mask from the same Normalization::Affine, so the backward pass's mask
+// agrees with the values used here.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +23,14 @@ struct Normalization {
   const float* mul;
   const float* bias;
   float lo, hi;
+
+  // The BatchNorm's output for input x at channel k.
+  float Affine(float x, int64_t k) const { return (x - mean[k]) * mul[k] + bias[k]; }
+  // The clamp's input gradient: g where the BatchNorm's output for x lies strictly inside (lo, hi), else 0.
+  float Masked(float g, float x, int64_t k) const {
+    const float z = Affine(x, k);
+    return (z > lo && z < hi) ? g : 0.0f;
+  }
 };
 
 // Normalized rows of an (N, H, W, C) input, channels [c0, c1), kept in `slots` row buffers laid out like the
@@ -51,13 +60,9 @@ class NormalizedRows {
 
  private:
   void Normalize(const float* __restrict src, float* __restrict dst) const {
-    const float* __restrict mean = norm_.mean;
-    const float* __restrict mul = norm_.mul;
-    const float* __restrict bias = norm_.bias;
-    const float lo = norm_.lo, hi = norm_.hi;
     for (int64_t col = 0; col < w_; ++col, src += c_, dst += c_) {
       // min(max(.)) keeps a NaN (a diverged run must still show one), as XLA's clamp does.
-      for (int64_t k = c0_; k < c1_; ++k) dst[k] = std::min(std::max((src[k] - mean[k]) * mul[k] + bias[k], lo), hi);
+      for (int64_t k = c0_; k < c1_; ++k) dst[k] = std::min(std::max(norm_.Affine(src[k], k), norm_.lo), norm_.hi);
     }
   }
 

@@ -63,19 +63,18 @@ xla::ffi::Future RunRowTasks(xla::ffi::ThreadPool& pool, int64_t m, int64_t c, R
   return RunRowTasks(pool, m, c, rows, [] {});
 }
 
-// Two per-column sums over the rows of an (m, c) array: rows(r0, r1, s0, s1) adds rows [r0, r1)'s sums into
-// its chunk's c doubles s0 and s1 (zero at first); once every chunk has run, the chunks' sums are added in
-// chunk order into out0 and out1 (c floats each), so the result does not depend on scheduling.
-template <typename Rows>
-xla::ffi::Future RunColumnSums(xla::ffi::ThreadPool& pool, int64_t m, int64_t c, float* out0, float* out1,
-                               Rows rows) {
-  const int64_t tasks = RowTasks(pool, m, c);
+// Two sums of c columns from `tasks` tasks: work(t, s0, s1) adds task t's sums into its own c doubles s0 and
+// s1 (zero at first); once every task has run, the tasks' sums are added in task order into out0 and out1
+// (c floats each), so the result does not depend on scheduling.
+template <typename Work>
+xla::ffi::Future RunTaskSums(xla::ffi::ThreadPool& pool, int64_t tasks, int64_t c, float* out0, float* out1,
+                             Work work) {
   auto partial = std::make_shared<std::vector<double>>(2 * tasks * c, 0.0);
-  auto chunk_sums = [=](int64_t t, int64_t r0, int64_t r1) {
+  auto task_sums = [=](int64_t t) {
     double* mine = partial->data() + 2 * t * c;
-    rows(r0, r1, mine, mine + c);
+    work(t, mine, mine + c);
   };
-  auto add_chunks = [=]() {
+  auto add_tasks = [=]() {
     for (int64_t k = 0; k < c; ++k) {
       double total0 = 0.0, total1 = 0.0;
       for (int64_t u = 0; u < tasks; ++u) {
@@ -86,7 +85,19 @@ xla::ffi::Future RunColumnSums(xla::ffi::ThreadPool& pool, int64_t m, int64_t c,
       out1[k] = static_cast<float>(total1);
     }
   };
-  return RunRowTasks(pool, m, c, chunk_sums, add_chunks);
+  return RunTasks(pool, tasks, task_sums, add_tasks);
+}
+
+// Two per-column sums over the rows of an (m, c) array: rows(r0, r1, s0, s1) adds rows [r0, r1)'s sums into
+// its chunk's doubles (RunTaskSums), the rows split as RunRowTasks splits them.
+template <typename Rows>
+xla::ffi::Future RunColumnSums(xla::ffi::ThreadPool& pool, int64_t m, int64_t c, float* out0, float* out1,
+                               Rows rows) {
+  const int64_t tasks = RowTasks(pool, m, c);
+  const int64_t chunk = (m + tasks - 1) / tasks;
+  return RunTaskSums(pool, tasks, c, out0, out1, [=](int64_t t, double* s0, double* s1) {
+    rows(t * chunk, std::min(m, (t + 1) * chunk), s0, s1);
+  });
 }
 
 }  // namespace medjax
