@@ -160,7 +160,7 @@ def run_roofline(args: argparse.Namespace, framework: str) -> dict:
         from medjax.models import native
 
         a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
-        library = "oneMKL" if native.matmul_available() else "XLA"
+        library = "oneMKL" if native.matmul_preferred() else "XLA"
         matmul = jax.jit(native.matmul if library == "oneMKL" else jnp.matmul)
         run = lambda: jax.block_until_ready(matmul(a, b))  # noqa: E731
         return {

@@ -102,6 +102,16 @@ def versions() -> dict[str, str]:
     return found
 
 
+def cpu() -> str:
+    """The CPU's model name and vendor from ``/proc/cpuinfo`` ('' where there is none): which matmul medjax
+    trains with depends on the vendor (``native.matmul_preferred``), so results name the machine's CPU."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+        return f"{fields.get('model name', '?')} ({fields.get('vendor_id', '?')})"
+    return ""
+
+
 def run_record(**extra) -> dict:
     """What any benchmark JSON starts with: when, where, which code and which versions."""
     return {
@@ -110,6 +120,7 @@ def run_record(**extra) -> dict:
         "commit": commit(),
         "host": platform.node(),
         "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu(),
         "versions": versions(),
         **extra,
     }

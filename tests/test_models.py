@@ -506,6 +506,28 @@ def test_matmul_is_native_unless_xla_only(native_impl):
         assert "custom_call" not in loss.lower(a, b).as_text()
 
 
+def test_products_use_onemkl_on_intel_cpus_and_where_forced(monkeypatch):
+    """Dense layers take oneMKL's products on an Intel CPU, XLA's dot on others (where it was the faster),
+    unless ``MEDJAX_MKL=1`` asks for oneMKL; ``MEDJAX_MKL=0`` refuses it everywhere."""
+    if not native.matmul_available():
+        pytest.skip("no native kernels, or no oneMKL")
+    x, w = jnp.ones((8, 4)), jnp.ones((4, 3))
+
+    def native_products(vendor: str, mkl: str | None) -> bool:
+        monkeypatch.setattr(native, "cpu_vendor", lambda: vendor)
+        if mkl is None:
+            monkeypatch.delenv("MEDJAX_MKL", raising=False)
+        else:
+            monkeypatch.setenv("MEDJAX_MKL", mkl)
+        hlo = jax.jit(lambda x, w: layers.matmul(x, w)).lower(x, w).as_text()
+        return native.MATMUL in hlo
+
+    assert native_products("GenuineIntel", None)
+    assert not native_products("AuthenticAMD", None)
+    assert native_products("AuthenticAMD", "1")
+    assert not native_products("GenuineIntel", "0")
+
+
 def test_a_wrong_mkl_path_warns_naming_it_and_falls_back(monkeypatch, tmp_path):
     """``MEDJAX_MKL`` naming a file that is not there: a warning naming the path, and XLA's dot."""
     missing = tmp_path / "libmkl_rt.so.3"
@@ -530,7 +552,7 @@ def test_evaluation_is_native_and_xla_only_traces_none_with_the_same_outputs():
     variables = model.init(jax.random.key(1), x, train=False)
     evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
     native_hlo = evaluate.lower(variables, x).as_text()
-    targets = [native.LAYER_NORM, native.GELU_VALUE] + ([native.MATMUL] if native.matmul_available() else [])
+    targets = [native.LAYER_NORM, native.GELU_VALUE] + ([native.MATMUL] if native.matmul_preferred() else [])
     assert all(target in native_hlo for target in targets)
     native_logits = evaluate(variables, x)
     with native.xla_only():
@@ -624,11 +646,13 @@ def test_conv_equals_nn_conv_with_the_same_parameters(size, kernel, strides, pad
 
 @pytest.fixture(params=["native", "xla"])
 def native_impl(request, monkeypatch):
-    """Runs a test with BatchNorm's sums, LayerNorm and GELU from medjax's native kernels, then from XLA
-    (``MEDJAX_NATIVE=0``)."""
+    """Runs a test with BatchNorm's sums, LayerNorm, GELU and (where oneMKL is installed, on any CPU:
+    ``MEDJAX_MKL=1``) the products from medjax's native kernels, then from XLA (``MEDJAX_NATIVE=0``)."""
     if request.param == "native" and not native.available():
         pytest.skip("no C++ compiler")
-    if request.param == "xla":
+    if request.param == "native":
+        monkeypatch.setenv("MEDJAX_MKL", "1")
+    else:
         monkeypatch.setenv("MEDJAX_NATIVE", "0")
     native._registered.cache_clear()
     yield request.param

@@ -109,11 +109,12 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b`` for 2-D ``a (m, k)`` and ``b (k, n)`` through oneMKL's sgemm, the value and both gradients.
 
-    XLA CPU's dot took 1.1-1.4x oneMKL's time on a ConvNeXt-Tiny block's six MLP products (one side 96-768
-    wide, the other up to 100,352 rows), up to 1.85x on a weight gradient (:func:`native.matmul`). Float32
-    only, and only where oneMKL was found and native kernels may run (:func:`native.matmul_available`;
-    not within :func:`native.xla_only`, which export uses); otherwise XLA computes all three. The gradients
-    have no gradients of their own on the native path: for second-order differentiation set
+    On an Intel Xeon XLA CPU's dot took 1.1-1.4x oneMKL's time on a ConvNeXt-Tiny block's six MLP products
+    (one side 96-768 wide, the other up to 100,352 rows), up to 1.85x on a weight gradient
+    (:func:`native.matmul`); on an AMD EPYC it was the faster. Float32 only, and only where
+    :func:`native.matmul_preferred` says so (oneMKL found, an Intel CPU or ``MEDJAX_MKL=1``, native kernels
+    allowed: not within :func:`native.xla_only`, which export uses); otherwise XLA computes all three.
+    The gradients have no gradients of their own on the native path: for second-order differentiation set
     ``MEDJAX_MKL=0``.
     """
     return checkpoint_name(_matmul(a, b, _native_product(a, b)), MATMUL_NAME)
@@ -125,7 +126,7 @@ def _native_float32(*arrays: jax.Array) -> bool:
 
 
 def _native_product(*arrays: jax.Array) -> bool:
-    return _native_float32(*arrays) and native.matmul_available()
+    return _native_float32(*arrays) and native.matmul_preferred()
 
 
 def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, native_path: bool):
