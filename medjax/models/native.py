@@ -215,8 +215,9 @@ def matmul_preferred() -> bool:
     is available, on an Intel CPU, or on any CPU with ``MEDJAX_MKL=1`` (or a path).
 
     oneMKL picks its kernels by CPU vendor. On an Intel Xeon with AVX-512 it beat XLA's dot by 1.1-1.85x
-    on ConvNeXt-Tiny's products; on an AMD EPYC with AVX-512 XLA's dot was 1.09-1.41x faster on the same
-    shapes and trained ConvNeXt-Tiny 1.10-1.15x faster (README 'Performance')."""
+    on ConvNeXt-Tiny's products; on an AMD EPYC with AVX-512 XLA's dot took 0.86x oneMKL's time summed over
+    the same products (``launch/bench_matmul.py``) and trained ConvNeXt-Tiny 1.10-1.15x faster (README
+    'Performance')."""
     forced = os.environ.get("MEDJAX_MKL", "") not in ("", "0")
     return (forced or cpu_vendor() == "GenuineIntel") and matmul_available()
 
