@@ -46,7 +46,8 @@ MODEL_KWARGS = {
 TORCH_IMPLS = ("eager", "compile")
 # The roofline case: one (n x n) @ (n x n) float32 product, 2 n^3 FLOPs (137 GFLOP), long enough (about a
 # second on 2 cores) for either library to reach its peak. A model step's FLOPs per second against the
-# matmul peak of the library medjax trains with (oneMKL's sgemm where it is installed, else XLA's dot),
+# matmul peak of the library medjax trains with (``native.matmul_preferred``: oneMKL's sgemm on an Intel
+# CPU where it is installed, else XLA's dot),
 # measured in the same round, says how much of the step is left to gain.
 ROOFLINE_N = 4096
 ROOFLINE_CASE = "medjax:matmul:roofline"
@@ -150,8 +151,8 @@ def run_torch(args: argparse.Namespace, name: str, impl: str) -> dict:
 
 def run_roofline(args: argparse.Namespace, framework: str) -> dict:
     """Seconds of each timed ``ROOFLINE_N``-square float32 matmul, in the library ``framework`` trains with
-    (medjax's native oneMKL product where available, else XLA's jitted ``jnp.matmul``; ``torch.mm``) on
-    the case's cores."""
+    (medjax's native oneMKL product where ``native.matmul_preferred``, else XLA's jitted ``jnp.matmul``;
+    ``torch.mm``) on the case's cores."""
     n = ROOFLINE_N
     if framework == "medjax":
         import jax

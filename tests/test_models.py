@@ -587,8 +587,8 @@ print("ok")
 
 
 def test_matmul_falls_back_to_xla_without_onemkl(monkeypatch):
-    """``MEDJAX_MKL=0`` turns the native product off; without the ``mkl`` package medjax says what that
-    costs and the fix, once, and dense layers still train (on XLA's dot)."""
+    """``MEDJAX_MKL=0`` turns the native product off; without the ``mkl`` package on an Intel CPU medjax
+    says what that costs and the fix, once, and dense layers still train (on XLA's dot)."""
     monkeypatch.setenv("MEDJAX_MKL", "0")
     assert not native.matmul_available()
     monkeypatch.delenv("MEDJAX_MKL")
@@ -599,6 +599,7 @@ def test_matmul_falls_back_to_xla_without_onemkl(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", no_package)
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")  # where oneMKL would be chosen
     native._mkl.cache_clear()
     try:
         with pytest.warns(UserWarning, match=r"oneMKL.*not installed.*pip install -r requirements.txt"):
