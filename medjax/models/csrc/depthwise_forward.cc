@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -190,31 +191,45 @@ inline void Sliding(const float* x_img, const float* k, float* y_row, const Geom
   }
 }
 
-// RowChannels<W, 1, ...> for a stride-1 undilated row with KW tap columns: the whole row, edges included, in
-// SlidingTiles of 16, 8, 4 and 1 outputs.
+// A whole stride-1 undilated row with KW tap columns, every channel (C a multiple of W), edges included:
+// SlidingTiles of 16, 8, 4 and 1 outputs, each for all channels before the next tile.
 template <int W, int KW>
-void SlidingRowChannels(const float* x_img, const float* k, float* y_row, const Geometry& s, const Tap* rows,
-                        int64_t n_rows, const Phase& ph, int64_t c0) {
+void SlidingRow(const float* x_img, const float* k, float* y_row, const Geometry& s, const Tap* rows,
+                int64_t n_rows, const Phase& ph, const float* ahead) {
+  const auto tiles = [&](auto cols, int64_t m) {
+    for (int64_t c0 = 0; c0 < s.c; c0 += W) {
+      Sliding<W, KW, cols.value>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
+      if (ahead != nullptr) {
+        for (int o = 0; o < cols.value; ++o) __builtin_prefetch(ahead + (m + o) * s.c + c0);
+      }
+    }
+  };
+  // A 3-wide kernel's edge outputs (one per side) go one at a time, so that the tiles between never check
+  // for padding (a checked 16-column tile spent as long as two unchecked ones); wider kernels have several
+  // edge outputs per side, and a single-column tile reloads all KW kernel vectors for each.
+  const int64_t lo = KW <= 3 ? ph.inner_lo : 0, hi = KW <= 3 ? ph.inner_hi : ph.count;
   int64_t m = 0;
-  for (; m + 16 <= ph.count; m += 16) Sliding<W, KW, 16>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
-  for (; m + 8 <= ph.count; m += 8) Sliding<W, KW, 8>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
-  for (; m + 4 <= ph.count; m += 4) Sliding<W, KW, 4>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
-  for (; m < ph.count; ++m) Sliding<W, KW, 1>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
+  for (; m < lo; ++m) tiles(std::integral_constant<int, 1>{}, m);
+  for (; m + 16 <= hi; m += 16) tiles(std::integral_constant<int, 16>{}, m);
+  for (; m + 8 <= hi; m += 8) tiles(std::integral_constant<int, 8>{}, m);
+  for (; m + 4 <= hi; m += 4) tiles(std::integral_constant<int, 4>{}, m);
+  for (; m < ph.count; ++m) tiles(std::integral_constant<int, 1>{}, m);
 }
 
 using RowKernel = void (*)(const float*, const float*, float*, const Geometry&, const Tap*, int64_t, const Phase&,
-                           int64_t);
+                           const float*);
 
-// The sliding kernel for this geometry's 16-channel vectors, or nullptr where it does not apply: strides,
-// dilations and input dilations of 1 along the width, and a kernel 5 or 7 wide (ConvNeXt-Tiny's 7x7
-// forward, and its input gradient, took 34 ms per step against 50 tap by tap; 3x3 kernels, bound by memory
-// in MobileNetV2, measured no faster). Only with AVX-512's 32 registers, which hold a tile's accumulators and
-// kernel vectors.
+// The sliding kernel for this geometry, or nullptr where it does not apply: strides, dilations and input
+// dilations of 1 along the width, a kernel 3, 5 or 7 wide, and channels in 16-float vectors. ConvNeXt-Tiny's
+// 7x7 forward and input gradient took 34 ms per step against 50 tap by tap; MobileNetV2's 3x3 forward at
+// 14x14x576, batch 32, 1.8-2.0 ms against 5.1-5.3 (its single-column edge tiles were much of the row).
+// Only with AVX-512's 32 registers, which hold a tile's accumulators and kernel vectors.
 RowKernel SlidingKernel(const Geometry& s) {
 #if defined(__AVX512F__)
-  if (s.sw == 1 && s.dw == 1 && s.ew == 1) {
-    if (s.kw == 7) return SlidingRowChannels<16, 7>;
-    if (s.kw == 5) return SlidingRowChannels<16, 5>;
+  if (s.sw == 1 && s.dw == 1 && s.ew == 1 && s.c % 16 == 0) {
+    if (s.kw == 7) return SlidingRow<16, 7>;
+    if (s.kw == 5) return SlidingRow<16, 5>;
+    if (s.kw == 3) return SlidingRow<16, 3>;
   }
 #endif
   return nullptr;
@@ -272,10 +287,14 @@ void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, co
       x_img = normalized->data();
     }
     for (const Phase& ph : phases) {
-      int64_t c0 = 0;
       if (sliding != nullptr) {
-        for (; c0 + 16 <= s.c; c0 += 16) sliding(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
+        // The input row the next output row reads first (the last tap row, one row down).
+        const bool ahead = !normalized && n_rows > 0 && rows[n_rows - 1].source + s.sh < s.h;
+        sliding(x_img, k, y_row, s, rows.data(), n_rows, ph,
+                ahead ? x_img + (rows[n_rows - 1].source + s.sh) * s.w * s.c : nullptr);
+        continue;
       }
+      int64_t c0 = 0;
       for (; c0 + 32 <= s.c; c0 += 32) RowChannels<16, 2, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
       for (; c0 + 16 <= s.c; c0 += 16) RowChannels<16, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
       for (; c0 + 8 <= s.c; c0 += 8) RowChannels<8, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
