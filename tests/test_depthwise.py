@@ -157,9 +157,11 @@ def test_unknown_impl_raises():
     # A 2x2 map under a 7x7 kernel (ConvNeXt's last stage at 64 px) has no interior column at all.
     # Stride 1 and dilation 1 over whole 16-channel vectors take the sliding tiles: width 37 is two
     # 16-column tiles, a 4-column and a single one; 48 channels give the kernel gradient's two threads a
-    # pair of vectors and a single one.
+    # pair of vectors and a single one. A 3x3 kernel's edge columns are tiles of their own: at width 37 one
+    # per side, and the 35 between are two 16-column tiles and three single ones.
     [
         ((9, 37), 48, 7, 1, 1),
+        ((6, 37), 32, 3, 1, 1),
         ((17, 15), 16, 3, 1, 1),
         ((17, 15), 83, 3, 2, 1),
         ((17, 15), 91, 7, 1, 3),
