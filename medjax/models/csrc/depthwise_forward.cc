@@ -191,13 +191,15 @@ inline void Sliding(const float* x_img, const float* k, float* y_row, const Geom
   }
 }
 
-// A whole stride-1 undilated row with KW tap columns, every channel (C a multiple of W), edges included:
-// SlidingTiles of 16, 8, 4 and 1 outputs, each for all channels before the next tile.
+// A whole stride-1 undilated row with KW tap columns, edges included, for the channels in whole W-float
+// vectors (the rest is RowChannels'): SlidingTiles of 16, 8, 4 and 1 outputs, each for all of those channels
+// before the next tile. ahead, when not null, is the input row the next output row reads first; each tile
+// prefetches its columns.
 template <int W, int KW>
 void SlidingRow(const float* x_img, const float* k, float* y_row, const Geometry& s, const Tap* rows,
                 int64_t n_rows, const Phase& ph, const float* ahead) {
   const auto tiles = [&](auto cols, int64_t m) {
-    for (int64_t c0 = 0; c0 < s.c; c0 += W) {
+    for (int64_t c0 = 0; c0 + W <= s.c; c0 += W) {
       Sliding<W, KW, cols.value>(x_img, k, y_row, s, rows, n_rows, ph, m, c0);
       if (ahead != nullptr) {
         for (int o = 0; o < cols.value; ++o) __builtin_prefetch(ahead + (m + o) * s.c + c0);
@@ -220,13 +222,13 @@ using RowKernel = void (*)(const float*, const float*, float*, const Geometry&, 
                            const float*);
 
 // The sliding kernel for this geometry, or nullptr where it does not apply: strides, dilations and input
-// dilations of 1 along the width, a kernel 3, 5 or 7 wide, and channels in 16-float vectors. ConvNeXt-Tiny's
-// 7x7 forward and input gradient took 34 ms per step against 50 tap by tap; MobileNetV2's 3x3 forward at
-// 14x14x576, batch 32, 1.8-2.0 ms against 5.1-5.3 (its single-column edge tiles were much of the row).
-// Only with AVX-512's 32 registers, which hold a tile's accumulators and kernel vectors.
+// dilations of 1 along the width and a kernel 3, 5 or 7 wide; it computes the channels in 16-float vectors.
+// ConvNeXt-Tiny's 7x7 forward and input gradient took 34 ms per step against 50 tap by tap; MobileNetV2's
+// 3x3 forward at 14x14x576, batch 32, 1.8-2.0 ms against 5.1-5.3 (its single-column edge tiles were much of
+// the row). Only with AVX-512's 32 registers, which hold a tile's accumulators and kernel vectors.
 RowKernel SlidingKernel(const Geometry& s) {
 #if defined(__AVX512F__)
-  if (s.sw == 1 && s.dw == 1 && s.ew == 1 && s.c % 16 == 0) {
+  if (s.sw == 1 && s.dw == 1 && s.ew == 1) {
     if (s.kw == 7) return SlidingRow<16, 7>;
     if (s.kw == 5) return SlidingRow<16, 5>;
     if (s.kw == 3) return SlidingRow<16, 3>;
@@ -286,15 +288,16 @@ void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, co
       for (int64_t i = 0; i < n_rows; ++i) rows[i].source = normalized->Slot(n, rows[i].source);
       x_img = normalized->data();
     }
+    // The input row the next output row reads first: its last tap row, one stride down (not from the
+    // normalized cache, which holds only the rows in use).
+    const bool has_ahead = !normalized && n_rows > 0 && rows[n_rows - 1].source + s.sh < s.h;
+    const float* ahead = has_ahead ? x_img + (rows[n_rows - 1].source + s.sh) * s.w * s.c : nullptr;
     for (const Phase& ph : phases) {
-      if (sliding != nullptr) {
-        // The input row the next output row reads first (the last tap row, one row down).
-        const bool ahead = !normalized && n_rows > 0 && rows[n_rows - 1].source + s.sh < s.h;
-        sliding(x_img, k, y_row, s, rows.data(), n_rows, ph,
-                ahead ? x_img + (rows[n_rows - 1].source + s.sh) * s.w * s.c : nullptr);
-        continue;
-      }
       int64_t c0 = 0;
+      if (sliding != nullptr) {
+        sliding(x_img, k, y_row, s, rows.data(), n_rows, ph, ahead);
+        c0 = s.c / 16 * 16;
+      }
       for (; c0 + 32 <= s.c; c0 += 32) RowChannels<16, 2, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
       for (; c0 + 16 <= s.c; c0 += 16) RowChannels<16, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
       for (; c0 + 8 <= s.c; c0 += 8) RowChannels<8, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
