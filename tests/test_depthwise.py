@@ -151,14 +151,15 @@ def test_unknown_impl_raises():
 @pytest.mark.parametrize(
     ("hw", "channels", "k", "stride", "dil"),
     # Channels: 83 is, for the kernel gradient, a 4-vector tile, a single vector and 3 scalar channels, and
-    # for the forward two 32-channel tiles, a 16-vector and 3 scalars; 91 adds the forward's 8-vector; 200
-    # splits into chunks on two threads. Width 15 holds a full 8-column tile of the forward's interior.
+    # for the forward two 32-channel tiles, a 16-vector and 3 scalars; 91 adds the forward's 8-vector; at
+    # 200 the rows split into a chunk per thread (two, the second starting inside an image). Width 15
+    # holds a full 8-column tile of the forward's interior.
     # 13 is wider than the kernel gradient's compiled widths (up to 11): one tap column at a time.
     # A 2x2 map under a 7x7 kernel (ConvNeXt's last stage at 64 px) has no interior column at all.
     # Stride 1 and dilation 1 over whole 16-channel vectors take the sliding tiles: width 37 is two
-    # 16-column tiles, a 4-column and a single one; 48 channels give the kernel gradient's two threads a
-    # pair of vectors and a single one. A 3x3 kernel's edge columns are tiles of their own: at width 37 one
-    # per side, and the 35 between are two 16-column tiles and three single ones.
+    # 16-column tiles, a 4-column and a single one; 48 channels are, for the kernel gradient's sliding
+    # rows, a pair of vectors and a single one. A 3x3 kernel's edge columns are tiles of their own: at
+    # width 37 one per side, and the 35 between are two 16-column tiles and three single ones.
     [
         ((9, 37), 48, 7, 1, 1),
         ((6, 37), 32, 3, 1, 1),
@@ -195,15 +196,25 @@ def test_native_sliding_tiles_at_uneven_edges(padding):
 
 
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler")
-@pytest.mark.parametrize(("k", "stride", "padding"), [(3, 2, ((1, 1), (1, 1))), (7, 1, ((3, 3), (3, 3)))])
-def test_native_normalized_kernels_equal_xla_on_the_normalized_map(k, stride, padding):
+@pytest.mark.parametrize(
+    ("shape", "k", "stride", "padding"),
+    # (3, 30, 30, 64) is large enough for a chunk of rows per thread (on two, the second starting inside the
+    # second image), each with its own normalized rows and sums.
+    [
+        ((2, 10, 13, 37), 3, 2, ((1, 1), (1, 1))),
+        ((2, 10, 13, 37), 7, 1, ((3, 3), (3, 3))),
+        ((3, 30, 30, 64), 3, 1, ((1, 1), (1, 1))),
+    ],
+)
+def test_native_normalized_kernels_equal_xla_on_the_normalized_map(shape, k, stride, padding):
     """The normalized forward and kernel gradient are XLA's convolution and kernel gradient of
     ``clip((x - mean) * mul + bias, 0, 6)``; a NaN in ``x`` reaches the outputs that read it, as it does
     through XLA's clamp (a diverged run must not look finite)."""
     keys = jax.random.split(jax.random.key(10), 6)
-    x = 3.0 * jax.random.normal(keys[0], (2, 10, 13, 37))
-    mean, mul, bias = jax.random.normal(keys[1], (3, 37))
-    kernel = jax.random.normal(keys[2], (k, k, 1, 37))
+    channels = shape[-1]
+    x = 3.0 * jax.random.normal(keys[0], shape)
+    mean, mul, bias = jax.random.normal(keys[1], (3, channels))
+    kernel = jax.random.normal(keys[2], (k, k, 1, channels))
     conv = dict(strides=(stride, stride), padding=padding)
     normalized = jnp.clip((x - mean) * mul + bias, 0.0, 6.0)
     y = depthwise_conv2d(normalized, kernel, impl="xla", **conv)
