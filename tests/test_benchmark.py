@@ -113,6 +113,28 @@ def test_ab_overrides_take_literals_and_strings():
     assert (config.train.remat, config.data.batch_size) == ("block", 8)
 
 
+def test_ab_switch_summary_is_ref_over_new_per_pair():
+    pairs = [
+        {"ref": 2.0, "new": 1.0},
+        {"ref": 3.0, "new": 2.0},
+        {"ref": 1.0, "new": 1.0},
+        {"ref": 1.2, "new": 1.0},
+    ]
+    summary = ab_step.switch_summary(pairs)
+    assert summary["step_s"] == {"ref": 1.6, "new": 1.0}
+    # Ratios 2.0, 1.5, 1.0, 1.2: median 1.35; quartiles by the 'exclusive' method, 1.05 and 1.875.
+    assert summary["ref_over_new"] == pytest.approx({"median": 1.35, "q1": 1.05, "q3": 1.875})
+
+
+def test_ab_switch_names_a_module_constant():
+    module, name, value = ab_step._switch("medjax.models.native.MAX_FORWARD_KERNEL_WIDTH=3")
+    assert (module.__name__, name, value) == ("medjax.models.native", "MAX_FORWARD_KERNEL_WIDTH", 3)
+    with pytest.raises(SystemExit, match="has no 'NOPE'"):
+        ab_step._switch("medjax.models.native.NOPE=0")
+    with pytest.raises(SystemExit, match="cannot import"):
+        ab_step._switch("medjax.nowhere.X=1")
+
+
 def _rate(median: float, low: float, high: float) -> dict[str, float]:
     return {"median": median, "min": low, "max": high}
 
