@@ -7,7 +7,7 @@
 // XLA CPU can only express this as one small fusion per tap per output row, each a separately dispatched
 // thunk that re-reads its accumulator (medjax/models/depthwise.py); here each 16-channel accumulator
 // stays in a vector register along an output row. Output rows are split across XLA's intra-op thread pool,
-// each chunk's sums added at the end (medjax::RunTasks, tasks.h).
+// each chunk's sums added at the end (medjax::RunRowTasks, tasks.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -234,7 +234,7 @@ void AccumulateRows(const float* x, const float* g, const Geometry& s, const med
   }
 }
 
-// Output rows in contiguous chunks, one per thread (medjax::RowTasks), each summed into its own
+// Output rows in contiguous chunks, one per thread (medjax::RunRowTasks), each summed into its own
 // accumulators; the last task to finish adds the chunks' sums in chunk order, so the result does not depend
 // on scheduling. Why rows, not channels: each thread then streams whole rows of x and g, as the forward
 // kernel does. Split by channels, both threads read a part of every column: MobileNetV2's 3x3 kernel
@@ -243,13 +243,12 @@ void AccumulateRows(const float* x, const float* g, const Geometry& s, const med
 ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* g_data, float* dk_data, float* db_data,
                 const Geometry& s, std::optional<medjax::Normalization> norm) {
   const int64_t rows = s.n * s.ho, size = s.kh * s.kw * s.c;
-  const int64_t tasks = medjax::RowTasks(pool, rows, s.wo * s.c);
-  const int64_t chunk = (rows + tasks - 1) / tasks;
+  const int64_t tasks = medjax::RowTasks(pool, rows, s.wo * s.c);  // RunRowTasks' split, below
   auto acc = std::make_shared<std::vector<float>>(tasks * size, 0.0f);
   auto bias_sums = std::make_shared<std::vector<double>>(db_data != nullptr ? tasks * s.c : 0, 0.0);
-  auto task_sums = [=](int64_t t) {
-    AccumulateRows(x_data, g_data, s, norm ? &*norm : nullptr, t * chunk, std::min(rows, (t + 1) * chunk),
-                   acc->data() + t * size, db_data != nullptr ? bias_sums->data() + t * s.c : nullptr);
+  auto task_sums = [=](int64_t t, int64_t r0, int64_t r1) {
+    AccumulateRows(x_data, g_data, s, norm ? &*norm : nullptr, r0, r1, acc->data() + t * size,
+                   db_data != nullptr ? bias_sums->data() + t * s.c : nullptr);
   };
   auto add_tasks = [=]() {
     for (int64_t k = 0; k < size; ++k) {
@@ -264,7 +263,7 @@ ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* g_data,
       db_data[k] = static_cast<float>(total);
     }
   };
-  return medjax::RunTasks(pool, tasks, task_sums, add_tasks);
+  return medjax::RunRowTasks(pool, rows, s.wo * s.c, task_sums, add_tasks);
 }
 
 Geometry MakeGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& g, int64_t kh, int64_t kw,
