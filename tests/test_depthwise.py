@@ -253,6 +253,38 @@ def test_native_input_gradient_with_clamped_sums_equals_the_two_calls():
     assert float(jnp.mean(jnp.abs(sg))) > 0 and not np.allclose(sg, jnp.sum(y_ref, axis=(0, 1, 2)))  # masked
 
 
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler")
+@pytest.mark.parametrize(("shape", "channels"), [((2, 13, 13), 37), ((3, 20, 20), 64)])
+def test_native_streamed_outputs_equal_the_stored_ones(monkeypatch, shape, channels):
+    """Rows written through the row buffer with streaming stores (``native.STREAM_OUTPUT_BYTES``, set for
+    large outputs) are the rows stored directly, bit for bit: the forward with and without bias, the
+    normalized forward and the input gradient with its clamped sums. 13 columns of 37 channels start most
+    rows off the streaming stores' alignment; 20 rows of 64 channels split into a chunk per thread."""
+    keys = jax.random.split(jax.random.key(14), 5)
+    x = 3.0 * jax.random.normal(keys[0], (*shape, channels))
+    kernel = jax.random.normal(keys[1], (3, 3, 1, channels))
+    mean, mul, bias = jax.random.normal(keys[2], (3, channels))
+    gh, gw = shape[1] // 2, shape[2] // 2
+    g = jax.random.normal(keys[3], (shape[0], gh, gw, channels))
+    bn_input = x[:, : 2 * gh, : 2 * gw]  # Shaped as g's input gradient through a 3x3, stride 2.
+    same, tf = ((1, 1), (1, 1)), ((1, 2), (1, 2))
+
+    def outputs():
+        return (
+            native.depthwise_forward(x, kernel, (2, 2), same, (1, 1)),
+            native.depthwise_forward(x, kernel, (1, 1), same, (1, 1), bias=bias),
+            native.normalized_depthwise_forward(x, mean, mul, bias, kernel, (1, 1), same, 0.0, 6.0),
+            *native.depthwise_forward_clamped_sums(g, kernel, tf, (2, 2), bn_input, mean, mul, bias, 0, 6),
+        )
+
+    monkeypatch.setattr(native, "STREAM_OUTPUT_BYTES", 1 << 62)
+    stored = outputs()
+    monkeypatch.setattr(native, "STREAM_OUTPUT_BYTES", 0)
+    names = ("forward", "with bias", "normalized", "input grad", "sg", "sgx")
+    for name, a, b in zip(names, outputs(), stored, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_fast_is_native_when_it_builds_else_the_loop(monkeypatch):
     x = jax.random.normal(jax.random.key(6), (2, 6, 6, 4))
     kernel = jax.random.normal(jax.random.key(7), (3, 3, 1, 4))

@@ -15,7 +15,9 @@
 // kernel vectors are loaded once per tile, and taps that land in the padding or between dilated elements
 // are skipped. Output columns are taken in ew phases (ow = q + ew*m), within which the same taps are
 // valid and consecutive outputs read consecutive input columns. Output rows (n, oh) are split across XLA's
-// intra-op thread pool (medjax::RunTasks, tasks.h).
+// intra-op thread pool (medjax::RunTasks, tasks.h). With the `stream` attribute (native.py sets it for
+// outputs larger than the last-level cache) each row is computed into a per-task buffer and then written
+// with streaming stores (medjax::StreamCopy, simd.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -40,6 +42,7 @@ using medjax::Vec;
 struct Geometry {
   int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, dh, dw, pt, pl, eh, ew;
   const float* bias;  // Where each channel's sum starts: the layer's bias (C floats), or nullptr for zero.
+  bool stream;        // Rows go to y through a row buffer and streaming stores.
 };
 
 // The starting value of the sums of channels [c0, c0 + W): the bias, or zero.
@@ -273,6 +276,7 @@ void AddClampedRow(const float* __restrict g_row, const float* __restrict x_row,
 void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, const medjax::Normalization* norm,
                  const ClampedRowSums* sums, int64_t r0, int64_t r1) {
   std::vector<float> row_sums(sums != nullptr ? 2 * s.c : 0);
+  std::vector<float> row_buffer(s.stream ? s.wo * s.c : 0);
   std::vector<Phase> phases;
   for (int64_t q = 0; q < std::min(s.ew, s.wo); ++q) phases.push_back(MakePhase(s, q));
   std::vector<Tap> rows(s.kh);
@@ -282,7 +286,7 @@ void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, co
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / s.ho, oh = r % s.ho;
     const float* x_img = x + n * s.h * s.w * s.c;
-    float* y_row = y + r * s.wo * s.c;
+    float* y_row = s.stream ? row_buffer.data() : y + r * s.wo * s.c;
     const int64_t n_rows = RowTaps(s, oh, rows.data());
     if (normalized) {
       for (int64_t i = 0; i < n_rows; ++i) rows[i].source = normalized->Slot(n, rows[i].source);
@@ -307,7 +311,9 @@ void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, co
       AddClampedRow(y_row, sums->bn_input + r * s.wo * s.c, s.wo, s.c, *sums, row_sums.data(),
                     row_sums.data() + s.c);
     }
+    if (s.stream) medjax::StreamCopy(y_row, y + r * s.wo * s.c, s.wo * s.c);
   }
+  if (s.stream) medjax::StreamFence();
 }
 
 // Output rows in contiguous chunks, one per thread: (tasks, rows per task).
@@ -331,25 +337,26 @@ ffi::Future Run(ffi::ThreadPool& pool, const float* x_data, const float* k_data,
 
 Geometry MakeGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& k,
                       ffi::ResultBuffer<ffi::F32>& y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
-                      int64_t pl, int64_t eh, int64_t ew, const float* bias) {
+                      int64_t pl, int64_t eh, int64_t ew, const float* bias, int64_t stream) {
   auto xd = x.dimensions();
   auto kd = k.dimensions();
   auto yd = y->dimensions();
-  return Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, dh, dw, pt, pl, eh, ew, bias};
+  return Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, dh, dw, pt, pl, eh, ew, bias,
+                  stream != 0};
 }
 
 ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                     ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
-                    int64_t pl, int64_t eh, int64_t ew) {
-  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, eh, ew, nullptr);
+                    int64_t pl, int64_t eh, int64_t ew, int64_t stream) {
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, eh, ew, nullptr, stream);
   return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, std::nullopt);
 }
 
 // The forward pass with the layer's bias as the sums' starting value: no pass of its own to add it.
 ffi::Future ForwardWithBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
-                            int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
-  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, 1, 1, bias.typed_data());
+                            int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t stream) {
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, dh, dw, pt, pl, 1, 1, bias.typed_data(), stream);
   return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, std::nullopt);
 }
 
@@ -358,8 +365,8 @@ ffi::Future ForwardWithBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 ffi::Future NormalizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
                               ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> k,
                               ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                              float lo, float hi) {
-  const Geometry s = MakeGeometry(x, k, y, sh, sw, 1, 1, pt, pl, 1, 1, nullptr);
+                              float lo, float hi, int64_t stream) {
+  const Geometry s = MakeGeometry(x, k, y, sh, sw, 1, 1, pt, pl, 1, 1, nullptr, stream);
   const medjax::Normalization norm{mean.typed_data(), mul.typed_data(), bias.typed_data(), lo, hi};
   return Run(pool, x.typed_data(), k.typed_data(), y->typed_data(), s, norm);
 }
@@ -372,8 +379,8 @@ ffi::Future InputGradClampedSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
                                  ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
                                  ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> sg,
                                  ffi::ResultBuffer<ffi::F32> sgx, int64_t pt, int64_t pl, int64_t eh, int64_t ew,
-                                 float lo, float hi) {
-  const Geometry s = MakeGeometry(x, k, y, 1, 1, 1, 1, pt, pl, eh, ew, nullptr);
+                                 float lo, float hi, int64_t stream) {
+  const Geometry s = MakeGeometry(x, k, y, 1, 1, 1, 1, pt, pl, eh, ew, nullptr, stream);
   const auto [tasks, chunk] = Chunks(pool, s);
   const int64_t rows = s.n * s.ho;
   const float* x_data = x.typed_data();
@@ -404,7 +411,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseForward, Forward,
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("eh")
-                                  .Attr<int64_t>("ew"));
+                                  .Attr<int64_t>("ew")
+                                  .Attr<int64_t>("stream"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxNormalizedDepthwiseForward, NormalizedForward,
                               ffi::Ffi::Bind()
@@ -420,7 +428,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxNormalizedDepthwiseForward, NormalizedForwar
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl")
                                   .Attr<float>("lo")
-                                  .Attr<float>("hi"));
+                                  .Attr<float>("hi")
+                                  .Attr<int64_t>("stream"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseForwardWithBias, ForwardWithBias,
                               ffi::Ffi::Bind()
@@ -434,7 +443,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseForwardWithBias, ForwardWithBias,
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("stream"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseInputGradClampedSums, InputGradClampedSums,
                               ffi::Ffi::Bind()
@@ -453,4 +463,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxDepthwiseInputGradClampedSums, InputGradClam
                                   .Attr<int64_t>("eh")
                                   .Attr<int64_t>("ew")
                                   .Attr<float>("lo")
-                                  .Attr<float>("hi"));
+                                  .Attr<float>("hi")
+                                  .Attr<int64_t>("stream"));

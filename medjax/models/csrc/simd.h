@@ -3,8 +3,13 @@
 // so one source serves every x86-64 and ARM machine.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace medjax {
 
@@ -33,6 +38,37 @@ inline Vec<W> Load(const float* p) {
 template <int W>
 inline void Store(float* p, const Vec<W>& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// Copies n floats to dst with non-temporal (streaming) stores, which write whole cache lines to memory
+// without first reading them in; the part of dst not aligned for them is copied as usual. Why: a kernel
+// whose output is larger than the last-level cache spends much of its time on those reads (a store to a
+// line not in cache reads the line first); streaming MobileNetV2's widest depthwise input gradient from a
+// row buffer took 1.4x less time. Call StreamFence before another thread may read dst.
+inline void StreamCopy(const float* __restrict src, float* __restrict dst, int64_t n) {
+#if defined(__AVX512F__)
+  constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+  constexpr int64_t kLanes = 8;
+#else
+  constexpr int64_t kLanes = 1;
+#endif
+  const int64_t misaligned = (reinterpret_cast<uintptr_t>(dst) / sizeof(float)) % kLanes;
+  int64_t i = std::min(n, misaligned == 0 ? int64_t{0} : kLanes - misaligned);
+  std::copy(src, src + i, dst);
+#if defined(__AVX512F__)
+  for (; i + kLanes <= n; i += kLanes) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#elif defined(__AVX__)
+  for (; i + kLanes <= n; i += kLanes) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+  std::copy(src + i, src + n, dst + i);
+}
+
+// Orders this thread's streaming stores before its later stores (such as the signal that its task is done).
+inline void StreamFence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace medjax
