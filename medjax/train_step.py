@@ -141,7 +141,7 @@ def train_step(
     step_metrics = {
         "loss": total,
         **task.step_metrics(logits, batch),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         **{f"loss_{name}": value for name, value in terms.items()},
     }
     return new_state, step_metrics

@@ -76,7 +76,8 @@ def decode_image(
     shown = printable(path)
     _check_channels(channels)
     try:
-        head = path.open("rb").read(132)
+        with path.open("rb") as file:
+            head = file.read(132)
     except OSError as e:
         raise ImageDecodeError(f"{shown}: cannot read file ({e})") from e
     if not head:
