@@ -251,12 +251,19 @@ struct ClampedRowSums {
 };
 
 // Adds one output row's clamped sums (its wo columns) into sums, in float over the row, then in double.
-void AddClampedRow(const float* __restrict g_row, const float* __restrict x_row, int64_t wo, int64_t c,
-                   const ClampedRowSums& sums, float* __restrict row_g, float* __restrict row_gx) {
+// Column by column it prefetches the same column of next_row (the BatchNorm input of the row after, or
+// nullptr), which the next call reads after the convolution of its row: left to the hardware, those reads
+// started only then (MobileNetV2's input gradients with these sums took 1.19x as long, interleaved).
+void AddClampedRow(const float* __restrict g_row, const float* __restrict x_row, const float* next_row,
+                   int64_t wo, int64_t c, const ClampedRowSums& sums, float* __restrict row_g,
+                   float* __restrict row_gx) {
   const medjax::Normalization norm = sums.norm;  // A local copy: its fields stay in registers.
   std::fill(row_g, row_g + c, 0.0f);
   std::fill(row_gx, row_gx + c, 0.0f);
   for (int64_t w = 0; w < wo; ++w, g_row += c, x_row += c) {
+    if (next_row != nullptr) {
+      for (int64_t k = 0; k < c; k += 64 / sizeof(float)) __builtin_prefetch(next_row + w * c + k, 0, 2);
+    }
     for (int64_t k = 0; k < c; ++k) {
       const float gm = norm.Masked(g_row[k], x_row[k], k);
       row_g[k] += gm;
@@ -308,8 +315,9 @@ void ForwardRows(const float* x, const float* k, float* y, const Geometry& s, co
       for (; c0 < s.c; ++c0) RowChannels<1, 1, 8>(x_img, k, y_row, s, rows.data(), n_rows, ph, c0);
     }
     if (sums != nullptr) {
-      AddClampedRow(y_row, sums->bn_input + r * s.wo * s.c, s.wo, s.c, *sums, row_sums.data(),
-                    row_sums.data() + s.c);
+      const float* bn_row = sums->bn_input + r * s.wo * s.c;
+      const float* next_row = r + 1 < s.n * s.ho ? bn_row + s.wo * s.c : nullptr;
+      AddClampedRow(y_row, bn_row, next_row, s.wo, s.c, *sums, row_sums.data(), row_sums.data() + s.c);
     }
     if (s.stream) medjax::StreamCopy(y_row, y + r * s.wo * s.c, s.wo * s.c);
   }
