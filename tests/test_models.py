@@ -645,6 +645,22 @@ def test_conv_equals_nn_conv_with_the_same_parameters(size, kernel, strides, pad
     chex.assert_trees_all_close(ours_grads, flax_grads, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler")
+@pytest.mark.parametrize(
+    ("shape", "kernel", "strides"), [((2, 11, 13, 3), (3, 3), (2, 2)), ((3, 9, 8, 5), (3, 2), (1, 2))]
+)
+def test_native_patches_equal_xla_and_differentiate_as_its_transpose(shape, kernel, strides):
+    """Non-tiling patches (MobileNetV2's stem) come from the native kernel, bit for bit XLA's slices and
+    concatenation, and their input gradient is XLA's transpose of those."""
+    x = jax.random.normal(jax.random.key(4), shape)
+    ours = functools.partial(layers._patches, kernel_size=kernel, strides=strides)
+    xla = functools.partial(layers._patches_xla, kernel_size=kernel, strides=strides)
+    assert native.PATCHES in str(jax.make_jaxpr(ours)(x))
+    np.testing.assert_array_equal(ours(x), xla(x))
+    g = jax.random.normal(jax.random.key(5), xla(x).shape)
+    np.testing.assert_allclose(jax.vjp(ours, x)[1](g)[0], jax.vjp(xla, x)[1](g)[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture(params=["native", "xla"])
 def native_impl(request, monkeypatch):
     """Runs a test with BatchNorm's sums, LayerNorm, GELU and (where oneMKL is installed, on any CPU:

@@ -216,8 +216,16 @@ def _patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int
     ordered (row, column, channel) like a flattened ``(kh, kw, C, F)`` kernel.
 
     When the kernel tiles the image (kernel = stride: patchify stems, ConvNeXt/MedNeXt downsampling) this
-    is a reshape and a transpose; otherwise one strided slice per tap, concatenated.
+    is a reshape and a transpose; otherwise the native kernel (:func:`native.patches`) where it runs, else
+    one strided slice per tap, concatenated.
     """
+    (kh, kw), (sh, sw) = kernel_size, strides
+    if (kh, kw) != (sh, sw) and _native_float32(x):
+        return _native_patches(x, tuple(kernel_size), tuple(strides), x.shape)
+    return _patches_xla(x, kernel_size, strides)
+
+
+def _patches_xla(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
     (kh, kw), (sh, sw) = kernel_size, strides
     n, h, w, c = x.shape
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
@@ -229,6 +237,29 @@ def _patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int
     rows, cols = (ho - 1) * sh + 1, (wo - 1) * sw + 1
     taps = [x[:, i : i + rows : sh, j : j + cols : sw] for i in range(kh) for j in range(kw)]
     return jnp.concatenate(taps, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _native_patches(x, kernel_size, strides, shape):
+    """:func:`native.patches`, differentiated as XLA's :func:`_patches_xla` (the patches are linear in
+    ``x``: the input gradient is their transpose; ``shape`` is ``x``'s, which the transpose needs). The
+    native kernel is the forward only: MobileNetV2's stem, where it saves most, reads the image, which
+    needs no gradient."""
+    return native.patches(x, kernel_size, strides)
+
+
+def _native_patches_fwd(x, kernel_size, strides, shape):
+    return native.patches(x, kernel_size, strides), None
+
+
+def _native_patches_bwd(kernel_size, strides, shape, _, g):
+    transpose = jax.linear_transpose(
+        lambda v: _patches_xla(v, kernel_size, strides), jax.ShapeDtypeStruct(shape, jnp.float32)
+    )
+    return transpose(g)
+
+
+_native_patches.defvjp(_native_patches_fwd, _native_patches_bwd)
 
 
 class Conv(nn.Module):

@@ -51,7 +51,15 @@ from medjax.errors import MedjaxError
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(
     CSRC / f"{name}.cc"
-    for name in ("depthwise_forward", "depthwise_kernel_grad", "channel_sums", "layer_norm", "gelu", "matmul")
+    for name in (
+        "depthwise_forward",
+        "depthwise_kernel_grad",
+        "channel_sums",
+        "layer_norm",
+        "gelu",
+        "matmul",
+        "patches",
+    )
 )
 HEADERS = (CSRC / "simd.h", CSRC / "tasks.h", CSRC / "normalized_rows.h")
 FORWARD = "medjax_depthwise_forward"
@@ -68,6 +76,7 @@ LAYER_NORM_BACKWARD = "medjax_layer_norm_backward"
 GELU = "medjax_gelu"
 GELU_VALUE = "medjax_gelu_value"
 MATMUL = "medjax_matmul"
+PATCHES = "medjax_patches"
 _SYMBOLS = {
     FORWARD: "MedjaxDepthwiseForward",
     KERNEL_GRAD: "MedjaxDepthwiseKernelGrad",
@@ -82,6 +91,7 @@ _SYMBOLS = {
     LAYER_NORM_BACKWARD: "MedjaxLayerNormBackward",
     GELU: "MedjaxGelu",
     GELU_VALUE: "MedjaxGeluValue",
+    PATCHES: "MedjaxPatches",
     MATMUL: "MedjaxMatmul",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
@@ -520,6 +530,20 @@ def gelu_value(x: jax.Array, bias: jax.Array) -> jax.Array:
     (evaluation)."""
     rows, bias = _gelu_rows(x, bias)
     return _call(GELU_VALUE, jax.ShapeDtypeStruct(rows.shape, jnp.float32), rows, bias).reshape(x.shape)
+
+
+def patches(x: jax.Array, kernel_size, strides) -> jax.Array:
+    """``(N, H, W, C)`` (already padded) -> ``(N, H', W', kh*kw*C)``: each output pixel's receptive field
+    under a ``kernel_size`` kernel at ``strides``, ordered (row, column, channel) like a flattened
+    ``(kh, kw, C, F)`` kernel (``layers._patches``, computed by XLA elsewhere).
+
+    Returns:
+      float32 ``(N, H', W', kh*kw*C)``.
+    """
+    (kh, kw), (sh, sw) = kernel_size, strides
+    n, h, w, c = x.shape
+    out = jax.ShapeDtypeStruct((n, (h - kh) // sh + 1, (w - kw) // sw + 1, kh * kw * c), jnp.float32)
+    return _call(PATCHES, out, x, kh=kh, kw=kw, sh=sh, sw=sw)
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
